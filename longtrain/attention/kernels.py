@@ -1,0 +1,246 @@
+"""Local attention kernels that return (out, lse), and their backward.
+
+Ring attention needs two things a plain SDPA call hides: the per-row logsumexp (to
+merge partial results from different K/V blocks) and a backward that takes the
+*global* out/lse of the merged result instead of recomputing its own. Flash-style
+backward kernels are exactly that (P = exp(scale·QKᵀ − lse), D = rowsum(dO∘O)), so we
+call them directly:
+
+- CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``). Tiled;
+  never materialises the T×S score matrix. Handles fp64 too (lse stays fp64).
+- CUDA, fp16/bf16: flash-attn 2.7+ when importable, else PyTorch's bundled flash
+  kernel. Both do GQA natively.
+- CUDA, fp32: PyTorch's memory-efficient kernel.
+
+Layout everywhere is q [B, Hq, T, D], k/v [B, Hkv, S, D], lse [B, Hq, T]. GQA: q head h
+uses kv head h // (Hq // Hkv) (HF ``repeat_kv`` order). Kernels without native GQA
+(CPU, efficient) run once per group member against the *un-repeated* K/V, so K/V are
+never copied Hq/Hkv times; dK/dV are summed over the group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional CUDA dependency; absent on CPU installs
+    from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
+
+    _HAS_FLASH_ATTN = True
+except ImportError:
+    _HAS_FLASH_ATTN = False
+
+aten = torch.ops.aten
+
+ForwardFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+BackwardFn = Callable[
+    [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]
+]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for lse, merges and gradient sums: fp32, or fp64 when the inputs are fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------ CPU
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _cpu_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+
+
+# ------------------------------------------------ CUDA: PyTorch's flash (fp16/bf16, native GQA)
+def _sdpa_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _sdpa_flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # cum_seq_q/k=None selects the dense (non-varlen) kernel; the philox tensors mirror
+    # what the forward returns (rng_state [2], unused []) and are only read under dropout.
+    seed = torch.zeros(2, dtype=torch.int64, device=q.device)
+    offset = torch.empty(0, dtype=torch.int64, device=q.device)
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2],
+        0.0, causal, seed, offset, scale=scale,
+    )
+
+
+# ------------------------------------------------ CUDA: memory-efficient (fp32, no GQA)
+_EFFICIENT_LSE_ALIGN = 32  # the kernel pads lse along T to this and its backward reads it padded
+
+
+def _efficient_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale
+    )
+    return out, lse[..., : q.shape[2]]
+
+
+def _efficient_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    lse = F.pad(lse, (0, -lse.shape[-1] % _EFFICIENT_LSE_ALIGN))  # pad rows are never used
+    unused = torch.empty((), dtype=torch.int64, device=q.device)  # philox seed/offset, dropout only
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, unused, unused, 0.0, [True, True, True, False], causal, scale=scale
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------ CUDA: flash-attn ([B, T, H, D] layout, native GQA)
+def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse, _, _ = _flash_attn_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+        window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+    )
+    return out.transpose(1, 2), lse
+
+
+def _flash_attn_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, dout = (x.transpose(1, 2) for x in (q, k, v, out, dout))
+    # flash-attn writes into caller-allocated gradients (contiguous [B, T, H, D]).
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    _flash_attn_backward(
+        dout, q, k, v, out, lse.contiguous(), dq, dk, dv,
+        dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+        window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ------------------------------------------------ GQA for kernels without it
+def _grouped_forward(
+    fwd: ForwardFn, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    hkv = k.shape[1]
+    if q.shape[1] == hkv:
+        return fwd(q, k, v, causal, scale)
+    # [B, Hq, T, D] -> [B, Hkv, G, T, D]: slice g holds q heads {j·G + g}, which all map
+    # to kv head j, so each call pairs Hkv query heads with the Hkv un-repeated K/V heads.
+    qg = q.unflatten(1, (hkv, -1))
+    outs, lses = zip(*(fwd(qg[:, :, g], k, v, causal, scale) for g in range(qg.shape[2])))
+    return torch.stack(outs, 2).flatten(1, 2), torch.stack(lses, 2).flatten(1, 2)
+
+
+def _grouped_backward(
+    bwd: BackwardFn,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    hkv = k.shape[1]
+    if q.shape[1] == hkv:
+        return bwd(dout, q, k, v, out, lse, causal, scale)
+    dout, q, out, lse = (x.unflatten(1, (hkv, -1)) for x in (dout, q, out, lse))
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=accum_dtype(k.dtype), device=k.device)
+    dv = torch.zeros(v.shape, dtype=accum_dtype(v.dtype), device=v.device)
+    for g in range(q.shape[2]):
+        dq_g, dk_g, dv_g = bwd(dout[:, :, g], q[:, :, g], k, v, out[:, :, g], lse[:, :, g], causal, scale)
+        dq[:, :, g] = dq_g
+        dk += dk_g
+        dv += dv_g
+    return dq.flatten(1, 2), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------ dispatch
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            "expected q [B, Hq, T, D] and k, v [B, Hkv, S, D]; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[1] % k.shape[1] != 0 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)}: batch and head_dim must match "
+            "and Hq must be a multiple of Hkv"
+        )
+    # Kernels disagree on where the diagonal sits when T != S (top-left vs bottom-right);
+    # we only ever need the square case.
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs T == S, got T={q.shape[2]}, S={k.shape[2]}")
+
+
+def kernel_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, Hq, T, D] over k/v [B, Hkv, S, D].
+
+    Returns out [B, Hq, T, D] (q's dtype) and lse [B, Hq, T], the natural-log logsumexp
+    of scale·qkᵀ per query row (fp32; fp64 for fp64 inputs). Causal is top-left aligned:
+    query i sees keys j <= i. No autograd; see ``attention``.
+    """
+    _check(q, k, v, causal)
+    if not q.is_cuda:
+        return _grouped_forward(_cpu_forward, q, k, v, causal, scale)
+    if q.dtype in _HALF:
+        return (_flash_attn_fwd if _HAS_FLASH_ATTN else _sdpa_flash_forward)(q, k, v, causal, scale)
+    return _grouped_forward(_efficient_forward, q, k, v, causal, scale)
+
+
+def kernel_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of one attention block, recomputed flash-style from out/lse.
+
+    ``out``/``lse`` need not come from this block: ring attention passes the globally
+    merged ones, so P = exp(scale·qkᵀ − lse) is this block's share of the global softmax
+    and D = rowsum(dout∘out) is the global correction term.
+    """
+    _check(q, k, v, causal)
+    if not q.is_cuda:
+        return _grouped_backward(_cpu_backward, dout, q, k, v, out, lse, causal, scale)
+    if q.dtype in _HALF:
+        bwd = _flash_attn_bwd if _HAS_FLASH_ATTN else _sdpa_flash_backward
+        return bwd(dout, q, k, v, out, lse, causal, scale)
+    return _grouped_backward(_efficient_backward, dout, q, k, v, out, lse, causal, scale)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        out, lse = kernel_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = kernel_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Differentiable attention returning (out, lse); scale defaults to head_dim**-0.5.
+
+    Gradients flow to q, k, v through ``out`` only: ``lse`` is returned for inspection
+    and merging and is marked non-differentiable, so a loss built on it gets no gradient
+    from it.
+    """
+    return _Attention.apply(q, k, v, causal, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -1,0 +1,311 @@
+"""Typed config schema and validation.
+
+Hydra composes YAML from ``configs/``; :func:`load_config` merges the result into these
+dataclasses (catching wrong types and unknown keys) and :func:`validate` checks every
+value that a type cannot express. Both raise :class:`ConfigError` with one line that
+names the offending key and what would be valid, before any compute starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key."""
+
+
+ROPE_TYPES = ("default", "abf", "linear", "dynamic", "yarn", "llama3")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+SOURCES = ("stdlib_code", "local", "hf")
+TOKENIZERS = ("byte", "hf")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None  # default: dim // n_heads
+    ffn_dim: Optional[int] = None  # default: SwiGLU 8/3·dim rounded up to a multiple of 64
+    qk_norm: bool = True
+    nope_every: int = 0  # every k-th layer (k, 2k, ...) skips RoPE; 0 = RoPE everywhere
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    vocab_size: Optional[int] = None  # default: the tokenizer's
+
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def resolved_ffn_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return -(-(8 * self.dim // 3) // 64) * 64
+
+
+@dataclass
+class RopeConfig:
+    """RoPE and its scalings, named as in transformers' ``rope_parameters``."""
+
+    type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int = 512
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # yarn: default 0.1·ln(factor)+1
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "byte"
+    path: Optional[str] = None  # local Hugging Face tokenizer folder for type=hf
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib_code"
+    path: Optional[str] = None  # glob for source=local; dataset path/name for source=hf
+    name: Optional[str] = None  # hf config name
+    text_field: str = "text"
+    val_percent: float = 5.0
+    max_docs: Optional[int] = None  # cap on documents read (quick runs)
+    seed: int = 1234
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    seq_len: int = 512
+    steps: int = 1000
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward on one rank
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    decay_shape: str = "1-sqrt"
+    final_lr_ratio: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    z_loss: float = 1e-4
+    loss_chunk_size: int = 1024  # tokens per cross-entropy chunk
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    cp: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: bool = False
+    wandb_project: str = "longtrain"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    val_every: int = 100
+    val_batches: int = 4
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    resume: str = "none"  # none | auto | PATH to a checkpoint folder
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(raw: DictConfig | dict[str, Any]) -> Config:
+    """Merge a composed Hydra config into the schema and validate it."""
+    schema = OmegaConf.structured(Config)
+    raw = OmegaConf.create(raw) if isinstance(raw, dict) else raw
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k in Config.__dataclass_fields__])
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, valid: tuple[str, ...]) -> None:
+    _require(value in valid, key, f"unknown value {value!r}; valid: {', '.join(valid)}")
+
+
+def _positive(value: float, key: str) -> None:
+    _require(value > 0, key, f"must be > 0, got {value}")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+        _positive(getattr(m, key), f"model.{key}")
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_heads",
+        f"{m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+        "n_heads must be a multiple of n_kv_heads",
+    )
+    if m.head_dim is None:
+        _require(
+            m.dim % m.n_heads == 0,
+            "model.dim",
+            f"{m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly",
+        )
+    head_dim = m.resolved_head_dim()
+    _require(head_dim > 0 and head_dim % 2 == 0, "model.head_dim", f"must be even and > 0 for RoPE, got {head_dim}")
+    _require(m.resolved_ffn_dim() > 0, "model.ffn_dim", f"must be > 0, got {m.ffn_dim}")
+    _require(m.nope_every >= 0, "model.nope_every", f"must be >= 0 (0 = RoPE on every layer), got {m.nope_every}")
+    _positive(m.norm_eps, "model.norm_eps")
+    _positive(m.init_std, "model.init_std")
+    if m.vocab_size is not None:
+        _positive(m.vocab_size, "model.vocab_size")
+
+    r = cfg.rope
+    _one_of(r.type, "rope.type", ROPE_TYPES)
+    _require(r.theta > 1, "rope.theta", f"must be > 1, got {r.theta}")
+    _require(r.factor >= 1, "rope.factor", f"must be >= 1, got {r.factor}")
+    _positive(r.original_max_position_embeddings, "rope.original_max_position_embeddings")
+    if r.type == "yarn":
+        _require(r.beta_fast > r.beta_slow > 0, "rope.beta_fast", "yarn needs beta_fast > beta_slow > 0")
+    if r.type == "llama3":
+        _require(
+            r.high_freq_factor > r.low_freq_factor > 0,
+            "rope.high_freq_factor",
+            "llama3 needs high_freq_factor > low_freq_factor > 0",
+        )
+    _require(
+        not (r.type == "dynamic" and cfg.parallel.cp > 1),
+        "rope.type",
+        "dynamic NTK depends on each rank's maximum position, which differs across zigzag shards; "
+        "with parallel.cp > 1 use default, abf, linear, yarn or llama3",
+    )
+    if r.attention_factor is not None:
+        _positive(r.attention_factor, "rope.attention_factor")
+
+    t = cfg.tokenizer
+    _one_of(t.type, "tokenizer.type", TOKENIZERS)
+    if t.type == "hf":
+        _require(t.path is not None, "tokenizer.path", "tokenizer.type=hf needs a local tokenizer folder")
+        _require(os.path.isdir(str(t.path)), "tokenizer.path", f"no such folder: {t.path}")
+
+    d = cfg.data
+    _one_of(d.source, "data.source", SOURCES)
+    if d.source in ("local", "hf"):
+        _require(bool(d.path), "data.path", f"data.source={d.source} needs data.path")
+    if d.source == "local":
+        import glob
+
+        _require(
+            bool(glob.glob(str(d.path), recursive=True)),
+            "data.path",
+            f"no file matches {d.path!r}; give a glob of .txt, .jsonl or .parquet files",
+        )
+    _require(0 < d.val_percent < 100, "data.val_percent", f"must be in (0, 100), got {d.val_percent}")
+    if d.max_docs is not None:
+        _positive(d.max_docs, "data.max_docs")
+
+    s = cfg.stage
+    _positive(s.seq_len, "stage.seq_len")
+    _positive(s.steps, "stage.steps")
+    _positive(s.micro_batch_size, "stage.micro_batch_size")
+    _require(s.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    _require(0 <= s.decay_fraction <= 1, "stage.decay_fraction", f"must be in [0, 1], got {s.decay_fraction}")
+    _one_of(s.decay_shape, "stage.decay_shape", DECAY_SHAPES)
+    _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
+
+    o = cfg.optim
+    _positive(o.lr, "optim.lr")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
+    _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
+    _positive(o.eps, "optim.eps")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+    _require(o.z_loss >= 0, "optim.z_loss", f"must be >= 0, got {o.z_loss}")
+    _positive(o.loss_chunk_size, "optim.loss_chunk_size")
+
+    p = cfg.parallel
+    _positive(p.dp, "parallel.dp")
+    _positive(p.cp, "parallel.cp")
+    _require(
+        s.seq_len % (2 * p.cp) == 0 or p.cp == 1,
+        "stage.seq_len",
+        f"{s.seq_len} is not divisible by 2*parallel.cp={2 * p.cp} (zigzag ring attention cuts the sequence into 2*cp chunks)",
+    )
+    _require(
+        s.global_batch_size % (s.micro_batch_size * p.dp) == 0,
+        "stage.global_batch_size",
+        f"{s.global_batch_size} is not a multiple of stage.micro_batch_size*parallel.dp="
+        f"{s.micro_batch_size * p.dp}",
+    )
+    if world_size is not None:
+        _require(
+            p.dp * p.cp == world_size,
+            "parallel",
+            f"parallel.dp*parallel.cp = {p.dp}*{p.cp} = {p.dp * p.cp} must equal the world size {world_size}",
+        )
+
+    _positive(cfg.logging.log_every, "logging.log_every")
+    _require(cfg.eval.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = off), got {cfg.eval.val_every}")
+    _positive(cfg.eval.val_batches, "eval.val_batches")
+
+    run = cfg.run
+    _positive(run.checkpoint_every, "run.checkpoint_every")
+    _positive(run.keep_checkpoints, "run.keep_checkpoints")
+    _one_of(run.device, "run.device", ("auto", "cpu", "cuda"))
+    _one_of(run.dtype, "run.dtype", DTYPES)
+    _require(run.threads >= 0, "run.threads", f"must be >= 0, got {run.threads}")
+    if run.resume not in ("none", "auto"):
+        _require(
+            os.path.isdir(run.resume),
+            "run.resume",
+            f"no checkpoint folder {run.resume!r}; valid: none, auto, or a checkpoint folder",
+        )

@@ -1,0 +1,113 @@
+"""Pack documents into one token stream and serve fixed-length training samples.
+
+The stream is ``BOS doc EOS BOS doc EOS ...`` over all documents in a seeded order, held
+as one numpy array. It is cut into windows of ``seq_len + 1`` tokens that overlap by one
+token (stride ``seq_len``), so every token is a label exactly once per epoch. Sample ``i``
+is a pure function of ``i``: window ``perm_e[i mod n]`` with a fresh permutation for each
+epoch ``e = i // n``. The stream is therefore infinite, and a loader only has to remember
+how many samples it has consumed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import datasets
+import numpy as np
+import torch
+
+from longtrain.config import DataConfig
+from longtrain.data.sources import Split, load_documents
+from longtrain.data.tokenizer import Tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    # uint16 halves the memory of the stream for any vocabulary that fits in it.
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def pack_documents(docs: datasets.Dataset, tokenizer: Tokenizer, seed: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise ``docs`` in a seeded order into one stream; return (tokens, doc_starts).
+
+    ``doc_starts`` holds the offset of each document's BOS. It is kept explicitly rather
+    than found by scanning for BOS, because some tokenizers use one id for BOS and EOS.
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    bos = np.array([tokenizer.bos_id], dtype=dtype)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    # Shuffling documents (not just windows) mixes sources and lengths within a window.
+    order = np.random.default_rng(seed).permutation(len(docs))
+    pieces: list[np.ndarray] = []
+    lengths: list[int] = []
+    for batch in docs.select(order).iter(batch_size=batch_size):
+        for ids in tokenizer.encode_batch(batch["text"]):
+            pieces += (bos, ids.astype(dtype, copy=False), eos)
+            lengths.append(len(ids) + 2)
+    if not pieces:
+        raise ValueError("no documents to pack")
+    doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
+    return np.concatenate(pieces), doc_starts
+
+
+class PackedDataset:
+    """Fixed-length samples cut from a packed token stream.
+
+    Each sample holds LongTensors of length ``seq_len``: ``input_ids``, ``labels``
+    (input_ids shifted by one), ``position_ids`` and ``doc_ids``. Documents are packed
+    back to back: positions run 0..seq_len-1 across document boundaries and attention is
+    not masked between documents, as in most long-context recipes (the model learns to
+    ignore what precedes a BOS). ``doc_ids`` numbers the documents within the window
+    (0 for the first, +1 at each BOS), so a consumer that wants per-document positions or
+    masking can derive them.
+    """
+
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"the token stream has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
+                "use more documents or a shorter seq_len"
+            )
+        self.tokens = tokens
+        self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        self.seq_len = seq_len
+        self.seed = seed
+        self._num_windows = (len(tokens) - 1) // seq_len
+        # One epoch's permutation is reused by every sample of that epoch.
+        self._perm_epoch: Optional[int] = None
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Windows per epoch."""
+        return self._num_windows
+
+    def _window(self, i: int) -> int:
+        epoch, k = divmod(i, self._num_windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._num_windows)
+            self._perm_epoch = epoch
+        return int(self._perm[k])
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Global sample ``i`` (any i >= 0; epochs wrap around with a new order)."""
+        if i < 0:
+            raise IndexError(f"sample index must be >= 0, got {i}")
+        start = self._window(i) * self.seq_len
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        offsets = np.arange(start, start + self.seq_len)
+        # Number of BOS strictly after the window start and at or before each position.
+        first = np.searchsorted(self.doc_starts, start, side="right")
+        doc_ids = np.searchsorted(self.doc_starts, offsets, side="right") - first
+        return {
+            "input_ids": window[:-1],
+            "labels": window[1:],
+            "position_ids": torch.arange(self.seq_len, dtype=torch.long),
+            "doc_ids": torch.from_numpy(doc_ids.astype(np.int64)),
+        }
+
+
+def build_packed_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split, seq_len: int) -> PackedDataset:
+    docs = load_documents(data_cfg, split)
+    tokens, doc_starts = pack_documents(docs, tokenizer, data_cfg.seed)
+    return PackedDataset(tokens, doc_starts, seq_len, data_cfg.seed)

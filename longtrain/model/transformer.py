@@ -1,0 +1,149 @@
+"""Decoder-only GQA Transformer: pre-norm RMSNorm, SwiGLU, per-head QK-norm, RoPE.
+
+The model knows nothing about distribution: attention goes through an injected
+``attention_fn(q, k, v, scale) -> out`` (local causal kernel or ring attention), and
+positions come in explicitly, so a context-parallel shard is just a shorter batch
+with non-contiguous global position ids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longtrain.attention.kernels import attention
+from longtrain.config import ModelConfig, RopeConfig
+from longtrain.model.rope import RotaryEmbedding, apply_rope
+from longtrain.optim.loss import LossSums, chunked_cross_entropy
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Whole sequence on one rank: the local kernel, causal."""
+    return attention(q, k, v, True, scale)[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_rope: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.resolved_head_dim()
+        self.use_rope = use_rope
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # Per-head QK-norm (Qwen3/OLMo 2): bounds attention logits, which keeps long-context
+        # training stable when RoPE is rescaled.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention_fn(q, k, v, 1.0 / math.sqrt(self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        # NoPE layers (iRoPE / SmolLM3): every nope_every-th layer attends without positions,
+        # which helps length generalisation.
+        use_rope = not (cfg.nope_every and (layer_id + 1) % cfg.nope_every == 0)
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg, use_rope)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RopeConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.rotary = RotaryEmbedding(rope, cfg.resolved_head_dim())
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
+        # Set by the trainer: ring attention when the sequence is sharded over cp ranks.
+        self.attention_fn: AttentionFn = local_causal_attention
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # RMSNorm weights keep their ones
+            is_residual_out = name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight")
+            nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
+
+    def set_rope(self, rope: RopeConfig) -> None:
+        """Rescale RoPE (a new stage): the tables are derived from config, never stored."""
+        self.rotary = RotaryEmbedding(rope, self.cfg.resolved_head_dim()).to(self.tok_embeddings.weight.device)
+
+    def output_weight(self) -> Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        cos, sin = self.rotary(position_ids)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, self.attention_fn)
+        return self.norm(h)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        labels: Optional[Tensor] = None,
+        loss_chunk_size: int = 1024,
+    ) -> Tensor | LossSums:
+        """Logits [B, T, vocab] without labels; with labels, summed CE and z-loss terms.
+
+        The loss is computed inside forward so that FSDP2 keeps the (possibly tied) output
+        weight unsharded while it is used, and in chunks so [T, vocab] logits never exist.
+        """
+        h = self.hidden_states(input_ids, position_ids)
+        if labels is None:
+            return h @ self.output_weight().t()
+        return chunked_cross_entropy(h, self.output_weight(), labels, loss_chunk_size)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n

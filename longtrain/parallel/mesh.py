@@ -1,0 +1,108 @@
+"""Process group, device mesh (dp × cp) and FSDP2 wrapping.
+
+Rank layout: rank = dp_rank · cp + cp_rank, so the ranks that share one sequence
+(a cp group) are neighbours, as in torchtitan. Parameters are sharded by FSDP2 over the
+flattened dp×cp mesh: cp ranks hold different tokens of the same samples, so they are
+data-parallel for the weights and should not each keep a full optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from longtrain.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class ParallelDims:
+    dp: int
+    cp: int
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: Optional[DeviceMesh] = None  # None when world_size == 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cp_group(self) -> Optional[dist.ProcessGroup]:
+        return self.mesh["cp"].get_group() if self.mesh is not None else None
+
+    @property
+    def dp_cp_mesh(self) -> Optional[DeviceMesh]:
+        return self.mesh["dp_cp"] if self.mesh is not None else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device: cuda requested but no CUDA device is available; valid: auto, cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
+    """Join the process group started by torchrun (if any) and build the dp×cp mesh."""
+    world_size = world_size_from_env()
+    if cfg.dp * cfg.cp != world_size:
+        raise ConfigError(
+            f"parallel: parallel.dp*parallel.cp = {cfg.dp}*{cfg.cp} = {cfg.dp * cfg.cp} "
+            f"must equal the world size {world_size} (torchrun --nproc_per_node × nodes)"
+        )
+    if world_size == 1:
+        return ParallelDims(cfg.dp, cfg.cp, 0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
+    mesh["dp", "cp"]._flatten("dp_cp")
+    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh)
+
+
+def apply_fsdp(model: nn.Module, pd: ParallelDims) -> nn.Module:
+    """FSDP2 per transformer block, then the root (embeddings, final norm, head).
+
+    The loss on each rank is its token sum divided by the *global* token count, so the
+    gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = pd.dp_cp_mesh
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor, pd: ParallelDims) -> torch.Tensor:
+    """Sum over every rank (dp and cp): loss sums and token counts."""
+    if pd.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

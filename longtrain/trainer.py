@@ -1,0 +1,243 @@
+"""The training loop for one stage. Reads like the recipe:
+
+build model → (load weights of the stage before | resume) → for each step: take this
+rank's micro-batches, shard them over cp, forward + backward with the loss divided by the
+global token count, clip, step, schedule → log, validate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from longtrain import checkpoint as ckpt
+from longtrain.attention.ring import ring_attention
+from longtrain.config import Config
+from longtrain.data.loader import StatefulLoader
+from longtrain.data.packing import PackedDataset, build_packed_dataset
+from longtrain.data.tokenizer import build_tokenizer
+from longtrain.logging import MetricsLogger
+from longtrain.model.transformer import Transformer
+from longtrain.optim.loss import LossSums, total_loss
+from longtrain.optim.optimizer import build_optimizer
+from longtrain.optim.schedule import build_wsd_scheduler
+from longtrain.parallel.mesh import ParallelDims, all_reduce_sum, apply_fsdp
+from longtrain.parallel.sharding import zigzag_shard
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StageResult:
+    stage_dir: Path
+    checkpoint: Path
+    step: int
+    val_loss: float
+
+
+def build_model(cfg: Config, vocab_size: int, pd: ParallelDims) -> Transformer:
+    """The model on its device, with ring attention over the cp group and FSDP2 when sharded."""
+    model = Transformer(cfg.model, cfg.rope, cfg.model.vocab_size or vocab_size).to(pd.device)
+    if pd.cp > 1:
+        model.attention_fn = functools.partial(ring_attention, group=pd.cp_group)
+    if pd.world_size > 1:
+        apply_fsdp(model, pd)
+    return model
+
+
+def shard_batch(batch: Batch, pd: ParallelDims) -> Batch:
+    """This rank's zigzag chunks of every per-token tensor (labels were shifted before)."""
+    if pd.cp == 1:
+        return batch
+    return {k: zigzag_shard(v, pd.cp_rank, pd.cp, dim=1) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, pd: ParallelDims):
+        self.cfg, self.pd = cfg, pd
+        self.stage_dir = Path(cfg.run.dir) / cfg.stage.name
+        self.ckpt_root = self.stage_dir / "checkpoints"
+        torch.manual_seed(cfg.run.seed)
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.model = build_model(cfg, self.tokenizer.vocab_size, pd)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        s = cfg.stage
+        self.scheduler = build_wsd_scheduler(
+            self.optimizer, s.steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.final_lr_ratio
+        )
+        train_data = build_packed_dataset(cfg.data, self.tokenizer, "train", s.seq_len)
+        self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
+        self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
+        self.step = 0
+        self.autocast = self._autocast_context()
+        self.logger = MetricsLogger(
+            self.stage_dir / "metrics.jsonl",
+            cfg.logging,
+            enabled=pd.is_rank0,
+            run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            run_name=f"{Path(cfg.run.dir).name}/{s.name}",
+        )
+
+    def _autocast_context(self):
+        dtype = self.cfg.run.dtype
+        if self.pd.device.type == "cuda" and dtype in ("auto", "bfloat16"):
+            return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        if dtype == "bfloat16":
+            return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    # -- state ----------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "stage": self.cfg.stage.name,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+        }
+
+    def resume(self, path: Path) -> None:
+        """Continue a stage exactly where a checkpoint of it left off."""
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        ckpt.restore_rng(path)
+        self.logger.info(f"resumed from {path} at step {self.step}")
+
+    def load_weights(self, path: Path) -> None:
+        """Start a stage from another stage's weights: fresh optimizer, schedule and data."""
+        ckpt.load_checkpoint(path, self.model)
+        self.logger.info(f"initialised weights from {path}")
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(), self.cfg.run.keep_checkpoints
+        )
+        self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def forward_sums(self, batch: Batch) -> LossSums:
+        batch = {k: v.to(self.pd.device) for k, v in shard_batch(batch, self.pd).items()}
+        with self.autocast():
+            return self.model(
+                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size
+            )
+
+    def train_step(self) -> dict[str, float]:
+        micro_batches = self.loader.next_batch()
+        # Every micro-batch's loss is divided by the token count of the whole optimizer step
+        # over all ranks, so gradients sum to the gradient of the global mean (not a mean of
+        # means, which is wrong when ranks hold different numbers of tokens).
+        local_tokens = sum(int((shard_batch(b, self.pd)["labels"] != -100).sum()) for b in micro_batches)
+        global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=self.pd.device), self.pd)
+        ce = torch.zeros((), device=self.pd.device)
+        z = torch.zeros((), device=self.pd.device)
+        for i, batch in enumerate(micro_batches):
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce once, at the end
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            sums = self.forward_sums(batch)
+            total_loss(sums, self.cfg.optim.z_loss, global_tokens).backward()
+            ce += sums.ce.detach()
+            z += sums.z.detach()
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        all_reduce_sum(ce, self.pd)
+        all_reduce_sum(z, self.pd)
+        return {
+            "loss": (ce / global_tokens).item(),
+            "z_loss": (z / global_tokens).item(),
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": int(global_tokens.item()),
+        }
+
+    def clip_gradients(self) -> float:
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss per token over a fixed set of validation samples (nats/token)."""
+        self.model.eval()
+        n = self.cfg.eval.val_batches * self.cfg.stage.micro_batch_size
+        mb = self.cfg.stage.micro_batch_size
+        indices = list(range(self.pd.dp_rank, n, self.pd.dp))  # split the fixed set over dp
+        ce = torch.zeros((), device=self.pd.device)
+        tokens = torch.zeros((), device=self.pd.device)
+        for start in range(0, len(indices), mb):
+            samples = [self.val_data.sample(i) for i in indices[start : start + mb]]
+            batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+            sums = self.forward_sums(batch)
+            ce += sums.ce
+            tokens += sums.tokens
+        self.model.train()
+        return float(all_reduce_sum(ce, self.pd) / all_reduce_sum(tokens, self.pd))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> StageResult:
+        cfg = self.cfg
+        self.logger.info(
+            f"stage {cfg.stage.name}: {cfg.stage.steps} steps of {cfg.stage.global_batch_size}×{cfg.stage.seq_len} "
+            f"tokens, model {self.model.num_params() / 1e6:.2f}M params, dp={self.pd.dp} cp={self.pd.cp}, "
+            f"device {self.pd.device}"
+        )
+        val_loss = float("nan")
+        if self.step == 0 and cfg.eval.val_every:
+            val_loss = self.validate()
+            self.logger.log(0, {"loss": val_loss}, prefix="val")
+        last_saved: Optional[Path] = None
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < cfg.stage.steps:
+            metrics = self.train_step()
+            window_tokens += metrics.pop("tokens")
+            last_saved = None
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.stage.steps:
+                elapsed = time.perf_counter() - window_start
+                # Per device, after sharding: tokens this window ÷ time ÷ world size.
+                metrics["tokens_per_s"] = window_tokens / elapsed / self.pd.world_size
+                self.logger.log(self.step, metrics)
+                window_start, window_tokens = time.perf_counter(), 0
+            if cfg.eval.val_every and (self.step % cfg.eval.val_every == 0 or self.step == cfg.stage.steps):
+                val_loss = self.validate()
+                self.logger.log(self.step, {"loss": val_loss}, prefix="val")
+            if self.step % cfg.run.checkpoint_every == 0:
+                last_saved = self.save()
+        final = last_saved or self.save()
+        self.logger.close()
+        return StageResult(self.stage_dir, final, self.step, val_loss)
+
+
+def run_stage(cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None) -> StageResult:
+    """Train one stage: resume it if asked (run.resume), else start from ``init_from`` weights."""
+    trainer = Trainer(cfg, pd)
+    resume_from = None
+    if cfg.run.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(trainer.ckpt_root)
+    elif cfg.run.resume != "none":
+        resume_from = Path(cfg.run.resume)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    elif init_from is not None:
+        trainer.load_weights(init_from)
+    if pd.is_rank0:
+        trainer.stage_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return trainer.fit()

@@ -1,0 +1,17 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@pytest.fixture
+def compose_config():
+    """Compose the real Hydra config tree with overrides, as train.py would."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose

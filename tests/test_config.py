@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longtrain.config import ConfigError, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_presets_validate(compose_config):
+    cfg = load_config(compose_config())
+    assert cfg.model.name == "125m" and cfg.stage.seq_len == 8192
+    demo = load_config(compose_config("preset=cpu_demo"))
+    assert demo.model.name == "tiny" and demo.stage.seq_len == 512
+    for rope in ("default", "abf", "yarn", "linear", "dynamic", "llama3"):
+        assert load_config(compose_config(f"rope={rope}")).rope.type == rope
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.n_heads=6", "model.n_heads"),  # not divisible by n_kv_heads=4
+        ("model.head_dim=33", "model.head_dim"),  # odd head_dim
+        ("rope.type=ntk_by_parts", "rope.type"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("data=local", "data.path"),  # missing path
+        ("stage.decay_shape=exp", "stage.decay_shape"),
+        ("model.dim=abc", "model.dim"),  # wrong type
+        ("tokenizer=hf", "tokenizer.path"),
+        ("parallel.cp=3", "stage.seq_len"),  # 8192 % 6 != 0
+        ("stage.global_batch_size=7", "stage.global_batch_size"),
+        ("run.resume=/no/such/ckpt", "run.resume"),
+    ],
+)
+def test_bad_value_names_the_key(compose_config, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(compose_config(override))
+    message = str(err.value)
+    assert message.startswith(key + ":") and "\n" not in message
+
+
+def test_world_size_must_match_dp_times_cp(compose_config):
+    cfg = load_config(compose_config("parallel.dp=2", "parallel.cp=2"))
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=r"^parallel: .*world size 2"):
+        validate(cfg, world_size=2)
+
+
+def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.n_heads=6", f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["config error: model.n_heads: 6 is not divisible by model.n_kv_heads=4; "
+                     "n_heads must be a multiple of n_kv_heads"]
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no run dir, no Hydra outputs
+
+
+def test_cli_prints_resolved_config():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "preset=cpu_demo"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "name: tiny" in proc.stdout and "seq_len: 512" in proc.stdout
