@@ -4,13 +4,18 @@ All logic lives in longtrain/; this file turns a Hydra config into a validated o
 reports config errors as one line (before any compute, nothing written), and runs.
 """
 
+import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+# Everything runs offline: datasets/transformers must never try the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from longtrain.config import ConfigError, load_config, validate
-from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from longtrain.config import ConfigError, load_config, validate  # noqa: E402
+from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)

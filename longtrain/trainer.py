@@ -159,7 +159,7 @@ class Trainer:
         all_reduce_sum(z, self.pd)
         return {
             "loss": (ce / global_tokens).item(),
-            "z_loss": (z / global_tokens).item(),
+            "z_loss": (self.cfg.optim.z_loss * z / global_tokens).item(),  # its share of the loss
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": int(global_tokens.item()),

@@ -1,6 +1,11 @@
+import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before datasets is imported
+
 from hydra import compose, initialize_config_dir
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")

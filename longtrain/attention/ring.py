@@ -1,0 +1,199 @@
+"""Zigzag ring attention: causal attention over a sequence sharded across a cp group.
+
+Each rank holds two chunks of the sequence (see ``parallel/sharding.py``): local q/k/v
+of length 2c are global chunks [r, 2·cp−1−r]. K/V blocks travel round the ring
+(send to r+1, receive from r−1); at step s rank r holds the block of src = (r − s) mod cp
+and computes only what the causal mask keeps:
+
+- s = 0, own block: all local q × all local k, causal on local indices (global positions
+  increase with the local index, so the local triangle is the global one).
+- src < r: both local chunks come after chunk src and before chunk 2·cp−1−src, so all
+  local q attend to the block's first half, unmasked.
+- src > r: only the local second chunk comes after both block chunks, so q[c:] attends
+  to the whole block, unmasked.
+
+Every rank does 2c² work per step. Partial results are merged in fp32 through their
+logsumexp. The backward replays the same schedule with the *global* out/lse
+(``kernel_backward``); dK/dV accumulators travel with their K/V block and arrive home
+after the last hop. Only the Hkv heads are communicated. Each step posts the next
+block's transfer before computing the current one, so communication overlaps compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from longtrain.attention.kernels import accum_dtype, kernel_backward, kernel_forward
+
+_KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
+_ALL = slice(None)
+
+
+@dataclass
+class _Transfer:
+    works: list[dist.Work]
+    received: Tensor
+
+    def wait(self) -> Tensor:
+        for work in self.works:
+            work.wait()
+        return self.received
+
+
+class _Ring:
+    """Neighbour exchange in a cp group that may be a sub-group of the world."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        # P2P takes global ranks; the cp group of a dp×cp mesh does not start at 0.
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def exchange(self, send: Tensor, tag: int) -> _Transfer:
+        """Post send(send → next) and recv(prev →) without blocking; every rank calls this
+        at the same points, so all sends have matching receives and the ring cannot lock."""
+        received = torch.empty_like(send)
+        if send.is_cuda:
+            # NCCL: a send and a recv with the same peer (cp = 2) must be one group call.
+            works = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, send, self.next, self.group, tag),
+                dist.P2POp(dist.irecv, received, self.prev, self.group, tag),
+            ])
+        else:
+            # Gloo: batch_isend_irecv can hang; plain isend/irecv progress on wait().
+            works = [
+                dist.isend(send, self.next, self.group, tag),
+                dist.irecv(received, self.prev, self.group, tag),
+            ]
+        return _Transfer(works, received)
+
+
+def _block(step: int, rank: int, size: int, c: int) -> tuple[slice, slice, bool]:
+    """(local q rows, held K/V keys, causal) that ``rank`` computes at ``step``."""
+    src = (rank - step) % size
+    if step == 0:
+        return _ALL, _ALL, True
+    if src < rank:
+        return _ALL, slice(0, c), False
+    return slice(c, None), _ALL, False
+
+
+def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Fold one block's (out, lse) into the running ones, in place.
+
+    Sigmoid form of out = (e^lse·out + e^lse_b·out_b) / (e^lse + e^lse_b): no exp of a
+    large lse, which overflowed in the naive log(1 + exp(Δ)) form elsewhere.
+    """
+    block_out, block_lse = block_out.to(out.dtype), block_lse.to(lse.dtype)
+    out.sub_(torch.sigmoid(block_lse - lse).unsqueeze(-1) * (out - block_out))
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def _check(q: Tensor) -> None:
+    if q.shape[2] % 2:
+        raise ValueError(f"zigzag local length must be even (two chunks), got {q.shape[2]}")
+
+
+def ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup
+) -> tuple[Tensor, Tensor]:
+    """Causal attention of the local zigzag shard over the whole sequence: (out, lse).
+
+    q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D]; out in q's dtype, lse [B, Hq, 2c] fp32 (fp64
+    for fp64 inputs). No autograd; see ``ring_attention``.
+    """
+    _check(q)
+    ring = _Ring(group)
+    if ring.size == 1:
+        return kernel_forward(q, k, v, True, scale)
+    c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
+    kv = torch.stack((k, v))  # one message per hop
+    for step in range(ring.size):
+        transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
+        rows, keys, causal = _block(step, ring.rank, ring.size, c)
+        block = kernel_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], causal, scale)
+        if step == 0:
+            out, lse = block[0].to(acc), block[1].to(acc)
+        else:
+            _merge(out[:, :, rows], lse[:, :, rows], *block)
+        if transfer is not None:
+            kv = transfer.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    group: dist.ProcessGroup,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``ring_forward`` for this rank's shard, from its global out/lse.
+
+    k, v must be this rank's own (un-rotated) K/V: the ring replays from them.
+    """
+    _check(q)
+    ring = _Ring(group)
+    if ring.size == 1:
+        return kernel_backward(dout, q, k, v, out, lse, True, scale)
+    c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack((k, v))
+    dkv_transfer: _Transfer | None = None
+    for step in range(ring.size):
+        kv_transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
+        rows, keys, causal = _block(step, ring.rank, ring.size, c)
+        dq_b, dk_b, dv_b = kernel_backward(
+            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
+            out[:, :, rows], lse[:, :, rows], causal, scale,
+        )
+        dq[:, :, rows] += dq_b
+        # The accumulator of the block we hold arrives from r−1 (sent after its step s−1),
+        # travelling in fp32; the first block starts from zero.
+        if dkv_transfer is None:
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        else:
+            dkv = dkv_transfer.wait()
+        dkv[0][:, :, keys] += dk_b
+        dkv[1][:, :, keys] += dv_b
+        # Passed on every step, the last hop included: after cp hops it is back with its owner.
+        dkv_transfer = ring.exchange(dkv, _DKV_TAG)
+        if kv_transfer is not None:
+            kv = kv_transfer.wait()
+    dkv = dkv_transfer.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup) -> Tensor:
+        out, lse = ring_forward(q, k, v, scale, group)
+        # The original local k, v: replaying the ring from the last rotated block instead
+        # gives wrong gradients under a correct forward.
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.group = scale, group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        return *ring_backward(dout, q, k, v, out, lse, ctx.scale, ctx.group), None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup) -> Tensor:
+    """Differentiable causal attention over a zigzag-sharded sequence (see module doc).
+
+    q [B, Hq, 2c, D] and k/v [B, Hkv, 2c, D] are this rank's shard (``zigzag_shard``);
+    returns this rank's rows of the output, [B, Hq, 2c, D].
+    """
+    return _RingAttention.apply(q, k, v, scale, group)

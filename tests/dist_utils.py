@@ -1,0 +1,43 @@
+"""Run a function on N gloo ranks on the CPU, for distributed tests."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, fn: Callable[..., None], world_size: int, init_file: str, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)  # N ranks share a few cores; oversubscription makes them crawl
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., None], world_size: int, *args: Any, timeout: float = 120.0) -> None:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks.
+
+    ``fn`` must be a module-level function (it is pickled by name). A rank that raises
+    fails the caller with that rank's traceback and stops the others; ranks still running
+    after ``timeout`` seconds (a deadlock) are killed and a TimeoutError is raised.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        # A FileStore rendezvous: no port to pick, so no race with other test processes.
+        init_file = os.path.join(tmp, "rendezvous")
+        ctx = mp.start_processes(
+            _worker, args=(fn, world_size, init_file, args), nprocs=world_size, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    p.kill()
+                    p.join()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout:.0f}s")
