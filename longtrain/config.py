@@ -309,3 +309,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "run.resume",
             f"no checkpoint folder {run.resume!r}; valid: none, auto, or a checkpoint folder",
         )
+
+
+@dataclass
+class RetrievalConfig:
+    """Synthetic retrieval samples (``longtrain/data/retrieval.py``)."""
+
+    kinds: list[str] = field(default_factory=lambda: ["passkey", "kv"])
+    key_digits: int = 5  # pass keys and kv values
+    kv_pairs: int = 4  # key–value needles per kv sample
+    kv_queries: int = 1  # how many of them are asked at the end
+    kv_key_chars: int = 6
+    loss: str = "answer"  # answer: loss on answer tokens only | all: on every token

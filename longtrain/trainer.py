@@ -134,11 +134,13 @@ class Trainer:
                 batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size
             )
 
-    def train_step(self) -> dict[str, float]:
-        micro_batches = self.loader.next_batch()
-        # Every micro-batch's loss is divided by the token count of the whole optimizer step
-        # over all ranks, so gradients sum to the gradient of the global mean (not a mean of
-        # means, which is wrong when ranks hold different numbers of tokens).
+    def forward_backward(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """Accumulate gradients of the global mean loss over this rank's micro-batches.
+
+        Every micro-batch's loss is divided by the token count of the whole optimizer step
+        over all ranks, so gradients sum to the gradient of the global mean (not a mean of
+        means, which is wrong when ranks hold different numbers of tokens).
+        """
         local_tokens = sum(int((shard_batch(b, self.pd)["labels"] != -100).sum()) for b in micro_batches)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=self.pd.device), self.pd)
         ce = torch.zeros((), device=self.pd.device)
@@ -150,19 +152,21 @@ class Trainer:
             total_loss(sums, self.cfg.optim.z_loss, global_tokens).backward()
             ce += sums.ce.detach()
             z += sums.z.detach()
+        return {"ce": all_reduce_sum(ce, self.pd), "z": all_reduce_sum(z, self.pd), "tokens": global_tokens}
+
+    def train_step(self) -> dict[str, float]:
+        sums = self.forward_backward(self.loader.next_batch())
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        all_reduce_sum(ce, self.pd)
-        all_reduce_sum(z, self.pd)
         return {
-            "loss": (ce / global_tokens).item(),
-            "z_loss": (self.cfg.optim.z_loss * z / global_tokens).item(),  # its share of the loss
+            "loss": (sums["ce"] / sums["tokens"]).item(),
+            "z_loss": (self.cfg.optim.z_loss * sums["z"] / sums["tokens"]).item(),  # its share of the loss
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
-            "tokens": int(global_tokens.item()),
+            "tokens": int(sums["tokens"].item()),
         }
 
     def clip_gradients(self) -> float:

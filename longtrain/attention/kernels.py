@@ -134,8 +134,11 @@ def _grouped_forward(
     # [B, Hq, T, D] -> [B, Hkv, G, T, D]: slice g holds q heads {j·G + g}, which all map
     # to kv head j, so each call pairs Hkv query heads with the Hkv un-repeated K/V heads.
     qg = q.unflatten(1, (hkv, -1))
-    outs, lses = zip(*(fwd(qg[:, :, g], k, v, causal, scale) for g in range(qg.shape[2])))
-    return torch.stack(outs, 2).flatten(1, 2), torch.stack(lses, 2).flatten(1, 2)
+    out = q.new_empty(qg.shape)  # filled slice by slice: one output's worth of memory, not two
+    lse = torch.empty(qg.shape[:-1], dtype=accum_dtype(q.dtype), device=q.device)
+    for g in range(qg.shape[2]):
+        out[:, :, g], lse[:, :, g] = fwd(qg[:, :, g], k, v, causal, scale)
+    return out.flatten(1, 2), lse.flatten(1, 2)
 
 
 def _grouped_backward(

@@ -27,7 +27,8 @@ class ParallelDims:
     rank: int
     world_size: int
     device: torch.device
-    mesh: Optional[DeviceMesh] = None  # None when world_size == 1
+    mesh: Optional[DeviceMesh] = None  # (dp, cp); None when world_size == 1
+    dp_cp_mesh: Optional[DeviceMesh] = None  # both dims flattened: FSDP2 shards over it
 
     @property
     def dp_rank(self) -> int:
@@ -45,10 +46,6 @@ class ParallelDims:
     def cp_group(self) -> Optional[dist.ProcessGroup]:
         return self.mesh["cp"].get_group() if self.mesh is not None else None
 
-    @property
-    def dp_cp_mesh(self) -> Optional[DeviceMesh]:
-        return self.mesh["dp_cp"] if self.mesh is not None else None
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -61,6 +58,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def world_size_from_env() -> int:
+    """torchrun's WORLD_SIZE, or the size of a process group someone already started."""
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -79,25 +79,27 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
-    mesh["dp", "cp"]._flatten("dp_cp")
-    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh)
+    dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
+    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh, dp_cp_mesh)
 
 
 def apply_fsdp(model: nn.Module, pd: ParallelDims) -> nn.Module:
     """FSDP2 per transformer block, then the root (embeddings, final norm, head).
 
     The loss on each rank is its token sum divided by the *global* token count, so the
-    gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1.
+    gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1, with
+    plain SUM collectives (gloo has no PREMUL_SUM, which FSDP would otherwise pick).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = pd.dp_cp_mesh
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
+        if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 

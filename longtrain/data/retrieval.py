@@ -1,0 +1,342 @@
+"""Synthetic retrieval samples: needles hidden in a haystack of real text.
+
+Two kinds, each ending with questions whose answers are the last tokens of the sample:
+
+- ``passkey`` (Landmark Attention, YaRN, LongLoRA): one numeric key, stated twice in a
+  needle, asked for at the end.
+- ``kv`` (RULER multikey / multiquery): several ``key → value`` needles, some of them
+  queried at the end. The other pairs are distractors, so the model has to match the
+  key rather than fetch "the" number.
+
+A sample is a pure function of (seed, split, index), like a PackedDataset sample, so the
+loader's global sample count stays the only data state. Training and evaluation never
+share text: evaluation haystacks come from the validation split, and every key and
+value is drawn from its split's half of the key space (a stable hash decides the half).
+Needles are tokenised on their own and inserted between haystack tokens, so they sit on
+a token boundary whatever the tokenizer, and their positions are exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from longtrain.config import DataConfig, RetrievalConfig
+from longtrain.data.packing import pack_documents
+from longtrain.data.sources import Split, load_documents
+from longtrain.data.tokenizer import Tokenizer
+from longtrain.optim.loss import IGNORE_INDEX
+
+KINDS = ("passkey", "kv")
+LOSS_MODES = ("answer", "all")
+
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there.\n"
+)
+PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+KV_INTRO = "Some values are hidden in the text below. Remember them.\n"
+KV_NEEDLE = "\nThe value of {key} is {value}.\n"
+KV_QUESTION = "\nWhat is the value of {key}? The value of {key} is "
+ANSWER_END = "."  # closes every answer but the last, which ends the sample
+
+_SPLIT_CODE = {"train": 0, "val": 1}
+
+
+# -- key spaces ------------------------------------------------------------------------
+
+
+def key_split(key: str) -> Split:
+    """The split that owns ``key``: one bit of its sha1 (stable across processes, unlike hash())."""
+    return "val" if hashlib.sha1(key.encode("utf-8")).digest()[0] & 1 else "train"
+
+
+def draw_number(rng: np.random.Generator, digits: int, split: Split) -> str:
+    """A ``digits``-digit number (no leading zero) from ``split``'s half of the key space."""
+    while True:  # half of all draws qualify: two tries on average
+        key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+        if key_split(key) == split:
+            return key
+
+
+def draw_word(rng: np.random.Generator, chars: int, split: Split) -> str:
+    """A random lowercase word from ``split``'s half of the key space."""
+    letters = string.ascii_lowercase
+    while True:
+        key = "".join(letters[j] for j in rng.integers(0, len(letters), chars))
+        if key_split(key) == split:
+            return key
+
+
+# -- haystack and placement ------------------------------------------------------------
+
+
+class Haystack:
+    """Filler: random slices of a packed token stream with document specials removed.
+
+    BOS/EOS are dropped so that a needle and its question are never separated by a
+    document boundary (the model learns to disregard what precedes a BOS).
+    """
+
+    def __init__(self, tokens: np.ndarray, special_ids: Sequence[int]):
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError(f"haystack tokens must be a non-empty 1-D array, got shape {tokens.shape}")
+        self.tokens = tokens
+        self.special_ids = np.asarray(sorted(set(special_ids)), dtype=np.int64)
+
+    def take(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` consecutive non-special tokens from a random offset (wrapping at the end)."""
+        start = int(rng.integers(0, len(self.tokens)))
+        span = n + 64
+        while True:
+            window = np.take(self.tokens, np.arange(start, start + span), mode="wrap").astype(np.int64)
+            window = window[~np.isin(window, self.special_ids)]
+            if len(window) >= n:
+                return window[:n]
+            if span > 2 * len(self.tokens) + n:
+                raise ValueError(f"the haystack stream has fewer than {n} non-special tokens")
+            span *= 2
+
+
+def build_haystack(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split) -> Haystack:
+    """The haystack of one split: its documents packed as for training."""
+    tokens, _ = pack_documents(load_documents(data_cfg, split), tokenizer, data_cfg.seed)
+    return Haystack(tokens, (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
+
+
+def depth_index(depth: float, haystack_len: int) -> int:
+    """The haystack token a needle at ``depth`` goes before: round(depth·len), halves up."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    return math.floor(depth * haystack_len + 0.5)
+
+
+def place_needles(
+    haystack: np.ndarray, needles: Sequence[np.ndarray], depths: Sequence[float]
+) -> tuple[np.ndarray, list[int]]:
+    """Insert each needle before haystack token ``depth_index(depth, len(haystack))``.
+
+    Depth 0 puts a needle first, depth 1 after the last haystack token; needles at the
+    same point keep their order. Returns the combined tokens and each needle's start.
+    """
+    if len(needles) != len(depths):
+        raise ValueError(f"{len(needles)} needles but {len(depths)} depths")
+    cuts = [depth_index(d, len(haystack)) for d in depths]
+    order = sorted(range(len(needles)), key=lambda j: (cuts[j], j))
+    pieces, starts, prev, inserted = [], [0] * len(needles), 0, 0
+    for j in order:
+        pieces += (haystack[prev : cuts[j]], needles[j])
+        starts[j] = cuts[j] + inserted
+        inserted += len(needles[j])
+        prev = cuts[j]
+    pieces.append(haystack[prev:])
+    return np.concatenate(pieces).astype(np.int64, copy=False), starts
+
+
+def place_needle(haystack: np.ndarray, needle: np.ndarray, depth: float) -> tuple[np.ndarray, int]:
+    """One needle at ``depth``: (combined tokens, needle start)."""
+    tokens, (start,) = place_needles(haystack, [needle], [depth])
+    return tokens, start
+
+
+# -- samples ---------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalSample:
+    """A sample as seq_len + 1 tokens: inputs are ``tokens[:-1]``, labels ``tokens[1:]``.
+
+    Positions are indices into ``tokens``, which equal input positions. The answer to
+    query q occupies ``tokens[a:b]`` for ``(a, b) = answer_spans[q]``, so it is predicted
+    at input positions ``a-1 .. b-2``; the last answer ends the sample.
+    """
+
+    kind: str
+    tokens: np.ndarray  # int64 [seq_len + 1]
+    loss_mask: np.ndarray  # bool [seq_len + 1]: tokens that are labels (index 0 never is)
+    needle_starts: list[int]
+    needle_lengths: list[int]
+    answer_spans: list[tuple[int, int]]
+    keys: list[str]  # every key and value the sample contains
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The PackedDataset sample format; one document, positions from 0."""
+        seq_len = len(self.tokens) - 1
+        labels = np.where(self.loss_mask[1:], self.tokens[1:], IGNORE_INDEX)
+        return {
+            "input_ids": torch.from_numpy(self.tokens[:-1].copy()),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.arange(seq_len, dtype=torch.long),
+            "doc_ids": torch.zeros(seq_len, dtype=torch.long),
+        }
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def assemble(
+    kind: str,
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    intro: str,
+    needles: Sequence[str],
+    depths: Sequence[float],
+    questions: Sequence[tuple[str, str]],
+    loss: str,
+    keys: list[str],
+) -> RetrievalSample:
+    """BOS, intro, haystack with needles, then each question followed by its answer.
+
+    The haystack takes whatever length is left, so the sample is exactly seq_len + 1
+    tokens and its last answer ends it.
+    """
+    if loss not in LOSS_MODES:
+        raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
+    head = np.concatenate([[tokenizer.bos_id], _encode(tokenizer, intro)]).astype(np.int64)
+    needle_ids = [_encode(tokenizer, n) for n in needles]
+    tail, answer_offsets = [], []  # offsets within the tail
+    for q, (question, answer) in enumerate(questions):
+        if q:
+            tail.append(_encode(tokenizer, ANSWER_END))
+        tail.append(_encode(tokenizer, question))
+        start = sum(map(len, tail))
+        tail.append(_encode(tokenizer, answer))
+        answer_offsets.append((start, start + len(tail[-1])))
+    tail_ids = np.concatenate(tail)
+    n_hay = seq_len + 1 - len(head) - sum(map(len, needle_ids)) - len(tail_ids)
+    if n_hay < 0:
+        raise ValueError(f"seq_len={seq_len} is {-n_hay} tokens too short for this {kind} sample")
+    body, starts = place_needles(haystack.take(rng, n_hay), needle_ids, depths)
+    tokens = np.concatenate([head, body, tail_ids])
+    tail_start = len(head) + len(body)
+    spans = [(tail_start + a, tail_start + b) for a, b in answer_offsets]
+    if loss == "all":
+        mask = np.ones(len(tokens), dtype=bool)
+        mask[0] = False
+    else:
+        mask = np.zeros(len(tokens), dtype=bool)
+        for a, b in spans:
+            mask[a:b] = True
+    return RetrievalSample(
+        kind=kind,
+        tokens=tokens,
+        loss_mask=mask,
+        needle_starts=[len(head) + s for s in starts],
+        needle_lengths=[len(n) for n in needle_ids],
+        answer_spans=spans,
+        keys=keys,
+    )
+
+
+def passkey_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    depth: float | None = None,
+    digits: int = 5,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """One pass key at ``depth`` (uniform if None), asked for at the end."""
+    key = draw_number(rng, digits, split)
+    depth = float(rng.random()) if depth is None else depth
+    return assemble(
+        "passkey", tokenizer, haystack, rng, seq_len, PASSKEY_INTRO,
+        [PASSKEY_NEEDLE.format(key=key)], [depth], [(PASSKEY_QUESTION, key)], loss, [key],
+    )
+
+
+def kv_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    num_pairs: int = 4,
+    num_queries: int = 1,
+    depth: float | None = None,
+    key_chars: int = 6,
+    value_digits: int = 5,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """``num_pairs`` key–value needles at uniform depths; ``num_queries`` of them asked.
+
+    With ``depth`` given, the first queried pair is placed there (the needle grid's cell)
+    and the others stay uniform.
+    """
+    if not 1 <= num_queries <= num_pairs:
+        raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries} and {num_pairs}")
+    keys: list[str] = []
+    while len(keys) < num_pairs:  # distinct keys, or a query would have two answers
+        k = draw_word(rng, key_chars, split)
+        if k not in keys:
+            keys.append(k)
+    values = [draw_number(rng, value_digits, split) for _ in keys]
+    depths = [float(d) for d in rng.random(num_pairs)]
+    asked = [int(j) for j in rng.permutation(num_pairs)[:num_queries]]
+    if depth is not None:
+        depths[asked[0]] = depth
+    return assemble(
+        "kv", tokenizer, haystack, rng, seq_len, KV_INTRO,
+        [KV_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)], depths,
+        [(KV_QUESTION.format(key=keys[j]), values[j]) for j in asked], loss, keys + values,
+    )
+
+
+def retrieval_sample(
+    cfg: RetrievalConfig,
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    kind: str,
+    depth: float | None = None,
+) -> RetrievalSample:
+    """A sample of ``kind`` with the task sizes of ``cfg``."""
+    if kind == "passkey":
+        return passkey_sample(tokenizer, haystack, rng, seq_len, split, depth, cfg.key_digits, cfg.loss)
+    if kind == "kv":
+        return kv_sample(
+            tokenizer, haystack, rng, seq_len, split, cfg.kv_pairs, cfg.kv_queries, depth,
+            cfg.kv_key_chars, cfg.key_digits, cfg.loss,
+        )
+    raise ValueError(f"unknown retrieval kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+class RetrievalDataset:
+    """Infinite synthetic samples; sample ``i`` is a pure function of (seed, split, i).
+
+    Kinds rotate with the index (``cfg.kinds[i % len]``), so any run of consecutive
+    samples holds them in equal shares.
+    """
+
+    def __init__(self, cfg: RetrievalConfig, tokenizer: Tokenizer, haystack: Haystack, seq_len: int, seed: int, split: Split):
+        bad = [k for k in cfg.kinds if k not in KINDS]
+        if not cfg.kinds or bad:
+            raise ValueError(f"retrieval kinds must be a non-empty subset of {KINDS}, got {cfg.kinds}")
+        self.cfg, self.tokenizer, self.haystack = cfg, tokenizer, haystack
+        self.seq_len, self.seed, self.split = seq_len, seed, split
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], i])
+
+    def retrieval_sample(self, i: int) -> RetrievalSample:
+        if i < 0:
+            raise IndexError(f"sample index must be >= 0, got {i}")
+        kind = self.cfg.kinds[i % len(self.cfg.kinds)]
+        return retrieval_sample(self.cfg, self.tokenizer, self.haystack, self.rng(i), self.seq_len, self.split, kind)
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        return self.retrieval_sample(i).tensors()

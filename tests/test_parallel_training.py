@@ -1,0 +1,100 @@
+"""Context parallelism + FSDP2 in the real trainer, on gloo CPU ranks, against one rank.
+
+One training step at cp=2 and at dp=2·cp=2 gives the loss and parameter gradients of the
+single-rank run; 20 steps track its losses; checkpoints saved at one layout resume at
+another (cp=2→cp=1, dp=1·cp=2→dp=2·cp=1, world 1→2) and continue on the same losses.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longtrain.config import load_config
+from longtrain.parallel.mesh import ParallelDims, init_parallel
+from longtrain.trainer import Trainer, run_stage
+from tests.dist_utils import run_distributed
+from tests.test_trainer import TINY, losses, single_process
+
+STEPS = ["stage.steps=20", "run.checkpoint_every=10", "eval.val_every=0", "run.keep_checkpoints=2"]
+
+
+def make_config(run_dir: Path, dp: int = 1, cp: int = 1, resume: str = "none"):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR
+
+    overrides = [*TINY, *STEPS, f"run.dir={run_dir}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.resume={resume}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return load_config(compose(config_name="config", overrides=overrides))
+
+
+def first_step_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    sums = trainer.forward_backward(trainer.loader.next_batch())
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.detach().clone()
+    return float(sums["ce"] / sums["tokens"]), grads
+
+
+def _layout_worker(rank: int, world_size: int, tmp: str, dp: int, cp: int, resume_from: str) -> None:
+    tmp = Path(tmp)
+    cfg = make_config(tmp / f"dp{dp}cp{cp}", dp, cp)
+    pd = init_parallel(cfg.parallel, torch.device("cpu"))
+    loss, grads = first_step_grads(Trainer(cfg, pd))
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, tmp / f"grads_dp{dp}cp{cp}.pt")
+    run_stage(cfg, pd)  # 20 steps straight, checkpoints at 10 and 20
+    if resume_from:  # a checkpoint written at another layout, resumed at this one
+        cfg = make_config(tmp / f"dp{dp}cp{cp}_resumed", dp, cp, resume=resume_from)
+        run_stage(cfg, pd)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layouts")
+    ref_cfg = make_config(tmp / "dp1cp1")
+    loss, grads = first_step_grads(Trainer(ref_cfg, single_process()))
+    run_stage(ref_cfg, single_process())
+    ckpt10 = lambda name: str(tmp / name / "pretrain" / "checkpoints" / "step_00000010")  # noqa: E731
+    run_distributed(_layout_worker, 2, str(tmp), 1, 2, ckpt10("dp1cp1"), timeout=240)  # world 1 → 2
+    run_distributed(_layout_worker, 4, str(tmp), 2, 2, "", timeout=240)
+    run_distributed(_layout_worker, 2, str(tmp), 2, 1, ckpt10("dp1cp2"), timeout=240)  # dp1·cp2 → dp2·cp1
+    run_stage(make_config(tmp / "dp1cp1_from_cp2", resume=ckpt10("dp1cp2")), single_process())  # cp2 → cp1
+    return tmp, {"loss": loss, "grads": grads}
+
+
+def stage_losses(tmp: Path, name: str) -> dict[int, float]:
+    return losses(tmp / name / "pretrain")
+
+
+@pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2", "dp2cp1"])
+def test_one_step_matches_single_rank(runs, layout):
+    tmp, ref = runs
+    got = torch.load(tmp / f"grads_{layout}.pt")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2", "dp2cp1"])
+def test_twenty_steps_track_single_rank(runs, layout):
+    tmp, _ = runs
+    ref, got = stage_losses(tmp, "dp1cp1"), stage_losses(tmp, layout)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(ref[step], abs=1e-4), step
+
+
+@pytest.mark.parametrize(
+    "resumed,source",
+    [("dp1cp2_resumed", "world 1 -> 2"), ("dp2cp1_resumed", "dp1·cp2 -> dp2·cp1"), ("dp1cp1_from_cp2", "cp2 -> cp1")],
+)
+def test_checkpoint_loads_at_another_layout(runs, resumed, source):
+    tmp, _ = runs
+    ref, got = stage_losses(tmp, "dp1cp1"), stage_losses(tmp, resumed)
+    assert sorted(got) == list(range(11, 21)), source
+    for step in range(11, 21):
+        assert got[step] == pytest.approx(ref[step], abs=1e-4), (source, step)
