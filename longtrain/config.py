@@ -121,6 +121,7 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "longtrain"
     progress: bool = True
+    peak_tflops: Optional[float] = None  # device peak for MFU; default: known CUDA GPUs only
 
 
 @dataclass
@@ -294,6 +295,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
 
     _positive(cfg.logging.log_every, "logging.log_every")
+    if cfg.logging.peak_tflops is not None:
+        _positive(cfg.logging.peak_tflops, "logging.peak_tflops")
     _require(cfg.eval.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = off), got {cfg.eval.val_every}")
     _positive(cfg.eval.val_batches, "eval.val_batches")
 

@@ -52,6 +52,27 @@ def build_model(cfg: Config, vocab_size: int, pd: ParallelDims) -> Transformer:
     return model
 
 
+def flops_per_token(cfg: Config, non_embedding_params: int) -> float:
+    """Training FLOPs per token, torchtitan's convention: 6N + 6·layers·heads·head_dim·seq.
+
+    N excludes the embedding (a lookup, not a matmul); the attention term counts the full
+    T×T score matrix (no causal discount), so MFU is comparable with torchtitan's.
+    """
+    m = cfg.model
+    return 6 * non_embedding_params + 6 * m.n_layers * m.n_heads * m.resolved_head_dim() * cfg.stage.seq_len
+
+
+# Dense bf16 peak TFLOP/s by device name, for MFU when logging.peak_tflops is not given.
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def detect_peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None  # no meaningful peak for a CPU: set logging.peak_tflops to get MFU
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
 def shard_batch(batch: Batch, pd: ParallelDims) -> Batch:
     """This rank's zigzag chunks of every per-token tensor (labels were shifted before)."""
     if pd.cp == 1:
@@ -76,6 +97,8 @@ class Trainer:
         self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
         self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
         self.step = 0
+        self.flops_per_token = flops_per_token(cfg, self.model.num_params(exclude_embedding=True))
+        self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(pd.device)
         self.autocast = self._autocast_context()
         self.logger = MetricsLogger(
             self.stage_dir / "metrics.jsonl",
@@ -217,6 +240,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 # Per device, after sharding: tokens this window ÷ time ÷ world size.
                 metrics["tokens_per_s"] = window_tokens / elapsed / self.pd.world_size
+                metrics["tflops"] = metrics["tokens_per_s"] * self.flops_per_token / 1e12
+                if self.peak_tflops:
+                    metrics["mfu"] = metrics["tflops"] / self.peak_tflops
                 self.logger.log(self.step, metrics)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval.val_every and (self.step % cfg.eval.val_every == 0 or self.step == cfg.stage.steps):

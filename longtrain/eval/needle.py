@@ -1,0 +1,195 @@
+"""Needle-in-a-haystack grid: recall over context lengths × needle depths.
+
+Each cell holds ``trials`` samples from the validation haystack with evaluation-only
+keys. A sample counts as recalled when greedy decoding would produce its answer exactly.
+That needs no generation loop: greedy decoding emits the answer iff at every answer
+position the argmax of the logits is the answer token, given the answer's own prefix,
+which is what one teacher-forced forward pass over the sample computes.
+
+Building a batch (:func:`needle_batch`) and scoring it (:func:`score_batch`) are
+separate, so a sharded forward can replace ``model(input_ids, position_ids)``.
+
+    python -m longtrain.eval.needle RUN/STAGE/checkpoints/step_00000300 --lengths 512 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from longtrain import checkpoint as ckpt
+from longtrain.config import Config, RetrievalConfig, load_config
+from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
+from longtrain.data.tokenizer import Tokenizer, build_tokenizer
+from longtrain.model.transformer import Transformer
+from longtrain.optim.loss import IGNORE_INDEX
+
+ForwardFn = Callable[[Tensor, Tensor], Tensor]  # (input_ids, position_ids) -> logits [B, T, V]
+Batch = dict[str, Tensor]
+
+DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))  # 0%, 10%, ..., 100%
+
+
+@dataclass
+class NeedleGrid:
+    kind: str
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    recall: list[list[float]]  # [length][depth]
+
+    def recall_at(self, length: int) -> float:
+        """Mean recall over the depth grid at one length (what a gate compares)."""
+        return float(np.mean(self.recall[self.lengths.index(length)]))
+
+    def table(self) -> str:
+        head = f"{'length':>8} | " + " ".join(f"{d * 100:>4.0f}%" for d in self.depths) + " |  mean"
+        rows = [head, "-" * len(head)]
+        for length, row in zip(self.lengths, self.recall):
+            cells = " ".join(f"{r:>5.2f}" for r in row)
+            rows.append(f"{length:>8} | {cells} | {self.recall_at(length):>5.2f}")
+        return "\n".join(rows)
+
+
+def needle_batch(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    length: int,
+    cells: Sequence[tuple[float, int]],
+    seed: int,
+    kind: str = "passkey",
+    cfg: Optional[RetrievalConfig] = None,
+) -> Batch:
+    """Evaluation samples of ``length`` tokens, one per (depth, trial) cell.
+
+    Each sample's RNG is seeded by (seed, length, depth, trial) only, so a cell holds the
+    same samples whatever else is evaluated or how it is batched. Keys come from the
+    validation half of the key space; loss (labels) sits on the answer tokens only.
+    """
+    # Scoring reads the answer off the labels: exactly one answer per sample, nothing else.
+    cfg = replace(cfg or RetrievalConfig(), loss="answer", kv_queries=1)
+    samples = []
+    for depth, trial in cells:
+        rng = np.random.default_rng([seed, length, round(depth * 10_000), trial])
+        s = retrieval_sample(cfg, tokenizer, haystack, rng, length, "val", kind, depth)
+        samples.append(s.tensors())
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+@torch.no_grad()
+def score_batch(forward: ForwardFn, batch: Batch) -> Tensor:
+    """Bool [B]: whether greedy decoding reproduces every labelled (answer) token."""
+    logits = forward(batch["input_ids"], batch["position_ids"])
+    labels = batch["labels"].to(logits.device)
+    answer = labels != IGNORE_INDEX
+    hit = (logits.argmax(dim=-1) == labels) | ~answer
+    return hit.all(dim=1).cpu()
+
+
+def run_needle_grid(
+    forward: ForwardFn,
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    lengths: Sequence[int],
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = 4,
+    seed: int = 0,
+    batch_size: int = 8,
+    kind: str = "passkey",
+    device: torch.device | str = "cpu",
+    cfg: Optional[RetrievalConfig] = None,
+) -> NeedleGrid:
+    """Recall per (length, depth); samples of one length are batched across depths."""
+    recall = []
+    for length in lengths:
+        cells = [(d, t) for d in depths for t in range(trials)]
+        hits: list[Tensor] = []
+        for start in range(0, len(cells), batch_size):
+            batch = needle_batch(tokenizer, haystack, length, cells[start : start + batch_size], seed, kind, cfg)
+            hits.append(score_batch(forward, {k: v.to(device) for k, v in batch.items()}))
+        per_cell = torch.cat(hits).float().view(len(depths), trials).mean(dim=1)
+        recall.append([round(float(r), 4) for r in per_cell])
+    return NeedleGrid(kind, list(lengths), list(depths), trials, recall)
+
+
+def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    data = np.asarray(grid.recall)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(grid.depths), 1.2 + 0.5 * len(grid.lengths)))
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(grid.depths)), [f"{d * 100:.0f}" for d in grid.depths])
+    ax.set_yticks(range(len(grid.lengths)), [str(n) for n in grid.lengths])
+    ax.set_xlabel("needle depth (%)")
+    ax.set_ylabel("context length (tokens)")
+    for (i, j), r in np.ndenumerate(data):
+        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="recall")
+    ax.set_title(title or f"{grid.kind} recall, {grid.trials} trials per cell")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
+    """``needle.json`` (grid + mean recall per length) and ``needle.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**asdict(grid), "mean_recall": {str(n): grid.recall_at(n) for n in grid.lengths}, **(extra or {})}
+    json_path, png_path = out_dir / "needle.json", out_dir / "needle.png"
+    json_path.write_text(json.dumps(record, indent=2))
+    save_heatmap(grid, png_path)
+    return json_path, png_path
+
+
+def load_model(checkpoint: Path, device: torch.device) -> tuple[Transformer, Config, Tokenizer]:
+    """Rebuild the model from the config stored with a checkpoint; load weights only."""
+    state = torch.load(checkpoint / ckpt.TRAINER_STATE, weights_only=False)
+    cfg = load_config(OmegaConf.create(state["config"]))
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model = Transformer(cfg.model, cfg.rope, cfg.model.vocab_size or tokenizer.vocab_size)
+    ckpt.load_checkpoint(checkpoint, model)
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m longtrain.eval.needle", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder (step_XXXXXXXX)")
+    p.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: the checkpoint's seq_len)")
+    p.add_argument("--depths", type=float, nargs="+", help="depths in percent (default: 0 10 ... 100)")
+    p.add_argument("--trials", type=int, default=4, help="samples per cell")
+    p.add_argument("--kind", default="passkey", choices=("passkey", "kv"))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, tokenizer = load_model(args.checkpoint, device)
+    depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
+    lengths = args.lengths or [cfg.stage.seq_len]
+    haystack = build_haystack(cfg.data, tokenizer, "val")
+    grid = run_needle_grid(
+        model, tokenizer, haystack, lengths, depths, args.trials, args.seed, args.batch_size, args.kind, device
+    )
+    out = args.out or args.checkpoint / "needle"
+    json_path, png_path = write_results(grid, out, {"checkpoint": str(args.checkpoint), "seed": args.seed})
+    print(grid.table())
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
