@@ -3,11 +3,13 @@
     python -m bench.ring_memory [--seq 16384] [--repeats 3]     # from the repo root
 
 Each configuration runs in fresh spawned processes (CPU, gloo). Memory is the RSS
-high-water mark (``ru_maxrss``) of the measured fwd+bwd over a baseline taken after
-imports and input allocation; tracemalloc would not see torch's allocator. The first
-fwd+bwd is the measured one, so no warm-up inflates the high-water mark; timings are
-medians over the later repeats (for the ring, the slowest rank of each repeat). The
-machine's cores are split evenly between the ranks so both setups use the same cores.
+high-water mark (``ru_maxrss``) of one fwd+bwd over a baseline taken after imports,
+input allocation and a tiny warm-up call (thread pools, autograd engine, gloo buffers);
+tracemalloc would not see torch's allocator. glibc's mmap threshold is pinned at 64 KiB
+so freed tensors go back to the OS: otherwise its dynamic threshold keeps them in the
+heap and the high-water mark follows allocation history rather than live memory.
+Timings are medians over the later repeats (for the ring, the slowest rank of each
+repeat). The machine's cores are split evenly between the ranks.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read by glibc in the spawned ranks
     print(
         f"causal attention fwd+bwd, seq {args.seq}, batch {BATCH}, {HEADS} q heads / {KV_HEADS} kv heads, "
         f"head_dim {HEAD_DIM}, fp32, CPU ({len(os.sched_getaffinity(0))} cores shared by the ranks)"

@@ -322,5 +322,8 @@ class RetrievalConfig:
     key_digits: int = 5  # pass keys and kv values
     kv_pairs: int = 4  # key–value needles per kv sample
     kv_queries: int = 1  # how many of them are asked at the end
-    kv_key_chars: int = 6
+    kv_key_chars: int = 6  # kv and copy keys
+    copy_segments: int = 2  # tagged haystack segments per copy sample
+    copy_segment_len: int = 48
+    copy_queries: int = 2
     loss: str = "answer"  # answer: loss on answer tokens only | all: on every token

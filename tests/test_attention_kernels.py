@@ -93,6 +93,21 @@ def test_backward_with_given_out_and_lse(dtype, causal, hq, hkv):
         torch.testing.assert_close(g, w.to(dtype), **TOL[dtype])
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_backward_adds_into_given_buffers(hq, hkv):
+    # Ring attention accumulates each block into (views of) fp32 buffers.
+    q, k, v, dout = make(2, hq, hkv, 48, 16, torch.float32)
+    out, lse = kernel_forward(q, k, v, False, 0.25)
+    want = kernel_backward(dout, q, k, v, out, lse, False, 0.25)
+    start = [torch.randn(x.shape[0], x.shape[1], 2 * x.shape[2], x.shape[3]) for x in (q, k, v)]
+    views = tuple(x[:, :, 1::2] for x in start)  # strided views, as the ring passes row ranges
+    before = [x.clone() for x in views]
+    got = kernel_backward(dout, q, k, v, out, lse, False, 0.25, grads=views)
+    for g, view, b, w in zip(got, views, before, want):
+        assert g is view
+        torch.testing.assert_close(view, b + w, **TOL[torch.float32])
+
+
 def test_strided_inputs():
     # Models hand over transposed views of [B, T, H, D] activations.
     q, k, v, dout = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in make(2, 8, 2, 40, 16, torch.float64))

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
 
 from longtrain.attention.kernels import attention
 from longtrain.attention.ring import ring_attention, ring_forward
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard, zigzag_unshard
+from tests.dist_utils import run_distributed
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 WORLD = 4

@@ -93,6 +93,9 @@ def _efficient_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     lse = F.pad(lse, (0, -lse.shape[-1] % _EFFICIENT_LSE_ALIGN))  # pad rows are never used
+    # The kernel takes out's row stride to be Hq·D (the [B, T, H, D] layout its forward
+    # writes); a merged or sliced out is laid out otherwise.
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
     unused = torch.empty((), dtype=torch.int64, device=q.device)  # philox seed/offset, dropout only
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, None, out, lse, unused, unused, 0.0, [True, True, True, False], causal, scale=scale
@@ -141,7 +144,7 @@ def _grouped_forward(
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def _grouped_backward(
+def _grouped_backward_into(
     bwd: BackwardFn,
     dout: Tensor,
     q: Tensor,
@@ -151,20 +154,18 @@ def _grouped_backward(
     lse: Tensor,
     causal: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    hkv = k.shape[1]
-    if q.shape[1] == hkv:
-        return bwd(dout, q, k, v, out, lse, causal, scale)
-    dout, q, out, lse = (x.unflatten(1, (hkv, -1)) for x in (dout, q, out, lse))
-    dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, dtype=accum_dtype(k.dtype), device=k.device)
-    dv = torch.zeros(v.shape, dtype=accum_dtype(v.dtype), device=v.device)
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Add the gradients into ``grads`` = (dq, dk, dv), one q-head group per call (as in
+    ``_grouped_forward``); dK/dV sum over the group."""
+    dq, dk, dv = grads
+    dout, q, out, lse, dq = (x.unflatten(1, (k.shape[1], -1)) for x in (dout, q, out, lse, dq))
     for g in range(q.shape[2]):
         dq_g, dk_g, dv_g = bwd(dout[:, :, g], q[:, :, g], k, v, out[:, :, g], lse[:, :, g], causal, scale)
-        dq[:, :, g] = dq_g
+        dq[:, :, g] += dq_g
         dk += dk_g
         dv += dv_g
-    return dq.flatten(1, 2), dk.to(k.dtype), dv.to(v.dtype)
+        del dq_g, dk_g, dv_g  # free before the next call allocates its own
 
 
 # ------------------------------------------------ dispatch
@@ -204,21 +205,45 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) 
 
 
 def kernel_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of one attention block, recomputed flash-style from out/lse.
 
     ``out``/``lse`` need not come from this block: ring attention passes the globally
     merged ones, so P = exp(scale·qkᵀ − lse) is this block's share of the global softmax
     and D = rowsum(dout∘out) is the global correction term.
+
+    With ``grads`` = (dq, dk, dv) buffers (e.g. fp32 accumulators, or views into them)
+    the gradients are added into those and they are returned: ring attention sums one
+    block per step and this spares it a block-sized gradient per step.
     """
     _check(q, k, v, causal)
-    if not q.is_cuda:
-        return _grouped_backward(_cpu_backward, dout, q, k, v, out, lse, causal, scale)
-    if q.dtype in _HALF:
+    if q.is_cuda and q.dtype in _HALF:  # kernels with native GQA
         bwd = _flash_attn_bwd if _HAS_FLASH_ATTN else _sdpa_flash_backward
+        block = bwd(dout, q, k, v, out, lse, causal, scale)
+        if grads is None:
+            return block
+        for acc, g in zip(grads, block):
+            acc += g
+        return grads
+    bwd = _efficient_backward if q.is_cuda else _cpu_backward
+    if grads is not None:
+        _grouped_backward_into(bwd, dout, q, k, v, out, lse, causal, scale, grads)
+        return grads
+    if q.shape[1] == k.shape[1]:
         return bwd(dout, q, k, v, out, lse, causal, scale)
-    return _grouped_backward(_efficient_backward, dout, q, k, v, out, lse, causal, scale)
+    dq = torch.zeros_like(q)
+    dk, dv = (torch.zeros(x.shape, dtype=accum_dtype(x.dtype), device=x.device) for x in (k, v))
+    _grouped_backward_into(bwd, dout, q, k, v, out, lse, causal, scale, (dq, dk, dv))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _Attention(torch.autograd.Function):

@@ -91,8 +91,8 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
     Sigmoid form of out = (e^lse·out + e^lse_b·out_b) / (e^lse + e^lse_b): no exp of a
     large lse, which overflowed in the naive log(1 + exp(Δ)) form elsewhere.
     """
-    block_out, block_lse = block_out.to(out.dtype), block_lse.to(lse.dtype)
-    out.sub_(torch.sigmoid(block_lse - lse).unsqueeze(-1) * (out - block_out))
+    # out − σ(lse_b − lse)·(out − out_b), as one in-place lerp: no block-sized temporaries.
+    out.lerp_(block_out.to(out.dtype), torch.sigmoid(block_lse - lse).unsqueeze(-1))
     lse.sub_(F.logsigmoid(lse - block_lse))
 
 
@@ -118,11 +118,13 @@ def ring_forward(
     for step in range(ring.size):
         transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
         rows, keys, causal = _block(step, ring.rank, ring.size, c)
-        block = kernel_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], causal, scale)
+        block = kv[:, :, :, keys]  # [2, B, Hkv, keys, D]
+        block_out, block_lse = kernel_forward(q[:, :, rows], block[0], block[1], causal, scale)
         if step == 0:
-            out, lse = block[0].to(acc), block[1].to(acc)
+            out, lse = block_out.to(acc), block_lse.to(acc)
         else:
-            _merge(out[:, :, rows], lse[:, :, rows], *block)
+            _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        del block_out, block_lse  # free before the next step allocates its own
         if transfer is not None:
             kv = transfer.wait()
     return out.to(q.dtype), lse
@@ -153,20 +155,22 @@ def ring_backward(
     for step in range(ring.size):
         kv_transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
         rows, keys, causal = _block(step, ring.rank, ring.size, c)
-        dq_b, dk_b, dv_b = kernel_backward(
-            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-            out[:, :, rows], lse[:, :, rows], causal, scale,
+        block = kv[:, :, :, keys]
+        # dQ sums in place; this block's dK/dV go to a buffer of their own while the
+        # accumulator that travels with the block is still arriving from r−1.
+        dkv_block = torch.zeros(block.shape, dtype=acc, device=block.device)
+        kernel_backward(
+            dout[:, :, rows], q[:, :, rows], block[0], block[1], out[:, :, rows], lse[:, :, rows],
+            causal, scale, grads=(dq[:, :, rows], dkv_block[0], dkv_block[1]),
         )
-        dq[:, :, rows] += dq_b
-        # The accumulator of the block we hold arrives from r−1 (sent after its step s−1),
-        # travelling in fp32; the first block starts from zero.
-        if dkv_transfer is None:
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        if dkv_transfer is None:  # step 0 covers our whole block: the accumulator starts here
+            dkv = dkv_block
         else:
             dkv = dkv_transfer.wait()
-        dkv[0][:, :, keys] += dk_b
-        dkv[1][:, :, keys] += dv_b
-        # Passed on every step, the last hop included: after cp hops it is back with its owner.
+            dkv[:, :, :, keys] += dkv_block
+        del dkv_block  # free before the next step allocates its own
+        # Sent in fp32 on every step, the last hop included: after cp hops it is back with
+        # its owner.
         dkv_transfer = ring.exchange(dkv, _DKV_TAG)
         if kv_transfer is not None:
             kv = kv_transfer.wait()

@@ -18,6 +18,7 @@ a token boundary whatever the tokenizer, and their positions are exact.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import string
@@ -33,7 +34,7 @@ from longtrain.data.sources import Split, load_documents
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.optim.loss import IGNORE_INDEX
 
-KINDS = ("passkey", "kv")
+KINDS = ("passkey", "kv", "copy")
 LOSS_MODES = ("answer", "all")
 
 PASSKEY_INTRO = (
@@ -45,6 +46,7 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
 KV_INTRO = "Some values are hidden in the text below. Remember them.\n"
 KV_NEEDLE = "\nThe value of {key} is {value}.\n"
 KV_QUESTION = "\nWhat is the value of {key}? The value of {key} is "
+COPY_NEEDLE = "\n[{key}] "
 ANSWER_END = "."  # closes every answer but the last, which ends the sample
 
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -188,10 +190,10 @@ def assemble(
     haystack: Haystack,
     rng: np.random.Generator,
     seq_len: int,
-    intro: str,
-    needles: Sequence[str],
+    intro: np.ndarray,
+    needles: Sequence[np.ndarray],
     depths: Sequence[float],
-    questions: Sequence[tuple[str, str]],
+    questions: Sequence[tuple[np.ndarray, np.ndarray]],
     loss: str,
     keys: list[str],
 ) -> RetrievalSample:
@@ -202,21 +204,20 @@ def assemble(
     """
     if loss not in LOSS_MODES:
         raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
-    head = np.concatenate([[tokenizer.bos_id], _encode(tokenizer, intro)]).astype(np.int64)
-    needle_ids = [_encode(tokenizer, n) for n in needles]
+    head = np.concatenate([[tokenizer.bos_id], intro]).astype(np.int64)
     tail, answer_offsets = [], []  # offsets within the tail
     for q, (question, answer) in enumerate(questions):
         if q:
             tail.append(_encode(tokenizer, ANSWER_END))
-        tail.append(_encode(tokenizer, question))
+        tail.append(question)
         start = sum(map(len, tail))
-        tail.append(_encode(tokenizer, answer))
-        answer_offsets.append((start, start + len(tail[-1])))
-    tail_ids = np.concatenate(tail)
-    n_hay = seq_len + 1 - len(head) - sum(map(len, needle_ids)) - len(tail_ids)
+        tail.append(answer)
+        answer_offsets.append((start, start + len(answer)))
+    tail_ids = np.concatenate(tail).astype(np.int64)
+    n_hay = seq_len + 1 - len(head) - sum(map(len, needles)) - len(tail_ids)
     if n_hay < 0:
         raise ValueError(f"seq_len={seq_len} is {-n_hay} tokens too short for this {kind} sample")
-    body, starts = place_needles(haystack.take(rng, n_hay), needle_ids, depths)
+    body, starts = place_needles(haystack.take(rng, n_hay), needles, depths)
     tokens = np.concatenate([head, body, tail_ids])
     tail_start = len(head) + len(body)
     spans = [(tail_start + a, tail_start + b) for a, b in answer_offsets]
@@ -232,7 +233,7 @@ def assemble(
         tokens=tokens,
         loss_mask=mask,
         needle_starts=[len(head) + s for s in starts],
-        needle_lengths=[len(n) for n in needle_ids],
+        needle_lengths=[len(n) for n in needles],
         answer_spans=spans,
         keys=keys,
     )
@@ -251,9 +252,10 @@ def passkey_sample(
     """One pass key at ``depth`` (uniform if None), asked for at the end."""
     key = draw_number(rng, digits, split)
     depth = float(rng.random()) if depth is None else depth
+    enc = functools.partial(_encode, tokenizer)
     return assemble(
-        "passkey", tokenizer, haystack, rng, seq_len, PASSKEY_INTRO,
-        [PASSKEY_NEEDLE.format(key=key)], [depth], [(PASSKEY_QUESTION, key)], loss, [key],
+        "passkey", tokenizer, haystack, rng, seq_len, enc(PASSKEY_INTRO),
+        [enc(PASSKEY_NEEDLE.format(key=key))], [depth], [(enc(PASSKEY_QUESTION), enc(key))], loss, [key],
     )
 
 
@@ -287,10 +289,50 @@ def kv_sample(
     asked = [int(j) for j in rng.permutation(num_pairs)[:num_queries]]
     if depth is not None:
         depths[asked[0]] = depth
+    enc = functools.partial(_encode, tokenizer)
     return assemble(
-        "kv", tokenizer, haystack, rng, seq_len, KV_INTRO,
-        [KV_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)], depths,
-        [(KV_QUESTION.format(key=keys[j]), values[j]) for j in asked], loss, keys + values,
+        "kv", tokenizer, haystack, rng, seq_len, enc(KV_INTRO),
+        [enc(KV_NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)], depths,
+        [(enc(KV_QUESTION.format(key=keys[j])), enc(values[j])) for j in asked], loss, keys + values,
+    )
+
+
+def copy_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    num_segments: int = 2,
+    segment_len: int = 48,
+    num_queries: int = 2,
+    depth: float | None = None,
+    key_chars: int = 6,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """Segments of haystack text, each tagged ``[key]``, hidden at uniform depths; the
+    queries repeat a tag and the answer is the whole segment.
+
+    Every answer token is predictable only by copying, so each query gives
+    ``segment_len`` tokens of induction signal where a pass key gives a handful.
+    """
+    if not 1 <= num_queries <= num_segments:
+        raise ValueError(f"need 1 <= num_queries <= num_segments, got {num_queries} and {num_segments}")
+    keys: list[str] = []
+    while len(keys) < num_segments:
+        k = draw_word(rng, key_chars, split)
+        if k not in keys:
+            keys.append(k)
+    segments = [haystack.take(rng, segment_len) for _ in keys]
+    tags = [_encode(tokenizer, COPY_NEEDLE.format(key=k)) for k in keys]
+    depths = [float(d) for d in rng.random(num_segments)]
+    asked = [int(j) for j in rng.permutation(num_segments)[:num_queries]]
+    if depth is not None:
+        depths[asked[0]] = depth
+    return assemble(
+        "copy", tokenizer, haystack, rng, seq_len, np.zeros(0, dtype=np.int64),
+        [np.concatenate([t, s]) for t, s in zip(tags, segments)], depths,
+        [(tags[j], segments[j]) for j in asked], loss, keys,
     )
 
 
@@ -311,6 +353,11 @@ def retrieval_sample(
         return kv_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.kv_pairs, cfg.kv_queries, depth,
             cfg.kv_key_chars, cfg.key_digits, cfg.loss,
+        )
+    if kind == "copy":
+        return copy_sample(
+            tokenizer, haystack, rng, seq_len, split, cfg.copy_segments, cfg.copy_segment_len,
+            cfg.copy_queries, depth, cfg.kv_key_chars, cfg.loss,
         )
     raise ValueError(f"unknown retrieval kind {kind!r}; valid: {', '.join(KINDS)}")
 
