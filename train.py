@@ -25,7 +25,8 @@ def main(raw: DictConfig) -> None:
         validate(cfg, world_size=world_size_from_env())
         device = resolve_device(cfg.run.device)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; one line is enough
+            print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
 
     import torch  # after validation: a bad config should not pay for importing torch's world
