@@ -9,7 +9,7 @@ names the offending key and what would be valid, before any compute starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -58,8 +58,8 @@ class RopeConfig:
 
     type: str = "default"
     theta: float = 10000.0
-    factor: float = 1.0
-    original_max_position_embeddings: int = 512
+    factor: Optional[float] = 1.0  # null: stage.seq_len / original_max_position_embeddings
+    original_max_position_embeddings: int = 8192  # the pretraining length
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: Optional[float] = None  # yarn: default 0.1·ln(factor)+1
@@ -95,6 +95,9 @@ class StageConfig:
     decay_fraction: float = 0.2
     decay_shape: str = "1-sqrt"
     final_lr_ratio: float = 0.0
+    abf_theta: Optional[float] = None  # rope=abf: this stage's RoPE base (null: rope.theta)
+    init_from: Optional[str] = None  # weights to start from (default: the gated checkpoint of the stage before)
+    load_optimizer: bool = False  # also carry the optimizer state over from init_from
 
 
 @dataclass
@@ -131,6 +134,28 @@ class EvalConfig:
 
 
 @dataclass
+class GateConfig:
+    """When a stage may hand over to the next (as Llama 3 gated its extension stages)."""
+
+    min_recall: float = 0.9  # needle recall over the depth grid at the stage length
+    max_short_loss_increase: float = 0.05  # short-context val loss ≤ (1 + this) × the stage before's
+    max_extra_steps: int = 0  # on failure, train on up to this many steps, re-evaluating
+    extra_steps_increment: int = 50
+    extra_lr_ratio: float = 0.5  # peak LR of an extra increment, as a fraction of optim.lr
+    force: bool = False  # enter a stage although the stage before did not pass (recorded)
+    depths: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
+    trials: int = 4  # samples per (length, depth) cell
+    kind: str = "passkey"
+    short_val_batches: int = 4  # micro-batches of short-context validation for the loss check
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "gpu"
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "extend_32k", "extend_128k"])
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
@@ -153,6 +178,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -168,8 +195,23 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    cfg.rope = stage_rope(cfg)
     validate(cfg)
     return cfg
+
+
+def stage_rope(cfg: Config) -> RopeConfig:
+    """The RoPE of this stage, derived from the rope group and the stage.
+
+    ``rope.original_max_position_embeddings`` is the pretraining length. Scaled types
+    (yarn, linear, dynamic, llama3) with ``rope.factor: null`` take the stage's length
+    over it (1 for the pretraining stage itself, where they equal plain RoPE); abf takes
+    the stage's ``abf_theta`` as the new base.
+    """
+    r = cfg.rope
+    theta = cfg.stage.abf_theta if r.type == "abf" and cfg.stage.abf_theta is not None else r.theta
+    factor = r.factor if r.factor is not None else cfg.stage.seq_len / r.original_max_position_embeddings
+    return replace(r, theta=theta, factor=factor)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -213,7 +255,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     r = cfg.rope
     _one_of(r.type, "rope.type", ROPE_TYPES)
     _require(r.theta > 1, "rope.theta", f"must be > 1, got {r.theta}")
-    _require(r.factor >= 1, "rope.factor", f"must be >= 1, got {r.factor}")
+    _require(
+        r.factor >= 1,
+        "rope.factor",
+        f"must be >= 1, got {r.factor} (null means stage.seq_len / rope.original_max_position_embeddings)",
+    )
     _positive(r.original_max_position_embeddings, "rope.original_max_position_embeddings")
     if r.type == "yarn":
         _require(r.beta_fast > r.beta_slow > 0, "rope.beta_fast", "yarn needs beta_fast > beta_slow > 0")
@@ -293,6 +339,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "parallel",
             f"parallel.dp*parallel.cp = {p.dp}*{p.cp} = {p.dp * p.cp} must equal the world size {world_size}",
         )
+
+    g = cfg.gate
+    _require(0 <= g.min_recall <= 1, "gate.min_recall", f"must be in [0, 1], got {g.min_recall}")
+    _require(g.max_short_loss_increase >= 0, "gate.max_short_loss_increase", f"must be >= 0, got {g.max_short_loss_increase}")
+    _require(g.max_extra_steps >= 0, "gate.max_extra_steps", f"must be >= 0, got {g.max_extra_steps}")
+    _positive(g.extra_steps_increment, "gate.extra_steps_increment")
+    _require(0 < g.extra_lr_ratio <= 1, "gate.extra_lr_ratio", f"must be in (0, 1], got {g.extra_lr_ratio}")
+    _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
+    _positive(g.trials, "gate.trials")
+    _positive(g.short_val_batches, "gate.short_val_batches")
+    _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
 
     _positive(cfg.logging.log_every, "logging.log_every")
     if cfg.logging.peak_tflops is not None:

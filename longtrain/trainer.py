@@ -12,9 +12,10 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from longtrain import checkpoint as ckpt
@@ -29,7 +30,7 @@ from longtrain.optim.loss import LossSums, total_loss
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_wsd_scheduler
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum, apply_fsdp
-from longtrain.parallel.sharding import zigzag_shard
+from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
 
 Batch = dict[str, torch.Tensor]
 
@@ -136,10 +137,11 @@ class Trainer:
         ckpt.restore_rng(path)
         self.logger.info(f"resumed from {path} at step {self.step}")
 
-    def load_weights(self, path: Path) -> None:
-        """Start a stage from another stage's weights: fresh optimizer, schedule and data."""
-        ckpt.load_checkpoint(path, self.model)
-        self.logger.info(f"initialised weights from {path}")
+    def load_weights(self, path: Path, load_optimizer: bool = False) -> None:
+        """Start a stage from another stage's weights: fresh schedule and data position, and a
+        fresh optimizer unless ``load_optimizer`` (RoPE tables are derived, never loaded)."""
+        ckpt.load_checkpoint(path, self.model, self.optimizer if load_optimizer else None)
+        self.logger.info(f"initialised weights{' and optimizer' if load_optimizer else ''} from {path}")
 
     def save(self) -> Path:
         path = ckpt.save_checkpoint(
@@ -192,6 +194,34 @@ class Trainer:
             "tokens": int(sums["tokens"].item()),
         }
 
+    def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(input_ids, position_ids) of whole sequences → full logits, sharded over cp if needed."""
+
+        def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+            batch = shard_batch({"input_ids": input_ids, "position_ids": position_ids}, self.pd)
+            with torch.no_grad(), self.autocast():
+                logits = self.model(batch["input_ids"], batch["position_ids"]).float()
+            if self.pd.cp == 1:
+                return logits
+            shards = [torch.empty_like(logits) for _ in range(self.pd.cp)]
+            dist.all_gather(shards, logits.contiguous(), group=self.pd.cp_group)
+            return zigzag_unshard(shards, self.pd.cp, dim=1)
+
+        return forward
+
+    def train_more(self, steps: int) -> StageResult:
+        """Train ``steps`` beyond the stage's schedule (a failed gate's extra increment).
+
+        The stage's WSD schedule has decayed by now, so the increment gets its own short
+        cycle: no warmup, ``gate.extra_lr_ratio`` of the peak LR, then the stage's decay.
+        """
+        s = self.cfg.stage
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.optim.lr * self.cfg.gate.extra_lr_ratio
+        self.scheduler = build_wsd_scheduler(self.optimizer, steps, 0, s.decay_fraction, s.decay_shape, s.final_lr_ratio)
+        s.steps += steps
+        return self.fit()
+
     def clip_gradients(self) -> float:
         max_norm = self.cfg.optim.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
@@ -200,16 +230,20 @@ class Trainer:
         return float(norm)
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss per token over a fixed set of validation samples (nats/token)."""
+    def validate(self, data: Optional[PackedDataset] = None, batches: Optional[int] = None) -> float:
+        """Mean loss per token over a fixed set of validation samples (nats/token).
+
+        Defaults to the stage's validation set; the gate passes a short-context one.
+        """
+        data = data or self.val_data
         self.model.eval()
-        n = self.cfg.eval.val_batches * self.cfg.stage.micro_batch_size
         mb = self.cfg.stage.micro_batch_size
+        n = (batches or self.cfg.eval.val_batches) * mb
         indices = list(range(self.pd.dp_rank, n, self.pd.dp))  # split the fixed set over dp
         ce = torch.zeros((), device=self.pd.device)
         tokens = torch.zeros((), device=self.pd.device)
         for start in range(0, len(indices), mb):
-            samples = [self.val_data.sample(i) for i in indices[start : start + mb]]
+            samples = [data.sample(i) for i in indices[start : start + mb]]
             batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             sums = self.forward_sums(batch)
             ce += sums.ce
@@ -255,8 +289,10 @@ class Trainer:
         return StageResult(self.stage_dir, final, self.step, val_loss)
 
 
-def run_stage(cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None) -> StageResult:
-    """Train one stage: resume it if asked (run.resume), else start from ``init_from`` weights."""
+def prepare_trainer(
+    cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None, load_optimizer: bool = False
+) -> Trainer:
+    """A trainer for one stage: resumed if asked (run.resume), else from ``init_from`` weights."""
     trainer = Trainer(cfg, pd)
     resume_from = None
     if cfg.run.resume == "auto":
@@ -266,8 +302,13 @@ def run_stage(cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None) -
     if resume_from is not None:
         trainer.resume(resume_from)
     elif init_from is not None:
-        trainer.load_weights(init_from)
+        trainer.load_weights(init_from, load_optimizer)
     if pd.is_rank0:
         trainer.stage_dir.mkdir(parents=True, exist_ok=True)
         (trainer.stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    return trainer.fit()
+    return trainer
+
+
+def run_stage(cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None) -> StageResult:
+    """Train one stage without a gate (the gated path is longtrain.curriculum)."""
+    return prepare_trainer(cfg, pd, init_from).fit()

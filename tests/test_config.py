@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_presets_validate(compose_config):
-    cfg = load_config(compose_config())
+    cfg = load_config(compose_config("stage=pretrain"))
     assert cfg.model.name == "125m" and cfg.stage.seq_len == 8192
-    demo = load_config(compose_config("preset=cpu_demo"))
+    demo = load_config(compose_config("preset=cpu_demo", "stage=cpu/pretrain"))
     assert demo.model.name == "tiny" and demo.stage.seq_len == 512
+    assert demo.curriculum.stages == ["cpu/pretrain", "cpu/extend_2k", "cpu/extend_8k"]
     for rope in ("default", "abf", "yarn", "linear", "dynamic", "llama3"):
-        assert load_config(compose_config(f"rope={rope}")).rope.type == rope
+        assert load_config(compose_config("stage=pretrain", f"rope={rope}")).rope.type == rope
 
 
 @pytest.mark.parametrize(
@@ -36,13 +37,13 @@ def test_defaults_and_presets_validate(compose_config):
 )
 def test_bad_value_names_the_key(compose_config, override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(compose_config(override))
+        load_config(compose_config("stage=pretrain", override))
     message = str(err.value)
     assert message.startswith(key + ":") and "\n" not in message
 
 
 def test_world_size_must_match_dp_times_cp(compose_config):
-    cfg = load_config(compose_config("parallel.dp=2", "parallel.cp=2"))
+    cfg = load_config(compose_config("stage=pretrain", "parallel.dp=2", "parallel.cp=2"))
     validate(cfg, world_size=4)
     with pytest.raises(ConfigError, match=r"^parallel: .*world size 2"):
         validate(cfg, world_size=2)
@@ -67,7 +68,7 @@ def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
 
 def test_cli_prints_resolved_config():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "preset=cpu_demo"],
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "preset=cpu_demo", "stage=cpu/pretrain"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,206 @@
+"""The gated curriculum: stages in order, each entered from the gated checkpoint of the one before.
+
+A stage is trained, then gated: needle recall over the depth grid at the stage's length
+must reach ``gate.min_recall`` and short-context validation loss must stay within
+``gate.max_short_loss_increase`` of the stage before's. On failure the stage trains on in
+increments (up to ``gate.max_extra_steps``), re-evaluating; then it passes or the run stops
+non-zero. The decision goes to ``gate.json`` in the stage's folder, which is also what
+lets the next stage start, in this process or a later one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from longtrain import checkpoint as ckpt
+from longtrain.config import Config, load_config
+from longtrain.data.retrieval import build_haystack
+from longtrain.data.packing import build_packed_dataset
+from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
+from longtrain.parallel.mesh import ParallelDims
+from longtrain.trainer import Trainer, prepare_trainer
+
+GATE_FILE = "gate.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot start or did not pass its gate; the message says why, in one line."""
+
+
+@dataclass
+class GateRecord:
+    stage: str
+    seq_len: int
+    passed: bool
+    forced: bool  # entered although the stage before had not passed its gate
+    recall: float
+    recall_before: Optional[float]  # the starting checkpoint's recall at this length
+    short_loss: float
+    reference_short_loss: Optional[float]  # the stage before's short loss
+    min_recall: float
+    max_short_loss_increase: float
+    extra_steps: int
+    step: int
+    checkpoint: str
+    rope: dict
+
+
+def stage_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) / cfg.stage.name
+
+
+def read_gate(directory: Path) -> Optional[dict]:
+    path = directory / GATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def gate_passes(recall: float, short_loss: float, reference: Optional[float], cfg: Config) -> bool:
+    short_ok = reference is None or short_loss <= (1 + cfg.gate.max_short_loss_increase) * reference
+    return recall >= cfg.gate.min_recall and short_ok
+
+
+def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Path], bool, Optional[dict]]:
+    """(weights to start from, whether entry is forced, the previous stage's gate record).
+
+    Refuses, unless ``gate.force``, when the stage before has not passed its gate.
+    """
+    if previous is None:
+        return (Path(cfg.stage.init_from) if cfg.stage.init_from else None), False, None
+    before = read_gate(stage_dir(previous))
+    if cfg.stage.init_from:
+        return Path(cfg.stage.init_from), False, before
+    if before is not None and before["passed"]:
+        return Path(before["checkpoint"]), False, before
+    latest = ckpt.latest_checkpoint(stage_dir(previous) / "checkpoints")
+    if not cfg.gate.force or latest is None:
+        if before is None:
+            why = "has no gate.json"
+            hint = "run it first, or set gate.force=true" if latest else "run it first (it has no checkpoint)"
+        else:
+            why = f"failed its gate (recall {before['recall']:.2f})"
+            hint = "train it further (more stage.steps or gate.max_extra_steps), or set gate.force=true"
+        raise StageError(
+            f"stage {cfg.stage.name}: the stage before, {previous.stage.name}, {why} in {stage_dir(previous)}; {hint}"
+        )
+    return latest, True, before
+
+
+class Gate:
+    """Needle recall at the stage length and short-context loss for one trainer's model."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.haystack = build_haystack(cfg.data, trainer.tokenizer, "val")
+        short_len = cfg.rope.original_max_position_embeddings
+        self.short_val = build_packed_dataset(cfg.data, trainer.tokenizer, "val", short_len)
+
+    def recall(self, length: int) -> NeedleGrid:
+        cfg = self.trainer.cfg
+        self.trainer.model.eval()
+        grid = run_needle_grid(
+            self.trainer.logits_fn(),
+            self.trainer.tokenizer,
+            self.haystack,
+            [length],
+            cfg.gate.depths,
+            cfg.gate.trials,
+            seed=cfg.run.seed,
+            batch_size=cfg.stage.micro_batch_size,
+            kind=cfg.gate.kind,
+            device=self.trainer.pd.device,
+        )
+        self.trainer.model.train()
+        return grid
+
+    def short_loss(self) -> float:
+        return self.trainer.validate(self.short_val, self.trainer.cfg.gate.short_val_batches)
+
+
+def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -> GateRecord:
+    """Enter (or resume) one stage, train it, gate it, write gate.json; raise if it fails."""
+    init_from, forced, before = starting_point(cfg, previous)
+    trainer = prepare_trainer(cfg, pd, init_from, load_optimizer=cfg.stage.load_optimizer)
+    gate = Gate(trainer)
+    log = trainer.logger.info
+    directory = stage_dir(cfg)
+
+    # The starting checkpoint's recall at the new length, so the stage's gain is visible.
+    before_file = directory / "recall_before.json"
+    if before_file.is_file():
+        recall_before = json.loads(before_file.read_text())["recall"]
+    elif init_from is not None and trainer.step == 0:
+        grid = gate.recall(cfg.stage.seq_len)
+        recall_before = grid.recall_at(cfg.stage.seq_len)
+        if pd.is_rank0:
+            write_results(grid, directory / "needle_before", extra={"checkpoint": str(init_from)})
+            before_file.write_text(json.dumps({"recall": recall_before, "checkpoint": str(init_from)}))
+        log(f"recall of the starting checkpoint at {cfg.stage.seq_len}: {recall_before:.2f}")
+    else:
+        recall_before = None
+
+    result = trainer.fit()
+    reference = before["short_loss"] if before else None
+    extra = 0
+    while True:
+        grid = gate.recall(cfg.stage.seq_len)
+        recall, short = grid.recall_at(cfg.stage.seq_len), gate.short_loss()
+        passed = gate_passes(recall, short, reference, cfg)
+        log(f"gate {cfg.stage.name}: recall {recall:.2f} (≥ {cfg.gate.min_recall}), short loss {short:.4f}"
+            + (f" (≤ {(1 + cfg.gate.max_short_loss_increase) * reference:.4f})" if reference else "")
+            + f" → {'pass' if passed else 'fail'}")
+        if passed or extra >= cfg.gate.max_extra_steps:
+            break
+        increment = min(cfg.gate.extra_steps_increment, cfg.gate.max_extra_steps - extra)
+        extra += increment
+        result = trainer.train_more(increment)
+
+    record = GateRecord(
+        stage=cfg.stage.name, seq_len=cfg.stage.seq_len, passed=passed, forced=forced, recall=recall,
+        recall_before=recall_before, short_loss=short, reference_short_loss=reference,
+        min_recall=cfg.gate.min_recall, max_short_loss_increase=cfg.gate.max_short_loss_increase,
+        extra_steps=extra, step=result.step, checkpoint=str(result.checkpoint), rope=asdict(cfg.rope),
+    )
+    if pd.is_rank0:
+        write_results(grid, directory / "needle", extra={"checkpoint": str(result.checkpoint)})
+        (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
+    if not passed:
+        raise StageError(
+            f"stage {cfg.stage.name} failed its gate after {extra} extra steps: recall {recall:.2f} "
+            f"(need ≥ {cfg.gate.min_recall}), short loss {short:.4f}"
+            + (f" (need ≤ {(1 + cfg.gate.max_short_loss_increase) * reference:.4f})" if reference else "")
+            + f"; see {directory / GATE_FILE}"
+        )
+    return record
+
+
+def compose_stage_configs(overrides: list[str]) -> list[Config]:
+    """One validated config per curriculum stage, each with the user's overrides.
+
+    Called inside Hydra's app (or an ``initialize_config_dir`` block), so every stage's
+    config errors surface before any stage computes anything.
+    """
+    from hydra import compose
+
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("stage=")]
+    stages = load_config(compose(config_name="config", overrides=overrides)).curriculum.stages
+    return [load_config(compose(config_name="config", overrides=[*overrides, f"stage={s}"])) for s in stages]
+
+
+def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional[int] = None) -> list[GateRecord]:
+    """Run the stages in order, skipping those whose gate already passed; or just stage ``only``."""
+    records = []
+    for i, cfg in enumerate(stage_configs):
+        if only is not None and i != only:
+            continue
+        done = read_gate(stage_dir(cfg))
+        if only is None and done is not None and done["passed"]:
+            records.append(GateRecord(**done))
+            continue
+        records.append(run_gated_stage(cfg, pd, stage_configs[i - 1] if i else None))
+    return records

@@ -1,0 +1,106 @@
+"""Stage selection and refusal, the gate's pass / fail / extra-steps logic, stage RoPE."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from longtrain.config import load_config
+from longtrain.curriculum import Gate, StageError, gate_passes, read_gate, run_curriculum, starting_point
+from longtrain.eval.needle import NeedleGrid
+from tests.test_trainer import single_process
+
+SMALL = [
+    "preset=cpu_demo",
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
+    "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
+    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_batches=1",
+    "rope.original_max_position_embeddings=256",
+]
+
+
+def stages(compose_config, tmp_path, *extra):
+    """Two stages, 256 → 512 tokens: the CPU demo's first two stages made small."""
+    out = []
+    for name, seq_len in (("cpu/pretrain", 256), ("cpu/extend_2k", 512)):
+        cfg = load_config(compose_config(*SMALL, f"stage={name}", f"run.dir={tmp_path}", *extra))
+        out.append(replace(cfg, stage=replace(cfg.stage, seq_len=seq_len)))
+    return out
+
+
+def scripted_recall(monkeypatch, values):
+    """Replace the needle grid by a scripted sequence of recalls (the gate logic under test)."""
+    calls = iter(values)
+
+    def fake(self, length):
+        r = next(calls)
+        return NeedleGrid("passkey", [length], [0.0], 1, [[r]])
+
+    monkeypatch.setattr(Gate, "recall", fake)
+
+
+def test_gate_thresholds(compose_config):
+    cfg = load_config(compose_config("stage=pretrain", "gate.min_recall=0.9", "gate.max_short_loss_increase=0.1"))
+    assert gate_passes(0.9, 2.0, None, cfg)  # first stage: no short-loss reference
+    assert not gate_passes(0.89, 2.0, None, cfg)
+    assert gate_passes(0.95, 2.2, 2.0, cfg)  # exactly 1.1 × the reference
+    assert not gate_passes(0.95, 2.21, 2.0, cfg)
+
+
+def test_stage_rope_per_stage(compose_config):
+    abf = [load_config(compose_config(f"stage={s}", "rope=abf")).rope for s in ("pretrain", "extend_32k", "extend_128k")]
+    assert [r.theta for r in abf] == [10000.0, 500000.0, 5000000.0]
+    yarn = [load_config(compose_config(f"stage={s}", "rope=yarn")).rope for s in ("pretrain", "extend_32k", "extend_128k")]
+    assert [r.factor for r in yarn] == [1.0, 4.0, 16.0]
+    assert {r.original_max_position_embeddings for r in yarn} == {8192}
+    demo = load_config(compose_config("preset=cpu_demo", "stage=cpu/extend_8k", "rope=yarn")).rope
+    assert demo.factor == 16.0 and demo.original_max_position_embeddings == 512
+
+
+def test_entering_a_stage_needs_the_previous_gate(compose_config, tmp_path, monkeypatch):
+    first, second = stages(compose_config, tmp_path)
+    with pytest.raises(StageError, match=r"stage extend_2k: the stage before, pretrain, has no gate.json"):
+        starting_point(second, first)
+    scripted_recall(monkeypatch, [0.0])  # pretrain fails its gate
+    with pytest.raises(StageError, match="failed its gate"):
+        run_curriculum([first, second], single_process())
+    assert read_gate(tmp_path / "pretrain")["passed"] is False
+    with pytest.raises(StageError, match=r"failed its gate \(recall 0.00\) in .*; train it further .* or set gate.force=true"):
+        starting_point(second, first)
+    forced = replace(second, gate=replace(second.gate, force=True))
+    start, is_forced, _ = starting_point(forced, first)
+    assert is_forced and start.name == "step_00000002"
+
+
+def test_extra_steps_until_the_gate_passes(compose_config, tmp_path, monkeypatch):
+    (first,) = stages(compose_config, tmp_path, "gate.max_extra_steps=4", "gate.extra_steps_increment=2")[:1]
+    scripted_recall(monkeypatch, [0.5, 0.95])
+    (record,) = run_curriculum([first], single_process())
+    assert record.passed and record.extra_steps == 2 and record.step == 4 and record.recall == 0.95
+    on_disk = read_gate(tmp_path / "pretrain")
+    assert on_disk["passed"] and on_disk["checkpoint"].endswith("step_00000004")
+
+
+def test_failing_after_all_extra_steps_stops(compose_config, tmp_path, monkeypatch):
+    (first,) = stages(compose_config, tmp_path, "gate.max_extra_steps=4", "gate.extra_steps_increment=2")[:1]
+    scripted_recall(monkeypatch, [0.1, 0.2, 0.3])
+    with pytest.raises(StageError, match="failed its gate after 4 extra steps: recall 0.30"):
+        run_curriculum([first], single_process())
+    assert read_gate(tmp_path / "pretrain")["extra_steps"] == 4
+
+
+def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path, monkeypatch):
+    first, second = stages(compose_config, tmp_path, "gate.min_recall=0.0")
+    records = run_curriculum([first, second], single_process())  # the real needle grid
+    assert [r.stage for r in records] == ["pretrain", "extend_2k"] and all(r.passed for r in records)
+    gate2 = read_gate(tmp_path / "extend_2k")
+    assert gate2["reference_short_loss"] == records[0].short_loss
+    assert gate2["recall_before"] is not None  # the starting checkpoint, evaluated at 512
+    before = json.loads((tmp_path / "extend_2k" / "recall_before.json").read_text())
+    assert before["checkpoint"] == records[0].checkpoint
+    assert (tmp_path / "extend_2k" / "needle").is_dir()
+    # Run again: both gates passed, nothing retrains.
+    monkeypatch.setattr(Gate, "recall", lambda self, length: pytest.fail("a passed stage was re-run"))
+    again = run_curriculum([first, second], single_process())
+    assert [r.step for r in again] == [r.step for r in records]
