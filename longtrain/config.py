@@ -95,6 +95,8 @@ class StageConfig:
     decay_fraction: float = 0.2
     decay_shape: str = "1-sqrt"
     final_lr_ratio: float = 0.0
+    long_doc_share: float = 0.0  # share of samples cut from documents at least seq_len long
+    retrieval_share: float = 0.0  # share of synthetic retrieval samples (the rest: the packed corpus)
     abf_theta: Optional[float] = None  # rope=abf: this stage's RoPE base (null: rope.theta)
     init_from: Optional[str] = None  # weights to start from (default: the gated checkpoint of the stage before)
     load_optimizer: bool = False  # also carry the optimizer state over from init_from
@@ -178,6 +180,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: "RetrievalConfig" = field(default_factory=lambda: RetrievalConfig())
     gate: GateConfig = field(default_factory=GateConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -307,6 +310,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(s.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(0 <= s.decay_fraction <= 1, "stage.decay_fraction", f"must be in [0, 1], got {s.decay_fraction}")
     _one_of(s.decay_shape, "stage.decay_shape", DECAY_SHAPES)
+    for key in ("long_doc_share", "retrieval_share"):
+        _require(0 <= getattr(s, key) <= 1, f"stage.{key}", f"must be in [0, 1], got {getattr(s, key)}")
+    _require(
+        s.long_doc_share + s.retrieval_share <= 1,
+        "stage.retrieval_share",
+        f"stage.long_doc_share + stage.retrieval_share = {s.long_doc_share + s.retrieval_share} must be <= 1",
+    )
     _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
 
     o = cfg.optim

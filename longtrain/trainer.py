@@ -22,6 +22,7 @@ from longtrain import checkpoint as ckpt
 from longtrain.attention.ring import ring_attention
 from longtrain.config import Config
 from longtrain.data.loader import StatefulLoader
+from longtrain.data.mix import build_train_data
 from longtrain.data.packing import PackedDataset, build_packed_dataset
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.logging import MetricsLogger
@@ -94,7 +95,7 @@ class Trainer:
         self.scheduler = build_wsd_scheduler(
             self.optimizer, s.steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.final_lr_ratio
         )
-        train_data = build_packed_dataset(cfg.data, self.tokenizer, "train", s.seq_len)
+        train_data = build_train_data(cfg, self.tokenizer)
         self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
         self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
         self.step = 0
