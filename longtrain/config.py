@@ -133,6 +133,8 @@ class LoggingConfig:
 class EvalConfig:
     val_every: int = 100
     val_batches: int = 4
+    position_buckets: int = 16  # loss-by-position buckets written at each gate (0 = off)
+    position_windows: int = 8  # validation windows of the stage length it averages over
 
 
 @dataclass
@@ -366,6 +368,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _positive(cfg.logging.peak_tflops, "logging.peak_tflops")
     _require(cfg.eval.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = off), got {cfg.eval.val_every}")
     _positive(cfg.eval.val_batches, "eval.val_batches")
+    _require(cfg.eval.position_buckets >= 0, "eval.position_buckets", f"must be >= 0 (0 = off), got {cfg.eval.position_buckets}")
+    _positive(cfg.eval.position_windows, "eval.position_windows")
 
     run = cfg.run
     _positive(run.checkpoint_every, "run.checkpoint_every")

@@ -19,8 +19,10 @@ import torch
 
 from longtrain import checkpoint as ckpt
 from longtrain.config import Config, load_config
-from longtrain.data.retrieval import build_haystack
-from longtrain.data.packing import build_packed_dataset
+from longtrain.data.packing import build_packed_dataset, pack_documents
+from longtrain.data.retrieval import Haystack
+from longtrain.data.sources import load_documents
+from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.trainer import Trainer, prepare_trainer
@@ -95,8 +97,9 @@ class Gate:
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        cfg = trainer.cfg
-        self.haystack = build_haystack(cfg.data, trainer.tokenizer, "val")
+        cfg, tok = trainer.cfg, trainer.tokenizer
+        self.val_tokens, self.val_doc_starts = pack_documents(load_documents(cfg.data, "val"), tok, cfg.data.seed)
+        self.haystack = Haystack(self.val_tokens, (tok.bos_id, tok.eos_id, tok.pad_id))
         short_len = cfg.rope.original_max_position_embeddings
         self.short_val = build_packed_dataset(cfg.data, trainer.tokenizer, "val", short_len)
 
@@ -120,6 +123,17 @@ class Gate:
 
     def short_loss(self) -> float:
         return self.trainer.validate(self.short_val, self.trainer.cfg.gate.short_val_batches)
+
+    def position_loss(self, length: int) -> position_loss.PositionLoss:
+        """Loss by position on validation documents at least ``length`` tokens long."""
+        cfg = self.trainer.cfg
+        self.trainer.model.eval()
+        result = position_loss.position_loss(
+            self.trainer.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
+            cfg.eval.position_windows, cfg.stage.micro_batch_size, self.trainer.pd.device,
+        )
+        self.trainer.model.train()
+        return result
 
 
 def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -> GateRecord:
@@ -166,8 +180,12 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
         min_recall=cfg.gate.min_recall, max_short_loss_increase=cfg.gate.max_short_loss_increase,
         extra_steps=extra, step=result.step, checkpoint=str(result.checkpoint), rope=asdict(cfg.rope),
     )
+    # Whether later tokens gain from the longer context: not a gate criterion, a picture of it.
+    by_position = gate.position_loss(cfg.stage.seq_len) if cfg.eval.position_buckets else None
     if pd.is_rank0:
         write_results(grid, directory / "needle", extra={"checkpoint": str(result.checkpoint)})
+        if by_position is not None:
+            position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
     if not passed:
         raise StageError(

@@ -100,6 +100,8 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     before = json.loads((tmp_path / "extend_2k" / "recall_before.json").read_text())
     assert before["checkpoint"] == records[0].checkpoint
     assert (tmp_path / "extend_2k" / "needle").is_dir()
+    by_position = json.loads((tmp_path / "extend_2k" / "position_loss.json").read_text())
+    assert by_position["seq_len"] == second.stage.seq_len and len(by_position["loss"]) == second.eval.position_buckets
     # Run again: both gates passed, nothing retrains.
     monkeypatch.setattr(Gate, "recall", lambda self, length: pytest.fail("a passed stage was re-run"))
     again = run_curriculum([first, second], single_process())
