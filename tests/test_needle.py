@@ -131,5 +131,8 @@ def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "needle.png").is_file()
     assert "mean" in capsys.readouterr().out
     # Weights were loaded, not re-initialised.
-    loaded, _, _ = needle.load_model(path, torch.device("cpu"))
+    loaded, _, _, _ = needle.load_model(path)
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
+    position_loss.main([str(path), "--buckets", "4", "--windows", "2", "--out", str(tmp_path / "by_position")])
+    by_position = json.loads((tmp_path / "by_position" / "position_loss.json").read_text())
+    assert by_position["seq_len"] == cfg.stage.seq_len and len(by_position["loss"]) == 4

@@ -153,14 +153,20 @@ def write_results(grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None)
     return json_path, png_path
 
 
-def load_model(checkpoint: Path, device: torch.device) -> tuple[Transformer, Config, Tokenizer]:
-    """Rebuild the model from the config stored with a checkpoint; load weights only."""
+def load_model(checkpoint: Path) -> tuple[Transformer, Config, Tokenizer, torch.device]:
+    """Rebuild the model from the config stored with a checkpoint; load weights only.
+
+    For the command-line evaluators: offline (no hub access), on CUDA when there is one.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = torch.load(checkpoint / ckpt.TRAINER_STATE, weights_only=False)
     cfg = load_config(OmegaConf.create(state["config"]))
     tokenizer = build_tokenizer(cfg.tokenizer)
     model = Transformer(cfg.model, cfg.rope, cfg.model.vocab_size or tokenizer.vocab_size)
     ckpt.load_checkpoint(checkpoint, model)
-    return model.to(device).eval(), cfg, tokenizer
+    return model.to(device).eval(), cfg, tokenizer, device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -175,10 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, tokenizer = load_model(args.checkpoint, device)
+    model, cfg, tokenizer, device = load_model(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     haystack = build_haystack(cfg.data, tokenizer, "val")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -117,10 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/position_loss)")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, tokenizer = load_model(args.checkpoint, device)
+    model, cfg, tokenizer, device = load_model(args.checkpoint)
     tokens, doc_starts = pack_documents(load_documents(cfg.data, "val"), tokenizer, cfg.data.seed)
     seq_len = args.seq_len or cfg.stage.seq_len
     result = position_loss(model, tokens, doc_starts, seq_len, args.buckets, args.windows, args.batch_size, device)
