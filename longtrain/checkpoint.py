@@ -38,7 +38,7 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -73,20 +73,20 @@ def save_checkpoint(
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     # RNG differs per rank; each rank stores its own (restored when the world size matches).
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
-    _barrier()
+    barrier()
     if _is_rank0():
         torch.save(trainer_state, tmp / TRAINER_STATE)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in sorted(p for p in root.iterdir() if is_complete(p))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

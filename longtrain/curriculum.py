@@ -187,6 +187,7 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
+    ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
     if not passed:
         raise StageError(
             f"stage {cfg.stage.name} failed its gate after {extra} extra steps: recall {recall:.2f} "
@@ -206,8 +207,10 @@ def compose_stage_configs(overrides: list[str]) -> list[Config]:
     from hydra import compose
 
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("stage=")]
-    stages = load_config(compose(config_name="config", overrides=overrides)).curriculum.stages
-    return [load_config(compose(config_name="config", overrides=[*overrides, f"stage={s}"])) for s in stages]
+    # The stage list is read with no stage selected, so stage.* values wait for the stages.
+    shared = [o for o in overrides if not o.lstrip("+~").startswith("stage.")]
+    stages = load_config(compose(config_name="config", overrides=shared)).curriculum.stages
+    return [load_config(compose(config_name="config", overrides=[f"stage={s}", *overrides])) for s in stages]
 
 
 def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional[int] = None) -> list[GateRecord]:

@@ -6,7 +6,9 @@ from dataclasses import replace
 import pytest
 
 from longtrain.config import load_config
-from longtrain.curriculum import Gate, StageError, gate_passes, read_gate, run_curriculum, starting_point
+from longtrain.curriculum import (
+    Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point,
+)
 from longtrain.eval.needle import NeedleGrid
 from tests.test_trainer import single_process
 
@@ -46,6 +48,19 @@ def test_gate_thresholds(compose_config):
     assert not gate_passes(0.89, 2.0, None, cfg)
     assert gate_passes(0.95, 2.2, 2.0, cfg)  # exactly 1.1 × the reference
     assert not gate_passes(0.95, 2.21, 2.0, cfg)
+
+
+def test_command_line_stage_values_reach_every_stage():
+    """`train.py stage=cpu/extend_2k stage.steps=3`: the stage list is read without them."""
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        configs = compose_stage_configs(["preset=cpu_demo", "stage=cpu/extend_2k", "stage.steps=3", "optim.lr=0.001"])
+    assert [c.stage.name for c in configs] == ["pretrain", "extend_2k", "extend_8k"]
+    assert [c.stage.seq_len for c in configs] == [512, 2048, 8192]
+    assert all(c.stage.steps == 3 and c.optim.lr == 0.001 for c in configs)
 
 
 def test_stage_rope_per_stage(compose_config):
