@@ -19,7 +19,7 @@ import torch
 
 from longtrain import checkpoint as ckpt
 from longtrain.config import Config, load_config
-from longtrain.data.packing import build_packed_dataset, pack_documents
+from longtrain.data.packing import PackedDataset, pack_documents
 from longtrain.data.retrieval import Haystack
 from longtrain.data.sources import load_documents
 from longtrain.eval import position_loss
@@ -97,11 +97,14 @@ class Gate:
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        cfg, tok = trainer.cfg, trainer.tokenizer
-        self.val_tokens, self.val_doc_starts = pack_documents(load_documents(cfg.data, "val"), tok, cfg.data.seed)
-        self.haystack = Haystack(self.val_tokens, (tok.bos_id, tok.eos_id, tok.pad_id))
+        cfg = trainer.cfg
+        # One packing of the validation split serves the needles, the short loss and loss by position.
+        self.val_tokens, self.val_doc_starts = pack_documents(
+            load_documents(cfg.data, "val"), trainer.tokenizer, cfg.data.seed
+        )
+        self.haystack = Haystack.of_stream(self.val_tokens, trainer.tokenizer)
         short_len = cfg.rope.original_max_position_embeddings
-        self.short_val = build_packed_dataset(cfg.data, trainer.tokenizer, "val", short_len)
+        self.short_val = PackedDataset(self.val_tokens, self.val_doc_starts, short_len, cfg.data.seed)
 
     def recall(self, length: int) -> NeedleGrid:
         cfg = self.trainer.cfg

@@ -14,7 +14,7 @@ import torch
 
 from longtrain.config import Config
 from longtrain.data.packing import PackedDataset, pack_documents
-from longtrain.data.retrieval import RetrievalDataset, build_haystack
+from longtrain.data.retrieval import Haystack, RetrievalDataset
 from longtrain.data.sources import load_documents
 from longtrain.data.tokenizer import Tokenizer
 
@@ -62,6 +62,6 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer) -> PackedDataset | Mixed
     if s.long_doc_share:
         parts.append((PackedDataset(*long_documents(tokens, doc_starts, s.seq_len), s.seq_len, seed), s.long_doc_share))
     if s.retrieval_share:
-        haystack = build_haystack(cfg.data, tokenizer, "train")
+        haystack = Haystack.of_stream(tokens, tokenizer)  # the stream packed above, not packed again
         parts.append((RetrievalDataset(cfg.retrieval, tokenizer, haystack, s.seq_len, seed, "train"), s.retrieval_share))
     return MixedDataset(parts, seed)

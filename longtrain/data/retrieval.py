@@ -93,6 +93,11 @@ class Haystack:
         self.tokens = tokens
         self.special_ids = np.asarray(sorted(set(special_ids)), dtype=np.int64)
 
+    @classmethod
+    def of_stream(cls, tokens: np.ndarray, tokenizer: Tokenizer) -> Haystack:
+        """A packed token stream as filler, without the tokenizer's BOS/EOS/PAD."""
+        return cls(tokens, (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
+
     def take(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` consecutive non-special tokens from a random offset (wrapping at the end)."""
         start = int(rng.integers(0, len(self.tokens)))
@@ -110,7 +115,7 @@ class Haystack:
 def build_haystack(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split) -> Haystack:
     """The haystack of one split: its documents packed as for training."""
     tokens, _ = pack_documents(load_documents(data_cfg, split), tokenizer, data_cfg.seed)
-    return Haystack(tokens, (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
+    return Haystack.of_stream(tokens, tokenizer)
 
 
 def depth_index(depth: float, haystack_len: int) -> int:
