@@ -108,21 +108,19 @@ class Gate:
 
     def recall(self, length: int) -> NeedleGrid:
         cfg = self.trainer.cfg
-        self.trainer.model.eval()
-        grid = run_needle_grid(
-            self.trainer.logits_fn(),
-            self.trainer.tokenizer,
-            self.haystack,
-            [length],
-            cfg.gate.depths,
-            cfg.gate.trials,
-            seed=cfg.run.seed,
-            batch_size=cfg.stage.micro_batch_size,
-            kind=cfg.gate.kind,
-            device=self.trainer.pd.device,
-        )
-        self.trainer.model.train()
-        return grid
+        with self.trainer.eval_mode():
+            return run_needle_grid(
+                self.trainer.logits_fn(),
+                self.trainer.tokenizer,
+                self.haystack,
+                [length],
+                cfg.gate.depths,
+                cfg.gate.trials,
+                seed=cfg.run.seed,
+                batch_size=cfg.stage.micro_batch_size,
+                kind=cfg.gate.kind,
+                device=self.trainer.pd.device,
+            )
 
     def short_loss(self) -> float:
         return self.trainer.validate(self.short_val, self.trainer.cfg.gate.short_val_batches)
@@ -130,13 +128,11 @@ class Gate:
     def position_loss(self, length: int) -> position_loss.PositionLoss:
         """Loss by position on validation documents at least ``length`` tokens long."""
         cfg = self.trainer.cfg
-        self.trainer.model.eval()
-        result = position_loss.position_loss(
-            self.trainer.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
-            cfg.eval.position_windows, cfg.stage.micro_batch_size, self.trainer.pd.device,
-        )
-        self.trainer.model.train()
-        return result
+        with self.trainer.eval_mode():
+            return position_loss.position_loss(
+                self.trainer.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
+                cfg.eval.position_windows, cfg.stage.micro_batch_size, self.trainer.pd.device,
+            )
 
 
 def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -> GateRecord:

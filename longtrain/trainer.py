@@ -12,7 +12,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -231,25 +231,33 @@ class Trainer:
         return float(norm)
 
     @torch.no_grad()
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model in eval mode for an evaluation, back in train mode after it (even on error)."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
     def validate(self, data: Optional[PackedDataset] = None, batches: Optional[int] = None) -> float:
         """Mean loss per token over a fixed set of validation samples (nats/token).
 
         Defaults to the stage's validation set; the gate passes a short-context one.
         """
         data = data or self.val_data
-        self.model.eval()
         mb = self.cfg.stage.micro_batch_size
         n = (batches or self.cfg.eval.val_batches) * mb
         indices = list(range(self.pd.dp_rank, n, self.pd.dp))  # split the fixed set over dp
         ce = torch.zeros((), device=self.pd.device)
         tokens = torch.zeros((), device=self.pd.device)
-        for start in range(0, len(indices), mb):
-            samples = [data.sample(i) for i in indices[start : start + mb]]
-            batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-            sums = self.forward_sums(batch)
-            ce += sums.ce
-            tokens += sums.tokens
-        self.model.train()
+        with self.eval_mode():
+            for start in range(0, len(indices), mb):
+                samples = [data.sample(i) for i in indices[start : start + mb]]
+                batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+                sums = self.forward_sums(batch)
+                ce += sums.ce
+                tokens += sums.tokens
         return float(all_reduce_sum(ce, self.pd) / all_reduce_sum(tokens, self.pd))
 
     # -- the loop -------------------------------------------------------------------------
