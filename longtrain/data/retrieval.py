@@ -77,6 +77,28 @@ def draw_word(rng: np.random.Generator, chars: int, split: Split) -> str:
             return key
 
 
+def distinct_words(rng: np.random.Generator, n: int, chars: int, split: Split) -> list[str]:
+    """``n`` different random words (keys or tags): a repeated one would make a query ambiguous."""
+    words: list[str] = []
+    while len(words) < n:
+        w = draw_word(rng, chars, split)
+        if w not in words:
+            words.append(w)
+    return words
+
+
+def needle_depths(
+    rng: np.random.Generator, num_needles: int, num_queries: int, depth: float | None
+) -> tuple[list[float], list[int]]:
+    """Uniform depths for the needles and which of them are asked; with ``depth`` given,
+    the first asked needle goes there (the needle grid's cell)."""
+    depths = [float(d) for d in rng.random(num_needles)]
+    asked = [int(j) for j in rng.permutation(num_needles)[:num_queries]]
+    if depth is not None:
+        depths[asked[0]] = depth
+    return depths, asked
+
+
 # -- haystack and placement ------------------------------------------------------------
 
 
@@ -284,16 +306,9 @@ def kv_sample(
     """
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries} and {num_pairs}")
-    keys: list[str] = []
-    while len(keys) < num_pairs:  # distinct keys, or a query would have two answers
-        k = draw_word(rng, key_chars, split)
-        if k not in keys:
-            keys.append(k)
+    keys = distinct_words(rng, num_pairs, key_chars, split)
     values = [draw_number(rng, value_digits, split) for _ in keys]
-    depths = [float(d) for d in rng.random(num_pairs)]
-    asked = [int(j) for j in rng.permutation(num_pairs)[:num_queries]]
-    if depth is not None:
-        depths[asked[0]] = depth
+    depths, asked = needle_depths(rng, num_pairs, num_queries, depth)
     enc = functools.partial(_encode, tokenizer)
     return assemble(
         "kv", tokenizer, haystack, rng, seq_len, enc(KV_INTRO),
@@ -323,17 +338,10 @@ def copy_sample(
     """
     if not 1 <= num_queries <= num_segments:
         raise ValueError(f"need 1 <= num_queries <= num_segments, got {num_queries} and {num_segments}")
-    keys: list[str] = []
-    while len(keys) < num_segments:
-        k = draw_word(rng, key_chars, split)
-        if k not in keys:
-            keys.append(k)
+    keys = distinct_words(rng, num_segments, key_chars, split)
     segments = [haystack.take(rng, segment_len) for _ in keys]
     tags = [_encode(tokenizer, COPY_NEEDLE.format(key=k)) for k in keys]
-    depths = [float(d) for d in rng.random(num_segments)]
-    asked = [int(j) for j in rng.permutation(num_segments)[:num_queries]]
-    if depth is not None:
-        depths[asked[0]] = depth
+    depths, asked = needle_depths(rng, num_segments, num_queries, depth)
     return assemble(
         "copy", tokenizer, haystack, rng, seq_len, np.zeros(0, dtype=np.int64),
         [np.concatenate([t, s]) for t, s in zip(tags, segments)], depths,
