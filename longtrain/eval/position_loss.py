@@ -14,17 +14,15 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from longtrain.data.packing import pack_documents
 from longtrain.data.sources import load_documents
-
-ForwardFn = Callable[[Tensor, Tensor], Tensor]  # (input_ids, position_ids) -> logits [B, T, V]
+from longtrain.eval.needle import ForwardFn, load_model
 
 
 @dataclass
@@ -105,8 +103,6 @@ def write_results(result: PositionLoss, out_dir: Path, extra: Optional[dict] = N
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from longtrain.eval.needle import load_model
-
     p = argparse.ArgumentParser(prog="python -m longtrain.eval.position_loss", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder (step_XXXXXXXX)")
     p.add_argument("--seq-len", type=int, help="window length (default: the checkpoint's seq_len)")
