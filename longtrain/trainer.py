@@ -230,7 +230,6 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    @torch.no_grad()
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
         """The model in eval mode for an evaluation, back in train mode after it (even on error)."""
@@ -240,6 +239,7 @@ class Trainer:
         finally:
             self.model.train()
 
+    @torch.no_grad()
     def validate(self, data: Optional[PackedDataset] = None, batches: Optional[int] = None) -> float:
         """Mean loss per token over a fixed set of validation samples (nats/token).
 
