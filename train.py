@@ -28,7 +28,7 @@ def fail(kind: str, message: str, code: int) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
-    from longtrain.curriculum import StageError, compose_stage_configs, run_curriculum
+    from longtrain.curriculum import StageError, compose_stage_configs, run_curriculum, summary_table
 
     hydra_cfg = HydraConfig.get()
     chosen = hydra_cfg.runtime.choices.get("stage")
@@ -49,9 +49,11 @@ def main(raw: DictConfig) -> None:
         torch.set_num_threads(stages[0].run.threads)
     pd = init_parallel(stages[0].parallel, device)
     try:
-        run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
+        records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
     except StageError as e:
         fail("stage error", str(e), 1)
+    if pd.is_rank0:
+        print(summary_table(records))
 
 
 if __name__ == "__main__":

@@ -210,12 +210,13 @@ def stage_rope(cfg: Config) -> RopeConfig:
 
     ``rope.original_max_position_embeddings`` is the pretraining length. Scaled types
     (yarn, linear, dynamic, llama3) with ``rope.factor: null`` take the stage's length
-    over it (1 for the pretraining stage itself, where they equal plain RoPE); abf takes
+    over it (1 for the pretraining stage and anything shorter, where they equal plain
+    RoPE); abf takes
     the stage's ``abf_theta`` as the new base.
     """
     r = cfg.rope
     theta = cfg.stage.abf_theta if r.type == "abf" and cfg.stage.abf_theta is not None else r.theta
-    factor = r.factor if r.factor is not None else cfg.stage.seq_len / r.original_max_position_embeddings
+    factor = r.factor if r.factor is not None else max(1.0, cfg.stage.seq_len / r.original_max_position_embeddings)
     return replace(r, theta=theta, factor=factor)
 
 
@@ -360,7 +361,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(0 < g.extra_lr_ratio <= 1, "gate.extra_lr_ratio", f"must be in (0, 1], got {g.extra_lr_ratio}")
     _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
     _positive(g.trials, "gate.trials")
+    _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
     _positive(g.short_val_batches, "gate.short_val_batches")
+    bad_kinds = [k for k in cfg.retrieval.kinds if k not in RETRIEVAL_KINDS]
+    _require(
+        bool(cfg.retrieval.kinds) and not bad_kinds,
+        "retrieval.kinds",
+        f"{list(cfg.retrieval.kinds)} is not a non-empty list of {', '.join(RETRIEVAL_KINDS)}",
+    )
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
 
     _positive(cfg.logging.log_every, "logging.log_every")
@@ -385,6 +393,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
 
 
+RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py
+
+
 @dataclass
 class RetrievalConfig:
     """Synthetic retrieval samples (``longtrain/data/retrieval.py``)."""
@@ -393,8 +404,8 @@ class RetrievalConfig:
     key_digits: int = 5  # pass keys and kv values
     kv_pairs: int = 4  # key–value needles per kv sample
     kv_queries: int = 1  # how many of them are asked at the end
-    kv_key_chars: int = 6  # kv and copy keys
-    copy_segments: int = 2  # tagged haystack segments per copy sample
+    kv_key_chars: int = 6  # kv and copy keys (induction: tag tokens)
+    copy_segments: int = 2  # tagged segments per copy (and induction) sample
     copy_segment_len: int = 48
     copy_queries: int = 2
     loss: str = "answer"  # answer: loss on answer tokens only | all: on every token

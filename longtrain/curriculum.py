@@ -120,6 +120,7 @@ class Gate:
                 batch_size=cfg.stage.micro_batch_size,
                 kind=cfg.gate.kind,
                 device=self.trainer.pd.device,
+                cfg=cfg.retrieval,
             )
 
     def short_loss(self) -> float:
@@ -195,6 +196,17 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
             + f"; see {directory / GATE_FILE}"
         )
     return record
+
+
+def summary_table(records: list[GateRecord]) -> str:
+    """One row per stage: needle recall at its length before and after training, the gate."""
+    head = f"{'stage':<12} {'length':>7} {'recall before':>14} {'recall after':>13} {'short loss':>11}  gate"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        before = "-" if r.recall_before is None else f"{r.recall_before:.2f}"
+        verdict = ("pass" if r.passed else "fail") + (" (forced entry)" if r.forced else "")
+        rows.append(f"{r.stage:<12} {r.seq_len:>7} {before:>14} {r.recall:>13.2f} {r.short_loss:>11.4f}  {verdict}")
+    return "\n".join(rows)
 
 
 def compose_stage_configs(overrides: list[str]) -> list[Config]:

@@ -129,6 +129,25 @@ def test_copy_sample_answers_are_hidden_segments():
         assert b - a == 20 and s.tokens[a:b].tolist() in segments
 
 
+def test_induction_sample_is_random_tokens_with_tagged_copies():
+    hay = text_haystack("abcdefghijklmnopqrstuvwxyz0123456789")
+    s = copy_sample(TOK, hay, np.random.default_rng(3), 128, "train", num_segments=3, segment_len=12,
+                    num_queries=3, depth=0.5, key_chars=4, random_text=True)
+    assert s.kind == "induction" and len(s.tokens) == 129 and s.loss_mask.sum() == 36
+    alphabet = set(hay.random_text.alphabet.tolist())
+    assert alphabet == set(TOK.encode("abcdefghijklmnopqrstuvwxyz0123456789"))  # specials excluded
+    assert set(s.tokens[1:].tolist()) <= alphabet | {TOK.encode(".")[0]}
+    needles = [s.tokens[st : st + n].tolist() for st, n in zip(s.needle_starts, s.needle_lengths)]
+    for (a, b), key in zip(s.answer_spans, s.keys):
+        tag, answer = s.tokens[a - 4 : a].tolist(), s.tokens[a:b].tolist()
+        assert tag + answer in needles and key_split(key) == "train"  # the query repeats a needle's tag
+    # the first asked needle sits at the requested depth of the 33 filler tokens
+    asked = needles.index(s.tokens[s.answer_spans[0][0] - 4 : s.answer_spans[0][1]].tolist())
+    filler_before = s.needle_starts[asked] - 1 - sum(n for st, n in zip(s.needle_starts, s.needle_lengths)
+                                                     if st < s.needle_starts[asked])
+    assert filler_before == depth_index(0.5, 128 + 1 - 1 - 3 * 16 - 3 * 16 - 2)
+
+
 def test_all_loss_labels_every_token():
     s = passkey_sample(TOK, text_haystack(), np.random.default_rng(0), 400, "train", loss="all")
     t = s.tensors()
@@ -172,7 +191,7 @@ def test_key_spaces_are_disjoint():
 
 
 def test_train_and_eval_samples_share_no_keys():
-    cfg = RetrievalConfig(kinds=["passkey", "kv", "copy"])
+    cfg = RetrievalConfig(kinds=["passkey", "kv", "copy", "induction"])
     hay = text_haystack()
     train = RetrievalDataset(cfg, TOK, hay, 600, seed=0, split="train")
     val = RetrievalDataset(cfg, TOK, hay, 600, seed=0, split="val")

@@ -1,12 +1,19 @@
 """Synthetic retrieval samples: needles hidden in a haystack of real text.
 
-Two kinds, each ending with questions whose answers are the last tokens of the sample:
+Each kind ends with questions whose answers are the last tokens of the sample:
 
 - ``passkey`` (Landmark Attention, YaRN, LongLoRA): one numeric key, stated twice in a
   needle, asked for at the end.
 - ``kv`` (RULER multikey / multiquery): several ``key → value`` needles, some of them
   queried at the end. The other pairs are distractors, so the model has to match the
   key rather than fetch "the" number.
+- ``copy``: tagged segments of haystack text; a query repeats a tag and the answer is
+  its whole segment.
+- ``induction``: ``copy`` with haystack, tags and segments all uniformly random tokens.
+  Nothing in it can be predicted except by matching the tag and copying what followed:
+  the match-and-copy (induction) circuit every other kind relies on, in its purest form.
+  Short samples of it are how a small model acquires that circuit quickly (the CPU
+  demo's first stage); big pretraining runs get it from their token budget.
 
 A sample is a pure function of (seed, split, index), like a PackedDataset sample, so the
 loader's global sample count stays the only data state. Training and evaluation never
@@ -28,13 +35,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from longtrain.config import DataConfig, RetrievalConfig
+from longtrain.config import RETRIEVAL_KINDS, DataConfig, RetrievalConfig
 from longtrain.data.packing import pack_documents
 from longtrain.data.sources import Split, load_documents
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.optim.loss import IGNORE_INDEX
 
-KINDS = ("passkey", "kv", "copy")
+KINDS = RETRIEVAL_KINDS
 LOSS_MODES = ("answer", "all")
 
 PASSKEY_INTRO = (
@@ -87,6 +94,21 @@ def distinct_words(rng: np.random.Generator, n: int, chars: int, split: Split) -
     return words
 
 
+def random_tags(rng: np.random.Generator, alphabet: np.ndarray, n: int, length: int, split: Split) -> list[np.ndarray]:
+    """``n`` different random token strings from ``split``'s half of the key space."""
+    tags: list[np.ndarray] = []
+    while len(tags) < n:
+        tag = alphabet[rng.integers(0, len(alphabet), length)]
+        if key_split(token_key(tag)) == split and not any(np.array_equal(tag, t) for t in tags):
+            tags.append(tag)
+    return tags
+
+
+def token_key(tokens: np.ndarray) -> str:
+    """A token string as a key (what the split hash and the disjointness checks see)."""
+    return "tokens:" + ",".join(map(str, tokens.tolist()))
+
+
 def needle_depths(
     rng: np.random.Generator, num_needles: int, num_queries: int, depth: float | None
 ) -> tuple[list[float], list[int]]:
@@ -120,6 +142,12 @@ class Haystack:
         """A packed token stream as filler, without the tokenizer's BOS/EOS/PAD."""
         return cls(tokens, (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
 
+    @functools.cached_property
+    def random_text(self) -> RandomText:
+        """Uniformly random tokens over this haystack's non-special vocabulary."""
+        alphabet = np.unique(self.tokens)
+        return RandomText(alphabet[~np.isin(alphabet, self.special_ids)].astype(np.int64))
+
     def take(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` consecutive non-special tokens from a random offset (wrapping at the end)."""
         start = int(rng.integers(0, len(self.tokens)))
@@ -132,6 +160,18 @@ class Haystack:
             if span > 2 * len(self.tokens) + n:
                 raise ValueError(f"the haystack stream has fewer than {n} non-special tokens")
             span *= 2
+
+
+class RandomText:
+    """Filler of uniformly random tokens: a haystack in which nothing is predictable."""
+
+    def __init__(self, alphabet: np.ndarray):
+        if len(alphabet) < 2:
+            raise ValueError(f"random text needs at least 2 distinct tokens, got {len(alphabet)}")
+        self.alphabet = alphabet
+
+    def take(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.alphabet[rng.integers(0, len(self.alphabet), n)]
 
 
 def build_haystack(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split) -> Haystack:
@@ -214,7 +254,7 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
 def assemble(
     kind: str,
     tokenizer: Tokenizer,
-    haystack: Haystack,
+    haystack: Haystack | RandomText,
     rng: np.random.Generator,
     seq_len: int,
     intro: np.ndarray,
@@ -329,21 +369,30 @@ def copy_sample(
     depth: float | None = None,
     key_chars: int = 6,
     loss: str = "answer",
+    random_text: bool = False,
 ) -> RetrievalSample:
     """Segments of haystack text, each tagged ``[key]``, hidden at uniform depths; the
     queries repeat a tag and the answer is the whole segment.
 
     Every answer token is predictable only by copying, so each query gives
-    ``segment_len`` tokens of induction signal where a pass key gives a handful.
+    ``segment_len`` tokens of induction signal where a pass key gives a handful. With
+    ``random_text`` (the ``induction`` kind) the haystack, the segments and the tags
+    (``key_chars`` tokens) are uniformly random tokens instead.
     """
     if not 1 <= num_queries <= num_segments:
         raise ValueError(f"need 1 <= num_queries <= num_segments, got {num_queries} and {num_segments}")
-    keys = distinct_words(rng, num_segments, key_chars, split)
-    segments = [haystack.take(rng, segment_len) for _ in keys]
-    tags = [_encode(tokenizer, COPY_NEEDLE.format(key=k)) for k in keys]
+    if random_text:
+        filler: Haystack | RandomText = haystack.random_text
+        tags = random_tags(rng, filler.alphabet, num_segments, key_chars, split)
+        keys = [token_key(t) for t in tags]
+    else:
+        filler = haystack
+        keys = distinct_words(rng, num_segments, key_chars, split)
+        tags = [_encode(tokenizer, COPY_NEEDLE.format(key=k)) for k in keys]
+    segments = [filler.take(rng, segment_len) for _ in keys]
     depths, asked = needle_depths(rng, num_segments, num_queries, depth)
     return assemble(
-        "copy", tokenizer, haystack, rng, seq_len, np.zeros(0, dtype=np.int64),
+        "induction" if random_text else "copy", tokenizer, filler, rng, seq_len, np.zeros(0, dtype=np.int64),
         [np.concatenate([t, s]) for t, s in zip(tags, segments)], depths,
         [(tags[j], segments[j]) for j in asked], loss, keys,
     )
@@ -367,10 +416,10 @@ def retrieval_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.kv_pairs, cfg.kv_queries, depth,
             cfg.kv_key_chars, cfg.key_digits, cfg.loss,
         )
-    if kind == "copy":
+    if kind in ("copy", "induction"):
         return copy_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.copy_segments, cfg.copy_segment_len,
-            cfg.copy_queries, depth, cfg.kv_key_chars, cfg.loss,
+            cfg.copy_queries, depth, cfg.kv_key_chars, cfg.loss, random_text=kind == "induction",
         )
     raise ValueError(f"unknown retrieval kind {kind!r}; valid: {', '.join(KINDS)}")
 
