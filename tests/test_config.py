@@ -14,7 +14,7 @@ def test_defaults_and_presets_validate(compose_config):
     assert cfg.model.name == "125m" and cfg.stage.seq_len == 8192
     demo = load_config(compose_config("preset=cpu_demo", "stage=cpu/pretrain"))
     assert demo.model.name == "tiny" and demo.stage.seq_len == 512
-    assert demo.curriculum.stages == ["cpu/pretrain", "cpu/extend_2k", "cpu/extend_8k"]
+    assert demo.curriculum.stages == ["cpu/induction", "cpu/pretrain", "cpu/extend_2k", "cpu/extend_8k"]
     for rope in ("default", "abf", "yarn", "linear", "dynamic", "llama3"):
         assert load_config(compose_config("stage=pretrain", f"rope={rope}")).rope.type == rope
 
@@ -33,6 +33,8 @@ def test_defaults_and_presets_validate(compose_config):
         ("parallel.cp=3", "stage.seq_len"),  # 8192 % 6 != 0
         ("stage.global_batch_size=7", "stage.global_batch_size"),
         ("run.resume=/no/such/ckpt", "run.resume"),
+        ("gate.kind=riddle", "gate.kind"),
+        ("retrieval.kinds=[passkey,riddle]", "retrieval.kinds"),
     ],
 )
 def test_bad_value_names_the_key(compose_config, override, key):
@@ -40,6 +42,18 @@ def test_bad_value_names_the_key(compose_config, override, key):
         load_config(compose_config("stage=pretrain", override))
     message = str(err.value)
     assert message.startswith(key + ":") and "\n" not in message
+
+
+def test_a_stage_sets_its_gate_and_retrieval_mix(compose_config):
+    """Stage files are global: the induction stage gates on its own kind and sizes, the
+    stages after it get the defaults back; command-line overrides still win."""
+    first = load_config(compose_config("preset=cpu_demo", "stage=cpu/induction"))
+    assert first.gate.kind == "induction" and first.retrieval.kinds == ["induction"]
+    assert first.retrieval.copy_segment_len == 8
+    later = load_config(compose_config("preset=cpu_demo", "stage=cpu/pretrain"))
+    assert later.gate.kind == "passkey" and later.retrieval.copy_segment_len == 48
+    cli = load_config(compose_config("preset=cpu_demo", "stage=cpu/induction", "gate.kind=copy"))
+    assert cli.gate.kind == "copy"
 
 
 def test_world_size_must_match_dp_times_cp(compose_config):

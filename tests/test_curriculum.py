@@ -7,7 +7,7 @@ import pytest
 
 from longtrain.config import load_config
 from longtrain.curriculum import (
-    Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point,
+    Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point, summary_table,
 )
 from longtrain.eval.needle import NeedleGrid
 from tests.test_trainer import single_process
@@ -17,7 +17,7 @@ SMALL = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
     "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
-    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_batches=1",
+    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_batches=1", "gate.max_extra_steps=0",
     "rope.original_max_position_embeddings=256",
 ]
 
@@ -58,8 +58,8 @@ def test_command_line_stage_values_reach_every_stage():
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         configs = compose_stage_configs(["preset=cpu_demo", "stage=cpu/extend_2k", "stage.steps=3", "optim.lr=0.001"])
-    assert [c.stage.name for c in configs] == ["pretrain", "extend_2k", "extend_8k"]
-    assert [c.stage.seq_len for c in configs] == [512, 2048, 8192]
+    assert [c.stage.name for c in configs] == ["induction", "pretrain", "extend_2k", "extend_8k"]
+    assert [c.stage.seq_len for c in configs] == [64, 512, 2048, 8192]
     assert all(c.stage.steps == 3 and c.optim.lr == 0.001 for c in configs)
 
 
@@ -71,6 +71,8 @@ def test_stage_rope_per_stage(compose_config):
     assert {r.original_max_position_embeddings for r in yarn} == {8192}
     demo = load_config(compose_config("preset=cpu_demo", "stage=cpu/extend_8k", "rope=yarn")).rope
     assert demo.factor == 16.0 and demo.original_max_position_embeddings == 512
+    shorter = load_config(compose_config("preset=cpu_demo", "stage=cpu/induction", "rope=yarn")).rope
+    assert shorter.factor == 1.0  # a stage shorter than pretraining keeps plain RoPE
 
 
 def test_entering_a_stage_needs_the_previous_gate(compose_config, tmp_path, monkeypatch):
@@ -121,3 +123,6 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     monkeypatch.setattr(Gate, "recall", lambda self, length: pytest.fail("a passed stage was re-run"))
     again = run_curriculum([first, second], single_process())
     assert [r.step for r in again] == [r.step for r in records]
+    table = summary_table(again).splitlines()
+    assert len(table) == 4 and table[2].split()[:3] == ["pretrain", "256", "-"]  # no recall before pretraining
+    assert table[3].split()[:3] == ["extend_2k", "512", f"{records[1].recall_before:.2f}"]

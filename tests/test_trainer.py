@@ -16,7 +16,7 @@ TINY = [
     "preset=cpu_demo", "stage=cpu/pretrain",
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "stage.seq_len=64", "stage.steps=8", "stage.global_batch_size=4", "stage.micro_batch_size=2",
-    "stage.warmup_steps=2", "data.max_docs=40", "logging.log_every=1", "logging.progress=false",
+    "stage.warmup_steps=2", "stage.retrieval_share=0", "data.max_docs=40", "logging.log_every=1", "logging.progress=false",
     "eval.val_every=4", "eval.val_batches=2", "run.checkpoint_every=4",
 ]
 
