@@ -211,8 +211,7 @@ def stage_rope(cfg: Config) -> RopeConfig:
     ``rope.original_max_position_embeddings`` is the pretraining length. Scaled types
     (yarn, linear, dynamic, llama3) with ``rope.factor: null`` take the stage's length
     over it (1 for the pretraining stage and anything shorter, where they equal plain
-    RoPE); abf takes
-    the stage's ``abf_theta`` as the new base.
+    RoPE); abf takes the stage's ``abf_theta`` as the new base.
     """
     r = cfg.rope
     theta = cfg.stage.abf_theta if r.type == "abf" and cfg.stage.abf_theta is not None else r.theta
