@@ -1,6 +1,7 @@
-"""Training throughput and peak memory of the tiny model vs Hugging Face Qwen3, side by side.
+"""Training throughput and peak memory of a small model vs Hugging Face Qwen3, side by side.
 
-Same architecture and size (2.89M params: d=256, 4 layers, 8 q / 2 kv heads, byte vocab),
+Same architecture and size on both sides (2.89M params: d=256, 4 layers, 8 q / 2 kv heads,
+byte vocab, tied embeddings; the `tiny` model before it became the 2-layer demo model),
 one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU. Each configuration
 runs in a fresh process so peak RSS is its own. Prints medians and the ratio ours / HF.
 

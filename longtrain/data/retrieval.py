@@ -41,7 +41,6 @@ from longtrain.data.sources import Split, load_documents
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.optim.loss import IGNORE_INDEX
 
-KINDS = RETRIEVAL_KINDS
 LOSS_MODES = ("answer", "all")
 
 PASSKEY_INTRO = (
@@ -421,7 +420,7 @@ def retrieval_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.copy_segments, cfg.copy_segment_len,
             cfg.copy_queries, depth, cfg.kv_key_chars, cfg.loss, random_text=kind == "induction",
         )
-    raise ValueError(f"unknown retrieval kind {kind!r}; valid: {', '.join(KINDS)}")
+    raise ValueError(f"unknown retrieval kind {kind!r}; valid: {', '.join(RETRIEVAL_KINDS)}")
 
 
 class RetrievalDataset:
@@ -432,9 +431,9 @@ class RetrievalDataset:
     """
 
     def __init__(self, cfg: RetrievalConfig, tokenizer: Tokenizer, haystack: Haystack, seq_len: int, seed: int, split: Split):
-        bad = [k for k in cfg.kinds if k not in KINDS]
+        bad = [k for k in cfg.kinds if k not in RETRIEVAL_KINDS]
         if not cfg.kinds or bad:
-            raise ValueError(f"retrieval kinds must be a non-empty subset of {KINDS}, got {cfg.kinds}")
+            raise ValueError(f"retrieval kinds must be a non-empty subset of {RETRIEVAL_KINDS}, got {cfg.kinds}")
         self.cfg, self.tokenizer, self.haystack = cfg, tokenizer, haystack
         self.seq_len, self.seed, self.split = seq_len, seed, split
 

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import Config, RetrievalConfig, load_config
-from longtrain.data.retrieval import KINDS, Haystack, build_haystack, retrieval_sample
+from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, load_config
+from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: the checkpoint's seq_len)")
     p.add_argument("--depths", type=float, nargs="+", help="depths in percent (default: 0 10 ... 100)")
     p.add_argument("--trials", type=int, default=4, help="samples per cell")
-    p.add_argument("--kind", choices=KINDS, help="needle kind (default: the checkpoint's gate.kind)")
+    p.add_argument("--kind", choices=RETRIEVAL_KINDS, help="needle kind (default: the checkpoint's gate.kind)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
