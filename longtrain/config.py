@@ -150,7 +150,9 @@ class GateConfig:
     depths: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
     trials: int = 4  # samples per (length, depth) cell
     kind: str = "passkey"
-    short_val_batches: int = 4  # micro-batches of short-context validation for the loss check
+    # The short-context loss check: a fixed set of samples, the same in every stage, so that a
+    # stage compares its loss with the stage before's on the very same tokens.
+    short_val_samples: int = 64
 
 
 @dataclass
@@ -361,7 +363,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
     _positive(g.trials, "gate.trials")
     _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
-    _positive(g.short_val_batches, "gate.short_val_batches")
+    _positive(g.short_val_samples, "gate.short_val_samples")
     bad_kinds = [k for k in cfg.retrieval.kinds if k not in RETRIEVAL_KINDS]
     _require(
         bool(cfg.retrieval.kinds) and not bad_kinds,

@@ -124,7 +124,10 @@ class Gate:
             )
 
     def short_loss(self) -> float:
-        return self.trainer.validate(self.short_val, self.trainer.cfg.gate.short_val_batches)
+        cfg = self.trainer.cfg
+        # As many short samples per forward as a training micro-batch holds tokens.
+        per_forward = cfg.stage.micro_batch_size * max(1, cfg.stage.seq_len // self.short_val.seq_len)
+        return self.trainer.validate(self.short_val, cfg.gate.short_val_samples, per_forward)
 
     def position_loss(self, length: int) -> position_loss.PositionLoss:
         """Loss by position on validation documents at least ``length`` tokens long."""

@@ -239,21 +239,26 @@ class Trainer:
             self.model.train()
 
     @torch.no_grad()
-    def validate(self, data: Optional[PackedDataset] = None, batches: Optional[int] = None) -> float:
-        """Mean loss per token over a fixed set of validation samples (nats/token).
+    def validate(
+        self, data: Optional[PackedDataset] = None, samples: Optional[int] = None, batch_size: Optional[int] = None
+    ) -> float:
+        """Mean loss per token over validation samples 0 … samples-1 (nats/token).
 
-        Defaults to the stage's validation set; the gate passes a short-context one.
+        Defaults to eval.val_batches micro-batches of the stage's validation set; the gate
+        passes a short-context set with its own fixed sample count and batch size.
         """
         data = data or self.val_data
-        mb = self.cfg.stage.micro_batch_size
-        n = (batches or self.cfg.eval.val_batches) * mb
-        indices = list(range(self.pd.dp_rank, n, self.pd.dp))  # split the fixed set over dp
+        mb = batch_size or self.cfg.stage.micro_batch_size
+        n = samples or self.cfg.eval.val_batches * self.cfg.stage.micro_batch_size
+        # Split the fixed set evenly over dp: every rank must run as many forwards (FSDP collectives).
+        n = max(n - n % self.pd.dp, self.pd.dp)
+        indices = list(range(self.pd.dp_rank, n, self.pd.dp))
         ce = torch.zeros((), device=self.pd.device)
         tokens = torch.zeros((), device=self.pd.device)
         with self.eval_mode():
             for start in range(0, len(indices), mb):
-                samples = [data.sample(i) for i in indices[start : start + mb]]
-                batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+                chunk = [data.sample(i) for i in indices[start : start + mb]]
+                batch = {k: torch.stack([s[k] for s in chunk]) for k in chunk[0]}
                 sums = self.forward_sums(batch)
                 ce += sums.ce
                 tokens += sums.tokens

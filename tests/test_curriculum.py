@@ -17,7 +17,7 @@ SMALL = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
     "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
-    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_batches=1", "gate.max_extra_steps=0",
+    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_samples=2", "gate.max_extra_steps=0",
     "rope.original_max_position_embeddings=256",
 ]
 
@@ -61,6 +61,18 @@ def test_command_line_stage_values_reach_every_stage():
     assert [c.stage.name for c in configs] == ["induction", "pretrain", "extend_2k", "extend_8k"]
     assert [c.stage.seq_len for c in configs] == [64, 512, 2048, 8192]
     assert all(c.stage.steps == 3 and c.optim.lr == 0.001 for c in configs)
+
+
+def test_short_loss_uses_the_same_samples_in_every_stage(compose_config, tmp_path):
+    """Stages differ in length and micro-batch; their short-loss checks must see the same tokens."""
+    from longtrain.trainer import Trainer
+
+    first, second = stages(compose_config, tmp_path, "gate.short_val_samples=6")
+    second = replace(second, stage=replace(second.stage, micro_batch_size=1))
+    a, b = Trainer(first, single_process()), Trainer(second, single_process())
+    b.model.load_state_dict(a.model.state_dict())  # the same weights, at the same (pretraining) RoPE
+    b.model.rotary = a.model.rotary
+    assert Gate(a).short_loss() == pytest.approx(Gate(b).short_loss(), rel=1e-6)
 
 
 def test_stage_rope_per_stage(compose_config):
