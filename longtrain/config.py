@@ -65,6 +65,7 @@ class RopeConfig:
     attention_factor: Optional[float] = None  # yarn: default 0.1·ln(factor)+1
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
+    logn_attention: bool = False  # queries past original_max_position_embeddings scaled by log_L(p+1)
 
 
 @dataclass

@@ -84,6 +84,20 @@ def test_positions_are_explicit_and_relative():
     assert [b.attention.use_rope for b in every_2nd.layers] == [True, False, True, False]
 
 
+def test_logn_attention_changes_only_positions_past_the_original_length():
+    """Queries at 1-based positions ≤ L keep scale 1: their outputs equal plain RoPE's exactly."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, nope_every=2)
+    plain = Transformer(cfg, RopeConfig(original_max_position_embeddings=16), vocab_size=97).double()
+    logn = Transformer(cfg, RopeConfig(original_max_position_embeddings=16, logn_attention=True), vocab_size=97).double()
+    logn.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 97, (2, 40))
+    pos = torch.arange(40)[None].expand(2, -1)
+    a, b = plain(ids, pos), logn(ids, pos)
+    torch.testing.assert_close(a[:, :16], b[:, :16], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 16:], b[:, 16:])
+
+
 def test_qk_norm_switch_and_untied_head():
     plain = small_model(qk_norm=False, tie_embeddings=False)
     attn = plain.layers[0].attention

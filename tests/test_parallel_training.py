@@ -18,6 +18,8 @@ from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
 STEPS = ["stage.steps=20", "run.checkpoint_every=10", "eval.val_every=0", "run.keep_checkpoints=2"]
+# Positions past a 16-token pretraining length: each shard scales its own queries (logn).
+ROPE = ["rope=abf", "rope.original_max_position_embeddings=16", "rope.logn_attention=true"]
 
 
 def make_config(run_dir: Path, dp: int = 1, cp: int = 1, resume: str = "none"):
@@ -25,7 +27,7 @@ def make_config(run_dir: Path, dp: int = 1, cp: int = 1, resume: str = "none"):
 
     from tests.conftest import CONFIG_DIR
 
-    overrides = [*TINY, *STEPS, f"run.dir={run_dir}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.resume={resume}"]
+    overrides = [*TINY, *STEPS, *ROPE, f"run.dir={run_dir}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.resume={resume}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return load_config(compose(config_name="config", overrides=overrides))
 

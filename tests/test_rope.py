@@ -216,3 +216,14 @@ def test_abf_is_default_with_a_raised_base_and_bad_inputs_raise() -> None:
         rope_frequencies(RopeConfig(type="ntk"), 64)
     with pytest.raises(ValueError, match="head_dim"):
         rope_frequencies(RopeConfig(), 63)
+
+
+def test_logn_query_scale_matches_qwen() -> None:
+    """Qwen's ``logn_list``: math.log(i, L) for 1-based position i > L, else 1 (float64 here)."""
+    L = 512
+    pos = torch.tensor([[0, 1, 510, 511, 512, 2047, 8191, 131071]])
+    expected = torch.tensor([[math.log(p + 1, L) if p + 1 > L else 1.0 for p in pos[0].tolist()]], dtype=torch.float64)
+    got = RotaryEmbedding(RopeConfig(type="abf", original_max_position_embeddings=L, logn_attention=True), 32).query_scale(pos)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    assert got[0, 6].item() == pytest.approx(13 / 9)  # 8K over 512: logits sharpened by 1.44
+    assert RotaryEmbedding(RopeConfig(type="abf"), 32).query_scale(pos) is None

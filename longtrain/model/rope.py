@@ -12,6 +12,10 @@ checkpoint sees the same angles in ``transformers`` as it did in training.
   attention factor on cos/sin.
 - ``llama3``: wavelength bands: short ones kept, long ones divided by factor, smooth between.
 
+Any type can add ``logn_attention`` (Qwen): queries past the original length scaled by
+log_L(p + 1), the attention temperature that plain base raises (abf) lack and YaRN builds
+into its attention factor.
+
 Tables are never stored: ``inv_freq`` is a non-persistent buffer derived from the config,
 so changing RoPE between curriculum stages is a config change, not a checkpoint surgery.
 """
@@ -146,6 +150,22 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair i is (i, i + D/2)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+    def query_scale(self, position_ids: Tensor) -> Optional[Tensor]:
+        """[B, T] factors for the queries (``rope.logn_attention``), or None."""
+        if not self.cfg.logn_attention:
+            return None
+        return logn_query_scale(position_ids, self.cfg.original_max_position_embeddings)
+
+
+def logn_query_scale(position_ids: Tensor, original_length: int) -> Tensor:
+    """Qwen's logn attention: the query at position p scaled by max(1, log_L(p + 1)).
+
+    Softmax over n keys flattens as n grows; multiplying the logits by log n / log L keeps
+    its sharpness at what the model learned at length L (Chiang & Cholak 2022). Positions
+    within the original length get exactly 1, so short contexts are untouched.
+    """
+    return (torch.log1p(position_ids.float()) / math.log(original_length)).clamp(min=1.0)
 
 
 def rotate_half(x: Tensor) -> Tensor:

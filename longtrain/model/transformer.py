@@ -43,7 +43,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn, q_scale: Optional[Tensor] = None
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -53,6 +55,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_scale is not None:  # per position, so a context-parallel shard scales its own tokens
+            q = q * q_scale[:, None, :, None].to(q.dtype)
         out = attention_fn(q, k, v, 1.0 / math.sqrt(self.head_dim))
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -81,8 +85,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn, q_scale: Optional[Tensor] = None
+    ) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -120,9 +126,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         cos, sin = self.rotary(position_ids)
+        q_scale = self.rotary.query_scale(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, self.attention_fn)
+            h = layer(h, cos, sin, self.attention_fn, q_scale)
         return self.norm(h)
 
     def forward(
