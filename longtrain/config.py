@@ -365,12 +365,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(g.trials, "gate.trials")
     _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
     _positive(g.short_val_samples, "gate.short_val_samples")
-    bad_kinds = [k for k in cfg.retrieval.kinds if k not in RETRIEVAL_KINDS]
-    _require(
-        bool(cfg.retrieval.kinds) and not bad_kinds,
-        "retrieval.kinds",
-        f"{list(cfg.retrieval.kinds)} is not a non-empty list of {', '.join(RETRIEVAL_KINDS)}",
-    )
+    check_retrieval_kinds(cfg.retrieval.kinds)
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
 
     _positive(cfg.logging.log_every, "logging.log_every")
@@ -396,6 +391,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
 
 RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py
+
+
+def check_retrieval_kinds(kinds: list[str]) -> None:
+    """Config validation and RetrievalDataset (library callers) share this one check."""
+    _require(
+        bool(kinds) and all(k in RETRIEVAL_KINDS for k in kinds),
+        "retrieval.kinds",
+        f"{list(kinds)} is not a non-empty list of {', '.join(RETRIEVAL_KINDS)}",
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from longtrain.curriculum import (
     Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point, summary_table,
 )
 from longtrain.eval.needle import NeedleGrid
+from longtrain.trainer import Trainer
 from tests.test_trainer import single_process
 
 SMALL = [
@@ -65,8 +66,6 @@ def test_command_line_stage_values_reach_every_stage():
 
 def test_short_loss_uses_the_same_samples_in_every_stage(compose_config, tmp_path):
     """Stages differ in length and micro-batch; their short-loss checks must see the same tokens."""
-    from longtrain.trainer import Trainer
-
     first, second = stages(compose_config, tmp_path, "gate.short_val_samples=6")
     second = replace(second, stage=replace(second.stage, micro_batch_size=1))
     a, b = Trainer(first, single_process()), Trainer(second, single_process())

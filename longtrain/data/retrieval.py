@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from longtrain.config import RETRIEVAL_KINDS, DataConfig, RetrievalConfig
+from longtrain.config import RETRIEVAL_KINDS, DataConfig, RetrievalConfig, check_retrieval_kinds
 from longtrain.data.packing import pack_documents
 from longtrain.data.sources import Split, load_documents
 from longtrain.data.tokenizer import Tokenizer
@@ -431,9 +431,7 @@ class RetrievalDataset:
     """
 
     def __init__(self, cfg: RetrievalConfig, tokenizer: Tokenizer, haystack: Haystack, seq_len: int, seed: int, split: Split):
-        bad = [k for k in cfg.kinds if k not in RETRIEVAL_KINDS]
-        if not cfg.kinds or bad:
-            raise ValueError(f"retrieval kinds must be a non-empty subset of {RETRIEVAL_KINDS}, got {cfg.kinds}")
+        check_retrieval_kinds(cfg.kinds)
         self.cfg, self.tokenizer, self.haystack = cfg, tokenizer, haystack
         self.seq_len, self.seed, self.split = seq_len, seed, split
 
