@@ -5,11 +5,15 @@ tensor once with its global shape, so a checkpoint written by FSDP2 shards over 
 ranks loads into any other layout. The trainer's own state (step, schedule, data
 position, RNG) is small and written by rank 0 beside it. Everything is written into
 ``step_XXXXXXXX.tmp`` and renamed when complete, so a crash mid-save never leaves a
-folder that ``latest_checkpoint`` would pick.
+folder that ``latest_checkpoint`` would pick. ``checksums.json`` records every file's size
+and SHA-256 (and the run that wrote it): a checkpoint that fails them is never loaded, and
+resuming falls back to the newest one that passes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import warnings
@@ -28,7 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 TRAINER_STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why, in one line."""
 
 # DCP warns on every call that it runs without a process group; that is our single-process case.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -48,15 +57,67 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+    """A renamed ``step_*`` folder with its checksums (written last): a save that finished."""
+    return _STEP_DIR.match(path.name) is not None and (path / CHECKSUMS).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete ``step_*`` folders under root, oldest first (``.tmp`` folders never are)."""
+    return sorted(p for p in root.iterdir() if is_complete(p)) if root.is_dir() else []
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    """Newest complete ``step_*`` folder under root (``.tmp`` folders are never complete)."""
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if is_complete(p))
+    done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """Files this rank hashes: ranks split the work (every rank reads only 1/world of it)."""
+    if not dist.is_initialized():
+        return names
+    return names[dist.get_rank() :: dist.get_world_size()]
+
+
+def _gather(items: list[Any]) -> list[Any]:
+    if not dist.is_initialized():
+        return items
+    out: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    mine = [(n, (folder / n).stat().st_size, _sha256(folder / n)) for n in _my_share(names)]
+    return {n: {"size": size, "sha256": digest} for n, size, digest in _gather(mine)}
+
+
+def read_checksums(path: Path) -> dict[str, Any]:
+    return json.loads((path / CHECKSUMS).read_text())
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if every file matches its recorded size and SHA-256, else why not (one line).
+
+    Sizes are checked first (cheap: a truncated or deleted file); hashing is split over the
+    ranks, and every rank gets the same answer.
+    """
+    try:
+        files = read_checksums(path)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {CHECKSUMS} ({type(e).__name__})"
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
+    bad = sorted(n for n, d in _digests(path, sorted(files)).items() if d["sha256"] != files[n]["sha256"])
+    return f"{bad[0]} fails its SHA-256 checksum (corrupted after it was written)" if bad else None
 
 
 def save_checkpoint(
@@ -66,8 +127,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    run_id: str,
 ) -> Path:
-    """Write model + optimizer (sharded) and trainer state; keep the newest ``keep``."""
+    """Write model + optimizer (sharded), trainer state and checksums; keep the newest
+    ``keep`` of this run's checkpoints (another run's are never pruned)."""
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _is_rank0():
@@ -82,12 +145,30 @@ def save_checkpoint(
     barrier()
     if _is_rank0():
         torch.save(trainer_state, tmp / TRAINER_STATE)
+    barrier()
+    files = _digests(tmp, sorted(p.name for p in tmp.iterdir()))
+    if _is_rank0():
+        # Written last: a folder with checksums is complete.
+        (tmp / CHECKSUMS).write_text(json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in sorted(p for p in root.iterdir() if is_complete(p))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, final, keep, run_id)
     barrier()
     return final
+
+
+def _prune(root: Path, newest: Path, keep: int, run_id: str) -> None:
+    """Delete this run's checkpoints older than ``newest`` beyond the ``keep`` newest."""
+    mine = [p for p in complete_checkpoints(root) if p < newest and _owner(p) == run_id]
+    for old in mine[: max(0, len(mine) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner(path: Path) -> Optional[str]:
+    try:
+        return read_checksums(path).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def load_checkpoint(
@@ -96,8 +177,14 @@ def load_checkpoint(
     """Load model (and optimizer, if given) into the current layout; return trainer state.
 
     With ``optimizer=None`` only the weights are loaded: that is how a new curriculum
-    stage starts from the previous stage's checkpoint.
+    stage starts from the previous stage's checkpoint. A checkpoint that is incomplete or
+    fails its checksums raises :class:`CheckpointError` before anything is loaded.
     """
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {CHECKSUMS}: a step_XXXXXXXX folder that finished saving)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     if optimizer is None:
         model_sd = get_model_state_dict(model)
         state = {"model": model_sd}

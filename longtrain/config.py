@@ -113,12 +113,16 @@ class OptimConfig:
     grad_clip: float = 1.0
     z_loss: float = 1e-4
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk
+    # A step whose loss or grad norm is not finite is skipped (not applied); this many in a
+    # row stop the stage, naming the last good checkpoint.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
 class ParallelConfig:
     dp: int = 1
     cp: int = 1
+    timeout_s: int = 600  # a collective that waits longer (a hung or dead rank) ends the job
 
 
 @dataclass
@@ -165,8 +169,11 @@ class CurriculumConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
+    id: Optional[str] = None  # the run's identity (wandb id, checkpoint owner); null: read from or written to run.dir/run.json
     seed: int = 0
     resume: str = "none"  # none | auto | PATH to a checkpoint folder
+    overwrite: bool = False  # start fresh in stage folders that hold an earlier run's state, deleting it
+    dry_run: bool = False  # validate every stage and print the plan; nothing is written or computed
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
@@ -195,7 +202,10 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
     """Merge a composed Hydra config into the schema and validate it."""
     schema = OmegaConf.structured(Config)
     raw = OmegaConf.create(raw) if isinstance(raw, dict) else raw
-    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k in Config.__dataclass_fields__])
+    unknown = [k for k in raw.keys() if k not in Config.__dataclass_fields__ and k != "hydra"]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key; valid top-level keys: {', '.join(Config.__dataclass_fields__)}")
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
     try:
         merged = OmegaConf.merge(schema, raw)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -203,9 +213,25 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    # Keys stage_rope divides by or substitutes come first, so their errors name them.
+    _positive(cfg.rope.original_max_position_embeddings, "rope.original_max_position_embeddings")
+    _positive(cfg.stage.seq_len, "stage.seq_len")
+    if cfg.stage.abf_theta is not None:
+        _require(cfg.stage.abf_theta > 1, "stage.abf_theta", f"must be > 1 (the stage's RoPE base), got {cfg.stage.abf_theta}")
     cfg.rope = stage_rope(cfg)
+    cfg.stage = stage_micro_batch(cfg)
     validate(cfg)
     return cfg
+
+
+def stage_micro_batch(cfg: Config) -> StageConfig:
+    """``stage.micro_batch_size`` caps the sequences per forward on one rank; with more
+    data-parallel ranks than that leaves work for, each rank takes its share of the global
+    batch, so a recipe's global batch (and loss curve) stays the same at any dp."""
+    s, dp = cfg.stage, cfg.parallel.dp
+    if dp > 0 and s.global_batch_size % dp == 0 and s.micro_batch_size * dp > s.global_batch_size:
+        return replace(s, micro_batch_size=max(1, s.global_batch_size // dp))
+    return s
 
 
 def stage_rope(cfg: Config) -> RopeConfig:
@@ -311,6 +337,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     s = cfg.stage
     _positive(s.seq_len, "stage.seq_len")
     _positive(s.steps, "stage.steps")
+    _positive(s.global_batch_size, "stage.global_batch_size")
     _positive(s.micro_batch_size, "stage.micro_batch_size")
     _require(s.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(0 <= s.decay_fraction <= 1, "stage.decay_fraction", f"must be in [0, 1], got {s.decay_fraction}")
@@ -333,14 +360,22 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     _require(o.z_loss >= 0, "optim.z_loss", f"must be >= 0, got {o.z_loss}")
     _positive(o.loss_chunk_size, "optim.loss_chunk_size")
+    _positive(o.max_nonfinite_steps, "optim.max_nonfinite_steps")
 
     p = cfg.parallel
     _positive(p.dp, "parallel.dp")
     _positive(p.cp, "parallel.cp")
+    _positive(p.timeout_s, "parallel.timeout_s")
     _require(
         s.seq_len % (2 * p.cp) == 0 or p.cp == 1,
         "stage.seq_len",
         f"{s.seq_len} is not divisible by 2*parallel.cp={2 * p.cp} (zigzag ring attention cuts the sequence into 2*cp chunks)",
+    )
+    _require(
+        s.global_batch_size % p.dp == 0,
+        "stage.global_batch_size",
+        f"{s.global_batch_size} sequences cannot be split over parallel.dp={p.dp} ranks; "
+        f"use a multiple of {p.dp} (e.g. stage.global_batch_size={p.dp * max(1, s.global_batch_size // p.dp)})",
     )
     _require(
         s.global_batch_size % (s.micro_batch_size * p.dp) == 0,
@@ -377,11 +412,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(cfg.eval.position_windows, "eval.position_windows")
 
     run = cfg.run
+    _require(bool(run.dir) and not os.path.isfile(run.dir), "run.dir", f"{run.dir!r} is a file; give a folder (created if missing)")
     _positive(run.checkpoint_every, "run.checkpoint_every")
     _positive(run.keep_checkpoints, "run.keep_checkpoints")
     _one_of(run.device, "run.device", ("auto", "cpu", "cuda"))
     _one_of(run.dtype, "run.dtype", DTYPES)
     _require(run.threads >= 0, "run.threads", f"must be >= 0, got {run.threads}")
+    _require(
+        not (run.overwrite and run.resume != "none"),
+        "run.overwrite",
+        f"deletes the stages' earlier state; it cannot be combined with run.resume={run.resume}",
+    )
     if run.resume not in ("none", "auto"):
         _require(
             os.path.isdir(run.resume),

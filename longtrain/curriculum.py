@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import Config, load_config
+from longtrain import preemption
+from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import PackedDataset, pack_documents
 from longtrain.data.retrieval import Haystack
 from longtrain.data.sources import load_documents
@@ -80,9 +81,12 @@ def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Pa
         return Path(before["checkpoint"]), False, before
     latest = ckpt.latest_checkpoint(stage_dir(previous) / "checkpoints")
     if not cfg.gate.force or latest is None:
-        if before is None:
+        if latest is None:
+            why = "has no checkpoint"
+            hint = "run it first, or start from given weights with stage.init_from=PATH (gate.force needs a checkpoint to enter from)"
+        elif before is None:
             why = "has no gate.json"
-            hint = "run it first, or set gate.force=true" if latest else "run it first (it has no checkpoint)"
+            hint = "run it first, or set gate.force=true"
         else:
             why = f"failed its gate (recall {before['recall']:.2f})"
             hint = "train it further (more stage.steps or gate.max_extra_steps), or set gate.force=true"
@@ -142,10 +146,24 @@ class Gate:
 def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -> GateRecord:
     """Enter (or resume) one stage, train it, gate it, write gate.json; raise if it fails."""
     init_from, forced, before = starting_point(cfg, previous)
-    trainer = prepare_trainer(cfg, pd, init_from, load_optimizer=cfg.stage.load_optimizer)
+    try:
+        trainer = prepare_trainer(cfg, pd, init_from, load_optimizer=cfg.stage.load_optimizer)
+    except ckpt.CheckpointError as e:
+        raise StageError(f"stage {cfg.stage.name}: cannot start from checkpoint {e}") from None
+    try:
+        return _train_and_gate(trainer, init_from, forced, before)
+    finally:
+        trainer.logger.close()
+
+
+def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
+    cfg, pd = trainer.cfg, trainer.pd
     gate = Gate(trainer)
     log = trainer.logger.info
     directory = stage_dir(cfg)
+    if cfg.gate.max_extra_steps:
+        log(f"stage {cfg.stage.name}: {cfg.stage.steps} steps, and up to {cfg.gate.max_extra_steps} more in increments "
+            f"of {cfg.gate.extra_steps_increment} while its gate fails (gate.max_extra_steps)")
 
     # The starting checkpoint's recall at the new length, so the stage's gain is visible.
     before_file = directory / "recall_before.json"
@@ -173,6 +191,11 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
             + f" → {'pass' if passed else 'fail'}")
         if passed or extra >= cfg.gate.max_extra_steps:
             break
+        if preemption.stop_requested(pd):  # the stage's last checkpoint holds everything so far
+            raise preemption.Preempted(
+                f"{preemption.received()} during the gate of stage {cfg.stage.name}: its latest checkpoint is "
+                f"{result.checkpoint}; continue with run.resume=auto"
+            )
         increment = min(cfg.gate.extra_steps_increment, cfg.gate.max_extra_steps - extra)
         extra += increment
         result = trainer.train_more(increment)
@@ -190,6 +213,13 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
+        trainer.logger.log(result.step, gate_metrics(record), prefix="gate")
+        images = {"gate/needle": directory / "needle" / "needle.png"}
+        if recall_before is not None and (directory / "needle_before" / "needle.png").is_file():
+            images["gate/needle_before"] = directory / "needle_before" / "needle.png"
+        if by_position is not None:
+            images["gate/position_loss"] = directory / "position_loss.png"
+        trainer.logger.log_images(result.step, images)
     ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
     if not passed:
         raise StageError(
@@ -199,6 +229,16 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
             + f"; see {directory / GATE_FILE}"
         )
     return record
+
+
+def gate_metrics(record: GateRecord) -> dict[str, float]:
+    metrics = {"recall": record.recall, "short_loss": record.short_loss, "passed": int(record.passed),
+               "extra_steps": record.extra_steps, "forced": int(record.forced)}
+    if record.recall_before is not None:
+        metrics["recall_before"] = record.recall_before
+    if record.reference_short_loss is not None:
+        metrics["short_loss_limit"] = (1 + record.max_short_loss_increase) * record.reference_short_loss
+    return metrics
 
 
 def summary_table(records: list[GateRecord]) -> str:
@@ -221,9 +261,11 @@ def compose_stage_configs(overrides: list[str]) -> list[Config]:
     from hydra import compose
 
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("stage=")]
-    # The stage list is read with no stage selected, so stage.* values wait for the stages.
-    shared = [o for o in overrides if not o.lstrip("+~").startswith("stage.")]
-    stages = load_config(compose(config_name="config", overrides=shared)).curriculum.stages
+    # The stage list only: the stage-less config is not a runnable one (its stage block holds
+    # defaults that a stage file replaces), so it is not validated.
+    stages = compose(config_name="config", overrides=overrides).curriculum.stages
+    if not stages:
+        raise ConfigError("curriculum.stages: needs at least one stage")
     return [load_config(compose(config_name="config", overrides=[f"stage={s}", *overrides])) for s in stages]
 
 

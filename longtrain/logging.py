@@ -1,8 +1,15 @@
-"""Metrics to the console, a JSONL file per stage, and optionally wandb. Rank 0 only."""
+"""Metrics to the console, a JSONL file per stage, and optionally wandb. Rank 0 only.
+
+wandb: one wandb run per curriculum stage, grouped by the run's id, with files under
+``run.dir/wandb``. Its id is derived from the run id and the stage, so a resumed stage
+appends to the same wandb run. Every record carries ``step`` as its x-axis (not wandb's own
+step counter), so the steps a resume repeats do not collide with those already logged.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +18,16 @@ from longtrain.config import LoggingConfig
 
 
 class MetricsLogger:
-    def __init__(self, path: Path, cfg: LoggingConfig, enabled: bool, run_config: dict[str, Any], run_name: str):
+    def __init__(
+        self,
+        path: Path,
+        cfg: LoggingConfig,
+        enabled: bool,
+        run_config: dict[str, Any],
+        run_id: str,
+        stage: str,
+        wandb_dir: Path,
+    ):
         self.enabled = enabled
         self.path = path
         self.cfg = cfg
@@ -22,8 +38,20 @@ class MetricsLogger:
         if cfg.wandb:
             import wandb  # imported lazily: most runs do not use it
 
+            wandb_dir.mkdir(parents=True, exist_ok=True)
             # WANDB_MODE=offline keeps it local; wandb reads it from the environment.
-            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=run_config)
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                id=re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_id}-{stage}"),
+                name=f"{run_id}/{stage}",
+                group=run_id,
+                job_type=stage,
+                resume="allow",
+                dir=str(wandb_dir),
+                config=run_config,
+            )
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -32,10 +60,17 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(record, step=step)
+            self._wandb.log(record)
         if self.cfg.progress:
             shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
             print(f"[{prefix}] step {step:6d}  {shown}", flush=True)
+
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        """Pictures for wandb (the files themselves are already in the stage folder)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"step": step, **{k: wandb.Image(str(p)) for k, p in images.items()}})
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -44,6 +79,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 def _fmt(v: float) -> str:

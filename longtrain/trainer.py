@@ -2,13 +2,15 @@
 
 build model → (load weights of the stage before | resume) → for each step: take this
 rank's micro-batches, shard them over cp, forward + backward with the loss divided by the
-global token count, clip, step, schedule → log, validate, checkpoint.
+global token count, clip, step (skipped if the loss or grad norm is not finite), schedule
+→ log, validate, checkpoint; on a stop signal, checkpoint and stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from longtrain import checkpoint as ckpt
+from longtrain import preemption
 from longtrain.attention.ring import ring_attention
 from longtrain.config import Config
 from longtrain.data.loader import StatefulLoader
@@ -32,8 +35,13 @@ from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_wsd_scheduler
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum, apply_fsdp
 from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
+from longtrain.run_dir import run_id, truncate_metrics
 
 Batch = dict[str, torch.Tensor]
+
+
+class Diverged(RuntimeError):
+    """Training produced non-finite values it could not skip past; the message says where to go back to."""
 
 
 @dataclass
@@ -75,6 +83,14 @@ def detect_peak_tflops(device: torch.device) -> Optional[float]:
     return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def shared_run_id(run_dir: Path, pd: ParallelDims) -> str:
+    """The run's id (run.dir/run.json), read or written by rank 0 and given to every rank."""
+    ids = [run_id(run_dir) if pd.is_rank0 else None]
+    if pd.world_size > 1:
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
 def shard_batch(batch: Batch, pd: ParallelDims) -> Batch:
     """This rank's zigzag chunks of every per-token tensor (labels were shifted before)."""
     if pd.cp == 1:
@@ -99,6 +115,9 @@ class Trainer:
         self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
         self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
         self.step = 0
+        self.resumed_step: Optional[int] = None
+        self.nonfinite_in_a_row = 0
+        self.run_id = cfg.run.id or shared_run_id(Path(cfg.run.dir), pd)
         self.flops_per_token = flops_per_token(cfg, self.model.num_params(exclude_embedding=True))
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(pd.device)
         self.autocast = self._autocast_context()
@@ -107,7 +126,9 @@ class Trainer:
             cfg.logging,
             enabled=pd.is_rank0,
             run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-            run_name=f"{Path(cfg.run.dir).name}/{s.name}",
+            run_id=self.run_id,
+            stage=s.name,
+            wandb_dir=Path(cfg.run.dir),
         )
 
     def _autocast_context(self):
@@ -124,6 +145,7 @@ class Trainer:
         return {
             "step": self.step,
             "stage": self.cfg.stage.name,
+            "run_id": self.run_id,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
@@ -132,11 +154,24 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue a stage exactly where a checkpoint of it left off."""
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        self.step = state["step"]
+        self.step = self.resumed_step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         ckpt.restore_rng(path)
+        if self.pd.is_rank0:
+            truncate_metrics(self.stage_dir, self.step)
         self.logger.info(f"resumed from {path} at step {self.step}")
+
+    def resume_newest(self) -> Optional[Path]:
+        """Resume from the newest checkpoint that passes its checksums, saying in one line
+        for each newer one why it was skipped; None if there is none."""
+        for path in reversed(ckpt.complete_checkpoints(self.ckpt_root)):
+            try:
+                self.resume(path)
+                return path
+            except ckpt.CheckpointError as e:
+                self.logger.info(f"skipping checkpoint {e}")
+        return None
 
     def load_weights(self, path: Path, load_optimizer: bool = False) -> None:
         """Start a stage from another stage's weights: fresh schedule and data position, and a
@@ -145,8 +180,14 @@ class Trainer:
         self.logger.info(f"initialised weights{' and optimizer' if load_optimizer else ''} from {path}")
 
     def save(self) -> Path:
+        if not self.weights_finite():
+            raise Diverged(
+                f"stage {self.cfg.stage.name}: the weights are not finite at step {self.step}; not saved. "
+                f"Last good checkpoint: {self.last_good_checkpoint()}"
+            )
         path = ckpt.save_checkpoint(
-            self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(), self.cfg.run.keep_checkpoints
+            self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(),
+            self.cfg.run.keep_checkpoints, self.run_id,
         )
         self.logger.info(f"saved checkpoint {path}")
         return path
@@ -181,18 +222,43 @@ class Trainer:
         return {"ce": all_reduce_sum(ce, self.pd), "z": all_reduce_sum(z, self.pd), "tokens": global_tokens}
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step; a step whose loss or grad norm is not finite is skipped.
+
+        Loss and grad norm are reduced over all ranks, so every rank skips the same steps.
+        A skipped step consumes its batch but neither moves the weights nor the schedule
+        (as Megatron skips an overflowing step); too many in a row raise :class:`Diverged`.
+        """
         sums = self.forward_backward(self.loader.next_batch())
         grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {
+        metrics = {
             "loss": (sums["ce"] / sums["tokens"]).item(),
             "z_loss": (self.cfg.optim.z_loss * sums["z"] / sums["tokens"]).item(),  # its share of the loss
             "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0],
         }
+        finite = all(map(math.isfinite, metrics.values()))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
+            raise Diverged(
+                f"stage {self.cfg.stage.name} diverged: {self.nonfinite_in_a_row} steps in a row after step {self.step} "
+                f"had a non-finite loss or grad norm (skipped, optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps}); "
+                f"last good checkpoint: {self.last_good_checkpoint()}; lower optim.lr or raise optim.warmup_steps"
+            )
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["skipped"] = 0 if finite else 1
+        return metrics
+
+    def weights_finite(self) -> bool:
+        bad = sum(int(not torch.isfinite(p.detach()).all()) for p in self.model.parameters())
+        return all_reduce_sum(torch.tensor(float(bad), device=self.pd.device), self.pd).item() == 0
+
+    def last_good_checkpoint(self) -> str:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        return str(latest) if latest else f"none saved in {self.ckpt_root}"
 
     def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """(input_ids, position_ids) of whole sequences → full logits, sharded over cp if needed."""
@@ -277,10 +343,17 @@ class Trainer:
         if self.step == 0 and cfg.eval.val_every:
             val_loss = self.validate()
             self.logger.log(0, {"loss": val_loss}, prefix="val")
-        last_saved: Optional[Path] = None
+        # Resumed at the end of the stage: its checkpoint is already on disk.
+        last_saved = ckpt.checkpoint_dir(self.ckpt_root, self.step) if self.step == self.resumed_step else None
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < cfg.stage.steps:
             metrics = self.train_step()
+            if preemption.stop_requested(self.pd):
+                path = self.save()
+                raise preemption.Preempted(
+                    f"{preemption.received() or 'a stop signal'} at step {self.step} of stage {cfg.stage.name}: "
+                    f"saved {path}; continue with run.resume=auto"
+                )
             # Throughput counts every token processed, not only the labelled ones (answer-only
             # retrieval samples label a few percent of theirs).
             window_tokens += cfg.stage.global_batch_size * cfg.stage.seq_len
@@ -300,7 +373,6 @@ class Trainer:
             if self.step % cfg.run.checkpoint_every == 0:
                 last_saved = self.save()
         final = last_saved or self.save()
-        self.logger.close()
         return StageResult(self.stage_dir, final, self.step, val_loss)
 
 
@@ -309,14 +381,13 @@ def prepare_trainer(
 ) -> Trainer:
     """A trainer for one stage: resumed if asked (run.resume), else from ``init_from`` weights."""
     trainer = Trainer(cfg, pd)
-    resume_from = None
+    resumed = None
     if cfg.run.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(trainer.ckpt_root)
+        resumed = trainer.resume_newest()
     elif cfg.run.resume != "none":
-        resume_from = Path(cfg.run.resume)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    elif init_from is not None:
+        resumed = Path(cfg.run.resume)
+        trainer.resume(resumed)
+    if resumed is None and init_from is not None:
         trainer.load_weights(init_from, load_optimizer)
     if pd.is_rank0:
         trainer.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -326,4 +397,8 @@ def prepare_trainer(
 
 def run_stage(cfg: Config, pd: ParallelDims, init_from: Optional[Path] = None) -> StageResult:
     """Train one stage without a gate (the gated path is longtrain.curriculum)."""
-    return prepare_trainer(cfg, pd, init_from).fit()
+    trainer = prepare_trainer(cfg, pd, init_from)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.logger.close()

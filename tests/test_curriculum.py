@@ -88,8 +88,10 @@ def test_stage_rope_per_stage(compose_config):
 
 def test_entering_a_stage_needs_the_previous_gate(compose_config, tmp_path, monkeypatch):
     first, second = stages(compose_config, tmp_path)
-    with pytest.raises(StageError, match=r"stage extend_2k: the stage before, pretrain, has no gate.json"):
-        starting_point(second, first)
+    for entering in (second, replace(second, gate=replace(second.gate, force=True))):
+        # Nothing to enter from, forced or not: the message points at stage.init_from.
+        with pytest.raises(StageError, match=r"stage extend_2k: the stage before, pretrain, has no checkpoint .*stage.init_from"):
+            starting_point(entering, first)
     scripted_recall(monkeypatch, [0.0])  # pretrain fails its gate
     with pytest.raises(StageError, match="failed its gate"):
         run_curriculum([first, second], single_process())

@@ -124,7 +124,7 @@ def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
     cfg.data.max_docs = 20  # a few validation files are enough for a haystack
     model = Transformer(cfg.model, cfg.rope, TOK.vocab_size)
     state = {"step": 1, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
-    path = ckpt.save_checkpoint(tmp_path / "ckpts", 1, model, build_optimizer(model, cfg.optim), state, keep=1)
+    path = ckpt.save_checkpoint(tmp_path / "ckpts", 1, model, build_optimizer(model, cfg.optim), state, keep=1, run_id="test")
     needle.main([str(path), "--depths", "0", "100", "--trials", "1", "--out", str(tmp_path / "out")])
     record = json.loads((tmp_path / "out" / "needle.json").read_text())
     assert record["lengths"] == [LENGTH] and record["depths"] == [0.0, 1.0]

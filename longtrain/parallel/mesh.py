@@ -8,9 +8,12 @@ data-parallel for the weights and should not each keep a full optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,8 @@ class ParallelDims:
     device: torch.device
     mesh: Optional[DeviceMesh] = None  # (dp, cp); None when world_size == 1
     dp_cp_mesh: Optional[DeviceMesh] = None  # both dims flattened: FSDP2 shards over it
+    health_group: Optional[dist.ProcessGroup] = None  # gloo, only to find ranks that stopped answering
+    timeout_s: int = 600
 
     @property
     def dp_rank(self) -> int:
@@ -73,14 +78,49 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
             f"must equal the world size {world_size} (torchrun --nproc_per_node × nodes)"
         )
     if world_size == 1:
-        return ParallelDims(cfg.dp, cfg.cp, 0, 1, device)
+        return ParallelDims(cfg.dp, cfg.cp, 0, 1, device, timeout_s=cfg.timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
     dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
-    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh, dp_cp_mesh)
+    health = dist.new_group(backend="gloo", timeout=timeout)
+    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh, dp_cp_mesh, health, cfg.timeout_s)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than parallel.timeout_s: a rank hung or died."""
+
+
+@contextlib.contextmanager
+def collective_timeouts(pd: ParallelDims) -> Iterator[None]:
+    """Turn a timed-out collective into :class:`CollectiveTimeout` naming the silent ranks.
+
+    The ranks still alive meet in a monitored barrier on a gloo group of their own, which
+    reports the ranks that do not arrive (gloo's and NCCL's own timeouts name none).
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if pd.world_size == 1 or not re.search(r"time[d ]*out", str(e), re.IGNORECASE):
+            raise
+        silent = silent_ranks(pd)
+        who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "rank 0 did not answer"
+        raise CollectiveTimeout(
+            f"a collective waited more than parallel.timeout_s={pd.timeout_s} s: {who} (hung or dead); stopping the job"
+        ) from None
+
+
+def silent_ranks(pd: ParallelDims) -> list[int]:
+    """Ranks that miss a monitored barrier (known on rank 0; other ranks learn nothing)."""
+    try:
+        dist.monitored_barrier(group=pd.health_group, timeout=timedelta(seconds=min(pd.timeout_s, 30)), wait_all_ranks=True)
+    except RuntimeError as e:
+        if found := re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(e)):
+            return [int(r) for r in found.group(1).replace(",", " ").split()]
+    return []
 
 
 def apply_fsdp(model: nn.Module, pd: ParallelDims) -> nn.Module:
@@ -107,4 +147,11 @@ def all_reduce_sum(t: torch.Tensor, pd: ParallelDims) -> torch.Tensor:
     """Sum over every rank (dp and cp): loss sums and token counts."""
     if pd.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, pd: ParallelDims) -> torch.Tensor:
+    """Maximum over every rank: flags that any one rank may raise."""
+    if pd.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t

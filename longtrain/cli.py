@@ -1,0 +1,107 @@
+"""What train.py needs around Hydra: one-line errors, per-job run folders, checks before
+any compute.
+
+Hydra reports its own errors (an unknown key, a missing group option, a sweep value
+without ``-m``) as several lines of text with exit code 1; :func:`hydra_error_line` turns
+them into the project's one line (``config error: KEY: what is wrong; valid: ...``, exit
+2). :func:`preflight` runs every check that needs the file system — stage folders owned
+by an earlier run, a ``run.resume`` checkpoint, the tokenizer and its vocabulary — before
+the process group starts or anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from longtrain.config import Config, ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, nested ones included (``cpu/pretrain``)."""
+    root = CONFIG_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def hydra_error_line(error: Exception) -> Optional[str]:
+    """Hydra's multi-line composition and parse errors as one ``KEY: message`` line."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    text = str(error)
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        valid = group_options(group) if (CONFIG_DIR / group).is_dir() else list(error.options or [])
+        return f"{group}: unknown option {option!r}; valid: {', '.join(valid)}"
+    if isinstance(error, OverrideParseException):
+        return f"{error.override}: not a valid override (KEY=VALUE, e.g. optim.lr=1e-3): {text.splitlines()[-2].strip()}"
+    if isinstance(error, ConfigCompositionException):
+        if m := re.match(r"Could not override '([^']+)'", text):
+            return _unknown_key(m.group(1))
+        if m := re.match(r"Ambiguous value for argument '([^=]+)=([^']*)'", text):
+            return (f"{m.group(1)}: {m.group(2)!r} is a sweep (several values); add -m to run one job per value, "
+                    f"or write a list as [{m.group(2)}]")
+        if m := re.match(r"Could not append to config. An item is already at '([^']+)'", text):
+            return f"{m.group(1)}: already set; override it without the leading +"
+        return f"config: {text.splitlines()[0]}"
+    return None
+
+
+def _unknown_key(key: str) -> str:
+    from longtrain.config import Config
+
+    parent, _, name = key.rpartition(".")
+    node: object = Config
+    for part in parent.split(".") if parent else []:
+        fields = getattr(node, "__dataclass_fields__", {})
+        if part not in fields:
+            return f"{key}: unknown key; valid top-level keys: {', '.join(Config.__dataclass_fields__)}"
+        node = fields[part].default_factory()  # type: ignore[misc]
+    valid = ", ".join(getattr(node, "__dataclass_fields__", {}))
+    return f"{key}: unknown key; valid: {valid}"
+
+
+def preflight(stages: list[Config]) -> None:
+    """Checks that read files, for the stages this command runs; raise ConfigError."""
+    from longtrain import checkpoint as ckpt
+    from longtrain.data.tokenizer import build_tokenizer
+    from longtrain.run_dir import check_stage_folders
+
+    check_stage_folders(stages)
+    resume = stages[0].run.resume
+    if resume not in ("none", "auto"):
+        if not ckpt.is_complete(Path(resume)):
+            raise ConfigError(
+                f"run.resume: {resume} is not a complete checkpoint (a step_XXXXXXXX folder with "
+                f"{ckpt.CHECKSUMS}); valid: none, auto, or such a folder"
+            )
+        problem = ckpt.verify_checkpoint(Path(resume))
+        if problem is not None:
+            raise ConfigError(f"run.resume: checkpoint {resume} is damaged: {problem}; use run.resume=auto to take the newest valid one")
+    try:
+        tokenizer = build_tokenizer(stages[0].tokenizer)
+    except Exception as e:  # transformers raises many kinds for a folder that is not a tokenizer
+        raise ConfigError(
+            f"tokenizer.path: {stages[0].tokenizer.path} is not a Hugging Face tokenizer folder "
+            f"({type(e).__name__}); give a folder saved with save_pretrained (tokenizer.json / tokenizer_config.json)"
+        ) from None
+    for cfg in stages:
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+                f"use >= {tokenizer.vocab_size} or null (the tokenizer's)"
+            )
+
+
+def plan_table(stages: list[Config], world_size: int) -> str:
+    """``run.dry_run=true``: what the command would run, one row per stage."""
+    rows = [f"{'stage':<12} {'length':>7} {'steps':>7} {'batch':>9} {'rope':<22} folder"]
+    for c in stages:
+        rope = c.rope.type + (f" θ={c.rope.theta:g}" if c.rope.type in ("default", "abf") else f" ×{c.rope.factor:g}")
+        batch = f"{c.stage.global_batch_size}/{c.stage.micro_batch_size}"
+        rows.append(f"{c.stage.name:<12} {c.stage.seq_len:>7} {c.stage.steps:>7} {batch:>9} {rope:<22} {Path(c.run.dir) / c.stage.name}")
+    p = stages[0].parallel
+    rows.append(f"world size {world_size}: dp={p.dp} × cp={p.cp}; batch = global/micro per rank; nothing written (run.dry_run)")
+    return "\n".join(rows)

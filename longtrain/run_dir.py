@@ -1,0 +1,84 @@
+"""A run folder belongs to one run.
+
+``run.dir/run.json`` holds the run's identity (its id names the wandb runs and is
+recorded in every checkpoint, so retention only ever prunes this run's checkpoints). A
+stage folder that already holds an earlier run's state (checkpoints, metrics, a gate
+record) is never started over silently: the run continues it (``run.resume``), deletes it
+on request (``run.overwrite=true``), or refuses in one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from longtrain.config import Config, ConfigError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+_STATE = ("checkpoints", METRICS_FILE, "gate.json", "recall_before.json")
+
+
+def stage_state(stage_dir: Path) -> list[str]:
+    """What an earlier run left in a stage folder, in words (empty: nothing)."""
+    found = []
+    ckpts = sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")) if stage_dir.is_dir() else []
+    if ckpts:
+        found.append(f"checkpoints up to {ckpts[-1]}")
+    found += [name for name in _STATE[1:] if (stage_dir / name).is_file()]
+    return found
+
+
+def check_stage_folders(stages: list[Config]) -> None:
+    """Refuse a fresh start in stage folders that hold an earlier run's state (one line)."""
+    for cfg in stages:
+        if cfg.run.resume != "none" or cfg.run.overwrite:
+            continue
+        directory = Path(cfg.run.dir) / cfg.stage.name
+        found = stage_state(directory)
+        if found:
+            raise ConfigError(
+                f"run.dir: {directory} holds an earlier run ({', '.join(found)}); continue it with "
+                "run.resume=auto, delete it with run.overwrite=true, or choose another run.dir"
+            )
+
+
+def clear_stage_folders(stages: list[Config]) -> None:
+    """``run.overwrite=true``: delete the earlier state of the stages about to run (rank 0)."""
+    for cfg in stages:
+        directory = Path(cfg.run.dir) / cfg.stage.name
+        if cfg.run.overwrite and directory.is_dir():
+            shutil.rmtree(directory)
+
+
+def run_id(run_dir: Path, requested: Optional[str] = None) -> str:
+    """The id in ``run.dir/run.json``, written there first if the folder has none (rank 0)."""
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())["id"]
+        if requested is None or requested == recorded:
+            return recorded
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new = requested or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    path.write_text(json.dumps({"id": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+    return new
+
+
+def truncate_metrics(stage_dir: Path, step: int) -> None:
+    """On resume, drop the metrics logged after the checkpoint: those steps run again."""
+    path = stage_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
+        return float("inf")
