@@ -109,6 +109,8 @@ def main(raw: DictConfig) -> None:
     try:
         with collective_timeouts(pd):
             records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
+    except ConfigError as e:  # found only once a stage reads its data (a file it cannot use)
+        return fail("config error", str(e), 2, job)
     except StageError as e:
         return fail("stage error", str(e), 1, job)
     except Diverged as e:

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from longtrain.config import Config
+from longtrain.config import Config, ConfigError
 from longtrain.data.packing import PackedDataset, pack_documents
 from longtrain.data.retrieval import Haystack, RetrievalDataset
 from longtrain.data.sources import load_documents
@@ -45,7 +45,7 @@ def long_documents(tokens: np.ndarray, doc_starts: np.ndarray, min_tokens: int) 
     ends = np.append(doc_starts[1:], len(tokens))
     keep = np.flatnonzero(ends - doc_starts >= min_tokens)
     if len(keep) == 0:
-        raise ValueError(f"no document has at least {min_tokens} tokens; lower stage.long_doc_share to 0")
+        raise ConfigError(f"stage.long_doc_share: no document has at least {min_tokens} tokens; set it to 0 or use longer documents")
     pieces = [tokens[doc_starts[k] : ends[k]] for k in keep]
     lengths = np.array([len(p) for p in pieces], dtype=np.int64)
     return np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths[:-1])])

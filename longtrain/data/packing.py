@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 
-from longtrain.config import DataConfig
+from longtrain.config import ConfigError, DataConfig
 from longtrain.data.sources import Split, load_documents
 from longtrain.data.tokenizer import Tokenizer
 
@@ -44,7 +44,7 @@ def pack_documents(docs: datasets.Dataset, tokenizer: Tokenizer, seed: int, batc
             pieces += (bos, ids.astype(dtype, copy=False), eos)
             lengths.append(len(ids) + 2)
     if not pieces:
-        raise ValueError("no documents to pack")
+        raise ConfigError("data: no documents to pack (the split is empty); use more documents or a larger data.val_percent")
     doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
     return np.concatenate(pieces), doc_starts
 
@@ -65,9 +65,9 @@ class PackedDataset:
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if len(tokens) < seq_len + 1:
-            raise ValueError(
-                f"the token stream has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
-                "use more documents or a shorter seq_len"
+            raise ConfigError(
+                f"data: the token stream has {len(tokens)} tokens, fewer than one sample of seq_len+1={seq_len + 1}; "
+                "use more documents (data.path, data.max_docs, data.val_percent) or a shorter stage.seq_len"
             )
         self.tokens = tokens
         self.doc_starts = np.asarray(doc_starts, dtype=np.int64)

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Literal, Optional
 
 import datasets
 
-from longtrain.config import DataConfig
+from longtrain.config import ConfigError, DataConfig
 
 Split = Literal["train", "val"]
 
@@ -89,7 +89,7 @@ def _glob_root(pattern: str) -> Path:
 
 def _text_column(ds: datasets.Dataset, text_field: str) -> datasets.Dataset:
     if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field: no column {text_field!r}; columns are {ds.column_names}")
+        raise ConfigError(f"data.text_field: no column {text_field!r}; columns are {ds.column_names}")
     ds = ds.select_columns([text_field])
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
@@ -106,7 +106,7 @@ def local_files(pattern: str, text_field: str, split: Split, val_percent: float,
     matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     by_ext = {ext: [str(p) for p in matches if p.suffix == ext] for ext in (".txt", ".jsonl", ".parquet")}
     if not any(by_ext.values()):
-        raise ValueError(f"data.path: no .txt, .jsonl or .parquet file matches {pattern!r}")
+        raise ConfigError(f"data.path: no .txt, .jsonl or .parquet file matches {pattern!r}")
 
     parts = []
     if by_ext[".txt"]:
@@ -132,10 +132,10 @@ def hf_dataset(path: str, name: Optional[str], text_field: str, split: Split, va
     """
     dd = datasets.load_dataset(path, name)
     if not isinstance(dd, datasets.DatasetDict):
-        raise ValueError(f"data.path: expected a dataset with splits, got {type(dd).__name__}")
+        raise ConfigError(f"data.path: expected a dataset with splits, got {type(dd).__name__}")
     val_name = next((s for s in _HF_VAL_SPLITS if s in dd), None)
     if "train" not in dd:
-        raise ValueError(f"data.path: {path!r} has no 'train' split; splits are {list(dd)}")
+        raise ConfigError(f"data.path: {path!r} has no 'train' split; splits are {list(dd)}")
 
     if val_name is not None:
         ds = _text_column(dd["train" if split == "train" else val_name], text_field)
@@ -154,9 +154,22 @@ def load_documents(cfg: DataConfig, split: Split) -> datasets.Dataset:
     if cfg.source == "stdlib_code":
         return stdlib_code(split, cfg.val_percent, cfg.max_docs)
     if cfg.source in ("local", "hf") and not cfg.path:
-        raise ValueError(f"data.path: data.source={cfg.source} needs data.path")
-    if cfg.source == "local":
-        return local_files(str(cfg.path), cfg.text_field, split, cfg.val_percent, cfg.max_docs)
-    if cfg.source == "hf":
-        return hf_dataset(str(cfg.path), cfg.name, cfg.text_field, split, cfg.val_percent, cfg.max_docs)
-    raise ValueError(f"data.source: unknown value {cfg.source!r}; valid: stdlib_code, local, hf")
+        raise ConfigError(f"data.path: data.source={cfg.source} needs data.path")
+    try:
+        if cfg.source == "local":
+            return local_files(str(cfg.path), cfg.text_field, split, cfg.val_percent, cfg.max_docs)
+        if cfg.source == "hf":
+            return hf_dataset(str(cfg.path), cfg.name, cfg.text_field, split, cfg.val_percent, cfg.max_docs)
+    except ConfigError:  # our own checks name their key
+        raise
+    except Exception as e:  # datasets' builders fail in many ways on a bad file
+        raise ConfigError(f"data.path: cannot read {cfg.path}: {_root_cause(e)}") from None
+    raise ConfigError(f"data.source: unknown value {cfg.source!r}; valid: stdlib_code, local, hf")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's first line (datasets wraps the parser's own message)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first}"[:300]
