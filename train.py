@@ -1,8 +1,9 @@
 """longtrain entry point: python train.py [overrides], or torchrun ... train.py [overrides].
 
 All logic lives in longtrain/; this file turns Hydra's config into one validated config
-per curriculum stage, reports config errors as one line (before any compute, nothing
-written), and runs the whole curriculum, or the one stage named by `stage=...`.
+per curriculum stage, checks that the device can run it (longtrain/hardware.py), reports
+config errors as one line (before any compute, nothing written), and runs the whole
+curriculum, or the one stage named by `stage=...`.
 """
 
 import os
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from longtrain.config import ConfigError, validate  # noqa: E402
+from longtrain.hardware import check_device  # noqa: E402
 from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
 
 
@@ -40,6 +42,8 @@ def main(raw: DictConfig) -> None:
         if chosen is not None and chosen not in names:
             raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
         device = resolve_device(stages[0].run.device)
+        for cfg in stages:  # the attention kernel this device runs, and what it needs
+            check_device(cfg, device)
     except ConfigError as e:
         fail("config error", str(e), 2)
 
