@@ -1,8 +1,9 @@
 """longtrain entry point: python train.py [overrides], or torchrun ... train.py [overrides].
 
 All logic lives in longtrain/; this file turns Hydra's config into one validated config
-per curriculum stage, reports every bad input as one line (before any compute, nothing
-written), and runs the whole curriculum, or the one stage named by `stage=...`.
+per curriculum stage, checks that the device can run it (longtrain/hardware.py), reports
+every bad input as one line (before any compute, nothing written), and runs the whole
+curriculum, or the one stage named by `stage=...`.
 
 Exit codes: 0 done; 1 a stage failed its gate, diverged or a rank hung; 2 bad input;
 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue with run.resume=auto).
@@ -26,6 +27,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from longtrain.cli import hydra_error_line, plan_table, preflight  # noqa: E402
 from longtrain.config import ConfigError, validate  # noqa: E402
+from longtrain.hardware import check_device  # noqa: E402
 from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
 
 
@@ -86,6 +88,8 @@ def main(raw: DictConfig) -> None:
         to_run = [stages[names.index(chosen)]] if chosen is not None else stages
         preflight(to_run)
         device = resolve_device(stages[0].run.device)
+        for cfg in stages:  # the attention kernel this device runs, and what it needs
+            check_device(cfg, device)
     except ConfigError as e:
         return fail("config error", str(e), 2, job)
     if stages[0].run.dry_run:

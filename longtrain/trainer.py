@@ -28,6 +28,7 @@ from longtrain.data.loader import StatefulLoader
 from longtrain.data.mix import build_train_data
 from longtrain.data.packing import PackedDataset, build_packed_dataset
 from longtrain.data.tokenizer import build_tokenizer
+from longtrain.hardware import autocast_dtype, peak_bf16_tflops
 from longtrain.logging import MetricsLogger
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import LossSums, total_loss
@@ -72,15 +73,12 @@ def flops_per_token(cfg: Config, non_embedding_params: int) -> float:
     return 6 * non_embedding_params + 6 * m.n_layers * m.n_heads * m.resolved_head_dim() * cfg.stage.seq_len
 
 
-# Dense bf16 peak TFLOP/s by device name, for MFU when logging.peak_tflops is not given.
-_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-
-
 def detect_peak_tflops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak TFLOP/s of a known GPU (H100 SXM / PCIe / NVL told apart), for MFU
+    when logging.peak_tflops is not given."""
     if device.type != "cuda":
         return None  # no meaningful peak for a CPU: set logging.peak_tflops to get MFU
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def shared_run_id(run_dir: Path, pd: ParallelDims) -> str:
@@ -132,12 +130,10 @@ class Trainer:
         )
 
     def _autocast_context(self):
-        dtype = self.cfg.run.dtype
-        if self.pd.device.type == "cuda" and dtype in ("auto", "bfloat16"):
-            return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-        if dtype == "bfloat16":
-            return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext
+        dtype = autocast_dtype(self.cfg.run.dtype, self.pd.device.type)
+        if dtype is None:
+            return contextlib.nullcontext
+        return functools.partial(torch.autocast, self.pd.device.type, dtype=dtype)
 
     # -- state ----------------------------------------------------------------------------
 

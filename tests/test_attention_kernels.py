@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from longtrain.attention.kernels import attention, kernel_backward, kernel_forward
+from longtrain.attention.kernels import (
+    AttentionInputError,
+    attention,
+    kernel_backend,
+    kernel_backward,
+    kernel_forward,
+)
+from longtrain.attention.ring import ring_backward, ring_forward
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -126,3 +133,39 @@ def test_rejects_bad_shapes():
     q, k, v, _ = make(1, 4, 2, 16, 8, torch.float32)
     with pytest.raises(ValueError, match="T == S"):
         kernel_forward(q, k[:, :, :8], v[:, :, :8], True, 1.0)
+
+
+def test_rejects_mixed_dtypes_devices_and_layouts():
+    """The dtype contract: a kernel is never reached with mixed inputs (under CUDA bf16
+    autocast QK-norm gave fp32 q/k next to a bf16 v)."""
+    q, k, v, dout = make(1, 4, 2, 16, 8, torch.float32)
+    out, lse = kernel_forward(q, k, v, True, 1.0)
+    mixed = r"one dtype, the run's compute dtype .*q torch.float32, k torch.float32, v torch.bfloat16"
+    with pytest.raises(AttentionInputError, match=mixed):
+        kernel_forward(q, k, v.bfloat16(), True, 1.0)
+    with pytest.raises(AttentionInputError, match=mixed):
+        kernel_backward(dout, q, k, v.bfloat16(), out, lse, True, 1.0)
+    with pytest.raises(AttentionInputError, match="dout torch.bfloat16"):
+        kernel_backward(dout.bfloat16(), q, k, v, out, lse, True, 1.0)
+    with pytest.raises(AttentionInputError, match="lse must be torch.float32"):
+        kernel_backward(dout, q, k, v, out, lse.double(), True, 1.0)
+    with pytest.raises(AttentionInputError, match="one device; got q cpu, k meta"):
+        kernel_forward(q, k.to("meta"), v, True, 1.0)
+    with pytest.raises(AttentionInputError, match="q has layout torch.strided, strides"):
+        kernel_forward(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, True, 1.0)
+    with pytest.raises(AttentionInputError, match="no attention kernel for torch.int32 on cpu"):
+        kernel_forward(*(x.int() for x in (q, k, v)), True, 1.0)
+    # Ring attention checks before stacking K and V into one message: stack would promote
+    # them to fp32 and run fp32 attention with twice the traffic instead of failing.
+    with pytest.raises(AttentionInputError, match=mixed):
+        ring_forward(q, k, v.bfloat16(), 1.0, group=None)
+    with pytest.raises(AttentionInputError, match="out torch.bfloat16"):
+        ring_backward(dout, q, k, v, out.bfloat16(), lse, 1.0, group=None)
+
+
+def test_kernel_by_device_and_dtype():
+    assert {kernel_backend("cpu", d) for d in (torch.float64, torch.float32, torch.bfloat16)} == {"cpu"}
+    assert kernel_backend("cuda", torch.bfloat16, has_flash_attn=True) == "flash_attn"
+    assert kernel_backend("cuda", torch.bfloat16, has_flash_attn=False) == "sdpa_flash"
+    assert kernel_backend("cuda", torch.float16, has_flash_attn=False) == "sdpa_flash"
+    assert kernel_backend("cuda", torch.float32, has_flash_attn=True) == "efficient"

@@ -16,6 +16,14 @@ Layout everywhere is q [B, Hq, T, D], k/v [B, Hkv, S, D], lse [B, Hq, T]. GQA: q
 uses kv head h // (Hq // Hkv) (HF ``repeat_kv`` order). Kernels without native GQA
 (CPU, efficient) run once per group member against the *un-repeated* K/V, so K/V are
 never copied Hq/Hkv times; dK/dV are summed over the group.
+
+The dtype contract: q, k, v (and in the backward dout and out) reach a kernel in one
+dtype, the run's compute dtype (``compute_dtype``: the autocast dtype under autocast),
+on one device, each with a contiguous last dimension; lse is fp32 (fp64 for fp64). The
+entry points check this and raise instead of calling a kernel with mixed inputs: the
+CUDA kernels take their element type from q alone, and the kernel is picked by q's dtype.
+The model casts q, k, v to that dtype after QK-norm and RoPE, which CUDA autocast runs in
+fp32 (``aten::rms_norm`` is on its fp32 list) while v comes out of a linear layer in bf16.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 try:  # optional CUDA dependency; absent on CPU installs
+    import flash_attn
     from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
 
-    _HAS_FLASH_ATTN = True
+    # These private entry points change signature between releases: 2.7 is the first with
+    # the one called below (start-up checks the version: longtrain/hardware.py).
+    FLASH_ATTN_VERSION: str | None = str(getattr(flash_attn, "__version__", "0"))
 except ImportError:
-    _HAS_FLASH_ATTN = False
+    FLASH_ATTN_VERSION = None
 
 aten = torch.ops.aten
 
@@ -44,6 +55,37 @@ BackwardFn = Callable[
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for lse, merges and gradient sums: fp32, or fp64 when the inputs are fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in for activations like ``x``: the autocast dtype when
+    autocast is on for x's device, else x's own dtype (the parameters' dtype)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+_HALF = (torch.float16, torch.bfloat16)
+# What each device's kernels take: the CUDA ones have no fp64 (the efficient kernel is fp32/16).
+_DEVICE_DTYPES = {
+    "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+def kernel_backend(device_type: str, dtype: torch.dtype, has_flash_attn: bool | None = None) -> str:
+    """The kernel ``kernel_forward``/``kernel_backward`` use for inputs of ``dtype`` on
+    ``device_type``: "cpu", "flash_attn" (flash-attn importable: ``has_flash_attn``,
+    default this process's), "sdpa_flash" (torch's bundled flash kernel) or "efficient"
+    (torch's memory-efficient kernel, fp32)."""
+    if device_type != "cuda":
+        return "cpu"
+    if dtype in _HALF:
+        if has_flash_attn is None:
+            has_flash_attn = FLASH_ATTN_VERSION is not None
+        return "flash_attn" if has_flash_attn else "sdpa_flash"
+    return "efficient"
 
 
 # ------------------------------------------------ CPU
@@ -169,24 +211,67 @@ def _grouped_backward_into(
 
 
 # ------------------------------------------------ dispatch
-_HALF = (torch.float16, torch.bfloat16)
+class AttentionInputError(ValueError):
+    """Inputs a kernel must not be called with: mixed dtypes or devices, a bad layout or shape."""
+
+
+def _listing(tensors: dict[str, Tensor], attr) -> str:
+    return ", ".join(f"{name} {attr(t)}" for name, t in tensors.items())
+
+
+def check_inputs(**tensors: Tensor) -> None:
+    """The dtype contract (module doc): one dtype and one device for all of ``tensors``
+    (q, k, v; in the backward also dout, out), one the device's kernels take, and dense
+    tensors with a contiguous last dimension (the flash kernels read rows of D elements)."""
+    first = next(iter(tensors.values()))
+    if any(t.dtype != first.dtype for t in tensors.values()):
+        raise AttentionInputError(
+            f"attention kernels take {', '.join(tensors)} in one dtype, the run's compute dtype "
+            f"(under autocast the autocast dtype); got {_listing(tensors, lambda t: t.dtype)}: "
+            "cast them before the kernel (the model does, after QK-norm and RoPE)"
+        )
+    if any(t.device != first.device for t in tensors.values()):
+        raise AttentionInputError(
+            f"attention kernels take {', '.join(tensors)} on one device; got {_listing(tensors, lambda t: t.device)}"
+        )
+    supported = _DEVICE_DTYPES.get(first.device.type)
+    if supported is None or first.dtype not in supported:
+        raise AttentionInputError(
+            f"no attention kernel for {first.dtype} on {first.device.type}; "
+            f"valid: cpu ({', '.join(map(str, _DEVICE_DTYPES['cpu']))}), "
+            f"cuda ({', '.join(map(str, _DEVICE_DTYPES['cuda']))})"
+        )
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.dim() == 0 or t.stride(-1) != 1:
+            raise AttentionInputError(
+                f"attention kernels take dense tensors with a contiguous last dimension; "
+                f"{name} has layout {t.layout}, strides {t.stride() if t.layout == torch.strided else '-'}"
+            )
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(
+        raise AttentionInputError(
             "expected q [B, Hq, T, D] and k, v [B, Hkv, S, D]; "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if q.shape[1] % k.shape[1] != 0 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-        raise ValueError(
+        raise AttentionInputError(
             f"q {tuple(q.shape)} and k/v {tuple(k.shape)}: batch and head_dim must match "
             "and Hq must be a multiple of Hkv"
         )
     # Kernels disagree on where the diagonal sits when T != S (top-left vs bottom-right);
     # we only ever need the square case.
     if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal attention needs T == S, got T={q.shape[2]}, S={k.shape[2]}")
+        raise AttentionInputError(f"causal attention needs T == S, got T={q.shape[2]}, S={k.shape[2]}")
+
+
+def _check_lse(lse: Tensor, q: Tensor) -> None:
+    if lse.dtype != accum_dtype(q.dtype) or lse.device != q.device or lse.shape != q.shape[:-1]:
+        raise AttentionInputError(
+            f"lse must be {accum_dtype(q.dtype)} {tuple(q.shape[:-1])} on {q.device} for q {q.dtype}; "
+            f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}"
+        )
 
 
 def kernel_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -196,11 +281,15 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) 
     of scale·qkᵀ per query row (fp32; fp64 for fp64 inputs). Causal is top-left aligned:
     query i sees keys j <= i. No autograd; see ``attention``.
     """
+    check_inputs(q=q, k=k, v=v)
     _check(q, k, v, causal)
-    if not q.is_cuda:
+    backend = kernel_backend(q.device.type, q.dtype)
+    if backend == "cpu":
         return _grouped_forward(_cpu_forward, q, k, v, causal, scale)
-    if q.dtype in _HALF:
-        return (_flash_attn_fwd if _HAS_FLASH_ATTN else _sdpa_flash_forward)(q, k, v, causal, scale)
+    if backend == "flash_attn":
+        return _flash_attn_fwd(q, k, v, causal, scale)
+    if backend == "sdpa_flash":
+        return _sdpa_flash_forward(q, k, v, causal, scale)
     return _grouped_forward(_efficient_forward, q, k, v, causal, scale)
 
 
@@ -225,16 +314,23 @@ def kernel_backward(
     the gradients are added into those and they are returned: ring attention sums one
     block per step and this spares it a block-sized gradient per step.
     """
+    check_inputs(q=q, k=k, v=v, dout=dout, out=out)
     _check(q, k, v, causal)
-    if q.is_cuda and q.dtype in _HALF:  # kernels with native GQA
-        bwd = _flash_attn_bwd if _HAS_FLASH_ATTN else _sdpa_flash_backward
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise AttentionInputError(
+            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
+        )
+    _check_lse(lse, q)
+    backend = kernel_backend(q.device.type, q.dtype)
+    if backend in ("flash_attn", "sdpa_flash"):  # kernels with native GQA
+        bwd = _flash_attn_bwd if backend == "flash_attn" else _sdpa_flash_backward
         block = bwd(dout, q, k, v, out, lse, causal, scale)
         if grads is None:
             return block
         for acc, g in zip(grads, block):
             acc += g
         return grads
-    bwd = _efficient_backward if q.is_cuda else _cpu_backward
+    bwd = _efficient_backward if backend == "efficient" else _cpu_backward
     if grads is not None:
         _grouped_backward_into(bwd, dout, q, k, v, out, lse, causal, scale, grads)
         return grads

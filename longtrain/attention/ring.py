@@ -12,6 +12,10 @@ and computes only what the causal mask keeps:
 - src > r: only the local second chunk comes after both block chunks, so q[c:] attends
   to the whole block, unmasked.
 
+q, k, v share one dtype (the run's compute dtype; see ``kernels``), checked before K and
+V are stacked into the one message each hop sends, so under bf16 autocast the ring sends
+bf16 K/V and every block runs the bf16 flash kernel.
+
 Every rank does 2c² work per step. Partial results are merged in fp32 through their
 logsumexp. The backward replays the same schedule with the *global* out/lse
 (``kernel_backward``); dK/dV accumulators travel with their K/V block and arrive home
@@ -28,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtrain.attention.kernels import accum_dtype, kernel_backward, kernel_forward
+from longtrain.attention.kernels import accum_dtype, check_inputs, kernel_backward, kernel_forward
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
 _ALL = slice(None)
@@ -96,7 +100,11 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
     lse.sub_(F.logsigmoid(lse - block_lse))
 
 
-def _check(q: Tensor) -> None:
+def _check(**tensors: Tensor) -> None:
+    # Before K and V are stacked into one message: stack would promote mixed dtypes
+    # (fp32 K with bf16 V gives fp32 attention and twice the traffic) instead of failing.
+    check_inputs(**tensors)
+    q = tensors["q"]
     if q.shape[2] % 2:
         raise ValueError(f"zigzag local length must be even (two chunks), got {q.shape[2]}")
 
@@ -109,7 +117,7 @@ def ring_forward(
     q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D]; out in q's dtype, lse [B, Hq, 2c] fp32 (fp64
     for fp64 inputs). No autograd; see ``ring_attention``.
     """
-    _check(q)
+    _check(q=q, k=k, v=v)
     ring = _Ring(group)
     if ring.size == 1:
         return kernel_forward(q, k, v, True, scale)
@@ -144,7 +152,7 @@ def ring_backward(
 
     k, v must be this rank's own (un-rotated) K/V: the ring replays from them.
     """
-    _check(q)
+    _check(q=q, k=k, v=v, dout=dout, out=out)
     ring = _Ring(group)
     if ring.size == 1:
         return kernel_backward(dout, q, k, v, out, lse, True, scale)

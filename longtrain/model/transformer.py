@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longtrain.attention.kernels import attention
+from longtrain.attention.kernels import attention, compute_dtype
 from longtrain.config import ModelConfig, RopeConfig
 from longtrain.model.rope import RotaryEmbedding, apply_rope
 from longtrain.optim.loss import LossSums, chunked_cross_entropy
@@ -57,6 +57,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q_scale is not None:  # per position, so a context-parallel shard scales its own tokens
             q = q * q_scale[:, None, :, None].to(q.dtype)
+        # One dtype into the kernels, the run's compute dtype: CUDA autocast runs QK-norm
+        # (rms_norm, on its fp32 list) and so RoPE in fp32 while v leaves its linear layer
+        # in bf16. Casting here rounds q and k once, after both.
+        dtype = compute_dtype(v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = attention_fn(q, k, v, 1.0 / math.sqrt(self.head_dim))
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

@@ -1,0 +1,136 @@
+"""Every bad input is one line naming the key, exit code 2, no traceback, nothing written.
+
+Each case runs `python train.py ...` in a fresh folder as a user would; the cases run a
+few at a time (each is a separate process), then each is asserted on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.cli_utils import QUICK, train
+
+DEMO = ["preset=cpu_demo", "stage=cpu/induction", "stage.steps=1"]
+
+# (case id, overrides, the key the error line must start with). "{fx}" is the fixtures folder.
+CASES = [
+    ("heads-not-divisible", ["model.n_heads=6"], "model.n_heads"),
+    ("odd-head-dim", ["model.head_dim=33"], "model.head_dim"),
+    ("vocab-smaller-than-tokenizer", [*DEMO, "model.vocab_size=10"], "model.vocab_size"),
+    ("wrong-type", ["model.dim=abc"], "model.dim"),
+    ("unknown-nested-key", ["model.foo=1"], "model.foo"),
+    ("unknown-model", ["model=nope"], "model"),
+    ("unknown-stage", ["stage=nope"], "stage"),
+    ("unknown-preset", ["preset=nope"], "preset"),
+    ("unknown-rope-option", ["rope=nope"], "rope"),
+    ("unknown-key", ["foo=1"], "foo"),
+    ("appended-unknown-key", ["+foo=1"], "foo"),
+    ("append-existing-key", ["+model.dim=3"], "model.dim"),
+    ("override-without-value", ["foo"], "foo"),
+    ("unparsable-override", ["optim.lr=["], "optim.lr=["),
+    ("sweep-without-multirun", ["optim.lr=1e-3,3e-3"], "optim.lr"),
+    ("negative-lr", ["optim.lr=-0.1"], "optim.lr"),
+    ("lr-not-a-number", ["optim.lr=abc"], "optim.lr"),
+    ("zero-global-batch", ["stage.global_batch_size=0"], "stage.global_batch_size"),
+    ("global-batch-not-multiple", ["stage.global_batch_size=7"], "stage.global_batch_size"),
+    ("zero-seq-len", ["stage.seq_len=0"], "stage.seq_len"),
+    ("decay-shape", ["stage.decay_shape=exp"], "stage.decay_shape"),
+    ("retrieval-share-above-one", ["stage.retrieval_share=1.5"], "stage.retrieval_share"),
+    ("zero-original-length", ["rope.original_max_position_embeddings=0"], "rope.original_max_position_embeddings"),
+    ("abf-theta-zero", ["rope=abf", "stage.abf_theta=0"], "stage.abf_theta"),
+    ("rope-type", ["rope.type=ntk"], "rope.type"),
+    ("yarn-betas", ["rope=yarn", "rope.beta_fast=0.5"], "rope.beta_fast"),
+    ("seq-len-not-divisible-by-2cp", ["parallel.cp=3"], "stage.seq_len"),
+    ("world-size-mismatch", ["parallel.dp=2"], "parallel"),
+    ("zero-timeout", ["parallel.timeout_s=0"], "parallel.timeout_s"),
+    ("nonfinite-patience", ["optim.max_nonfinite_steps=0"], "optim.max_nonfinite_steps"),
+    ("resume-missing-folder", ["run.resume=/no/such/checkpoint"], "run.resume"),
+    ("resume-not-a-checkpoint", [*DEMO, "run.resume={fx}/not_a_checkpoint"], "run.resume"),
+    ("resume-damaged-checkpoint", [*DEMO, "run.resume={fx}/damaged/step_00000002"], "run.resume"),
+    ("run-dir-is-a-file", ["run.dir={fx}/a_file"], "run.dir"),
+    ("overwrite-while-resuming", ["run.resume=auto", "run.overwrite=true"], "run.overwrite"),
+    ("hf-tokenizer-without-path", ["tokenizer=hf"], "tokenizer.path"),
+    ("hf-tokenizer-not-a-tokenizer", [*DEMO, "tokenizer=hf", "tokenizer.path={fx}/not_a_checkpoint"], "tokenizer.path"),
+    ("local-data-without-path", ["data=local"], "data.path"),
+    ("local-data-no-match", ["data=local", "data.path={fx}/none/*.txt"], "data.path"),
+    ("empty-data-file", [*DEMO, "data=local", "data.path={fx}/empty.txt"], "data"),
+    ("binary-data-file", [*DEMO, "data=local", "data.path={fx}/binary.txt"], "data.path"),
+    ("corrupt-jsonl", [*DEMO, "data=local", "data.path={fx}/corrupt.jsonl"], "data.path"),
+    ("jsonl-without-text-field", [*DEMO, "data=local", "data.path={fx}/nofield.jsonl"], "data.text_field"),
+    ("corpus-too-small", [*DEMO, "data=local", "data.path={fx}/tiny.txt"], "data"),
+    ("val-percent-zero", ["data.val_percent=0"], "data.val_percent"),
+    ("gate-kind", ["gate.kind=riddle"], "gate.kind"),
+    ("retrieval-kind", ["retrieval.kinds=[passkey,riddle]"], "retrieval.kinds"),
+    ("min-recall-above-one", ["gate.min_recall=2"], "gate.min_recall"),
+    ("device", ["run.device=tpu"], "run.device"),
+    ("log-every-zero", ["logging.log_every=0"], "logging.log_every"),
+    ("stage-not-in-curriculum", ["stage=cpu/extend_2k"], "stage"),
+    ("empty-curriculum", ["curriculum.stages=[]"], "curriculum.stages"),
+    ("occupied-run-folder", [*QUICK, "run.dir={fx}/occupied"], "run.dir"),
+]
+
+
+def make_fixtures(fx: Path) -> None:
+    fx.mkdir()
+    (fx / "a_file").write_text("not a folder")
+    (fx / "not_a_checkpoint").mkdir()
+    (fx / "not_a_checkpoint" / "notes.txt").write_text("hello")
+    damaged = fx / "damaged" / "step_00000002"
+    damaged.mkdir(parents=True)
+    (damaged / "__0_0.distcp").write_bytes(b"x" * 100)  # checksums say 4096 bytes were written
+    (damaged / "checksums.json").write_text(
+        json.dumps({"run_id": "r", "step": 2, "files": {"__0_0.distcp": {"size": 4096, "sha256": "0" * 64}}})
+    )
+    (fx / "empty.txt").write_text("")
+    (fx / "binary.txt").write_bytes(bytes(range(128, 256)) * 20)
+    (fx / "corrupt.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (fx / "nofield.jsonl").write_text('{"body": "no text field"}\n')
+    (fx / "tiny.txt").write_text("hello world\n")
+    occupied = fx / "occupied" / "induction" / "checkpoints" / "step_00000004"
+    occupied.mkdir(parents=True)
+    (fx / "occupied" / "induction" / "metrics.jsonl").write_text('{"step": 4}\n')
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_inputs")
+    fx = base / "fixtures"
+    make_fixtures(fx)
+    before = snapshot(fx)
+
+    def run(case):
+        name, overrides, _ = case
+        cwd = base / name
+        cwd.mkdir()
+        args = [o.replace("{fx}", str(fx)) for o in overrides]
+        if not any(a.startswith("run.dir=") for a in args):
+            args.append(f"run.dir={cwd / 'run'}")
+        return name, train(*args, cwd=cwd, timeout=240), cwd
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = {name: (proc, cwd) for name, proc, cwd in pool.map(run, CASES)}
+    assert snapshot(fx) == before, "a bad input changed the fixtures (an occupied run folder, a checkpoint)"
+    return results
+
+
+def test_the_battery_is_large():
+    assert len({name for name, _, _ in CASES}) == len(CASES) >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides,key", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(outcomes, name, overrides, key):
+    proc, cwd = outcomes[name]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {key}:"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert list(cwd.iterdir()) == []  # no run folder, no Hydra outputs
