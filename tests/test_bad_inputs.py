@@ -126,6 +126,7 @@ def test_the_battery_is_large():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first case also pays for the fixture: every case, a process each
 @pytest.mark.parametrize("name,overrides,key", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(outcomes, name, overrides, key):
     proc, cwd = outcomes[name]

@@ -1,0 +1,223 @@
+"""train.py as a user runs it: run folders that belong to one run, sweeps whose jobs are
+isolated, SIGTERM, divergence, wandb, and the README's commands."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from longtrain import checkpoint as ckpt
+from longtrain.curriculum import read_gate
+from longtrain.preemption import PREEMPTED_EXIT_CODE
+from tests.cli_utils import QUICK, TRAIN, env, train, train_losses
+
+
+def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_folder(tmp_path):
+    run = [*QUICK, "gate.min_recall=0", f"run.dir={tmp_path / 'run'}"]
+    first = train(*run, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    metrics = tmp_path / "run" / "induction" / "metrics.jsonl"
+    logged = metrics.read_text()
+
+    refused = train(*run, cwd=tmp_path)  # a fresh start would mix two runs' state
+    assert refused.returncode == 2 and "run.resume=auto" in one_line(refused, "config error: run.dir:")
+    assert metrics.read_text() == logged
+
+    resumed = train(*run, "run.resume=auto", cwd=tmp_path)  # the stage is done: nothing retrains
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics.read_text().startswith(logged) and "train/loss" not in metrics.read_text()[len(logged):]
+
+    again = train(*run, "run.overwrite=true", "stage.steps=2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(train_losses(tmp_path / "run" / "induction")) == [1, 2]  # the old run's metrics are gone
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "induction" / "checkpoints")] == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_sweep_jobs_get_their_own_folders_and_a_failed_gate_does_not_stop_the_sweep(tmp_path):
+    # Job 0 cannot pass (recall 1.0 of one needle after 2 steps); job 1 passes.
+    proc = train("-m", *QUICK, "stage.steps=2", "gate.min_recall=1.0,0.0", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "=== job 0" in proc.stdout and "=== job 1" in proc.stdout
+    assert "stage error: stage induction failed its gate" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "sweep: job(s) 0 failed (their errors are above)"
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    gates = [json.loads((sweep / str(j) / "induction" / "gate.json").read_text()) for j in (0, 1)]
+    assert [g["passed"] for g in gates] == [False, True]
+    assert gates[0]["checkpoint"].startswith(str(sweep / "0"))
+    ids = {json.loads((sweep / str(j) / "run.json").read_text())["id"] for j in (0, 1)}
+    assert len(ids) == 2  # two runs, two identities
+
+    named = train("-m", *QUICK, "stage.steps=2", "gate.min_recall=0.0", "optim.lr=1e-3,2e-3",
+                  f"run.dir={tmp_path / 'lr'}", cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["0", "1"]  # run.dir/<job>
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if metrics.is_file() and any(s >= step for s in train_losses(metrics.parent)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {metrics}")
+
+
+def sigterm_then_resume(tmp_path: Path, command: list[str], run_args: list[str]) -> tuple[dict, dict, str]:
+    """Losses of an uninterrupted run, and of one stopped by SIGTERM then resumed."""
+    straight = subprocess.run([*command, *run_args, f"run.dir={tmp_path / 'straight'}"], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([*command, *run_args, f"run.dir={run_dir}"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir / "induction" / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    resumed = subprocess.run([*command, *run_args, f"run.dir={run_dir}", "run.resume=auto"], cwd=tmp_path,
+                             env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    return train_losses(tmp_path / "straight" / "induction"), train_losses(run_dir / "induction"), err
+
+
+STOPPABLE = [*QUICK, "stage.steps=12", "run.checkpoint_every=100", "gate.min_recall=0", "logging.log_every=1"]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path):
+    expected, got, err = sigterm_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
+    assert "preempted: SIGTERM at step" in err and "run.resume=auto" in err
+    assert got == expected  # bitwise: the same losses at every step
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
+    expected, got, err = sigterm_then_resume(tmp_path, command, [*STOPPABLE, "parallel.cp=2"])
+    assert "preempted: SIGTERM at step" in err
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_sigterm_exit_code(tmp_path):
+    proc = subprocess.Popen([sys.executable, TRAIN, *STOPPABLE, "stage.steps=200", f"run.dir={tmp_path}"],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "induction" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE
+    saved = ckpt.latest_checkpoint(tmp_path / "induction" / "checkpoints")
+    assert saved is not None and f"saved {saved}" in err
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
+    proc = train(*QUICK, "stage.steps=40", "run.checkpoint_every=1", "optim.lr=1e6", "stage.warmup_steps=0",
+                 f"run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 1
+    line = one_line(proc, "diverged: stage induction diverged: 5 steps in a row")
+    assert "last good checkpoint" in line
+    saved = ckpt.complete_checkpoints(tmp_path / "induction" / "checkpoints")
+    assert saved  # the steps before the loss blew up
+    for path in saved:
+        dcp_to_torch_save(path, tmp_path / "weights.pt")
+        weights = torch.load(tmp_path / "weights.pt", weights_only=False)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), path
+
+
+@pytest.mark.slow
+def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
+    pytest.importorskip("wandb")
+    run_env = {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = [*QUICK, "stage.steps=2", "logging.wandb=true", "gate.min_recall=1.0", "gate.max_extra_steps=4",
+            "gate.extra_steps_increment=2", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, env=run_env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1 and "after 4 extra steps" in proc.stderr  # the gate cannot pass; no crash
+    assert not (tmp_path / "wandb").exists()  # wandb's files live in the run folder
+    (run_folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    run_id = json.loads((tmp_path / "run" / "run.json").read_text())["id"]
+    assert run_folder.name.endswith(f"{run_id}-induction")
+    assert train_losses(tmp_path / "run" / "induction").keys() == {2, 4, 6}  # stage end, then each increment
+    gate_rows = [json.loads(x) for x in (tmp_path / "run" / "induction" / "metrics.jsonl").read_text().splitlines()]
+    assert any("gate/recall" in r for r in gate_rows)
+    # A resume appends to the same wandb run (same id), and so does its gate.
+    again = subprocess.run([sys.executable, TRAIN, *args, "run.resume=auto"], cwd=tmp_path, env=run_env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1
+    assert all(p.name.endswith(f"{run_id}-induction") for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+README_COMMANDS = [
+    (1, ["model=350m", "stage.seq_len=4096", "optim.lr=1e-3"]),
+    (2, ["preset=cpu_demo", "parallel.cp=2"]),
+    (2, ["preset=cpu_demo", "parallel.dp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
+    (4, ["preset=cpu_demo", "parallel.dp=2", "parallel.cp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
+    (8, ["stage=extend_128k", "parallel.cp=8"]),
+    (16, ["parallel.dp=2", "parallel.cp=8"]),
+]
+
+
+@pytest.mark.parametrize("world,args", README_COMMANDS, ids=[" ".join(a) for _, a in README_COMMANDS])
+def test_readme_commands_validate(tmp_path, world, args):
+    """The README's launch commands, checked as their world size would see them (dry run)."""
+    proc = subprocess.run([sys.executable, TRAIN, *args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env={**env(), "WORLD_SIZE": str(world)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing written" in proc.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_dp_takes_its_share_of_the_global_batch(compose_config):
+    from longtrain.config import load_config
+
+    cfg = load_config(compose_config("preset=cpu_demo", "stage=cpu/pretrain", "parallel.dp=2"))
+    assert (cfg.stage.global_batch_size, cfg.stage.micro_batch_size) == (8, 4)  # the recipe's batch, split
+    one = load_config(compose_config("preset=cpu_demo", "stage=cpu/extend_8k"))
+    assert (one.stage.global_batch_size, one.stage.micro_batch_size) == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp,cp", [(2, 1), (2, 2)])
+def test_dp_launches_of_the_cpu_demo(tmp_path, dp, cp):
+    args = [*QUICK, "stage.steps=2", "gate.min_recall=0", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp * cp}",
+                           TRAIN, *args], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"dp=2 cp={cp}" in proc.stdout and read_gate(tmp_path / "induction")["passed"]
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
+    args = [*QUICK, "stage.steps=400", "parallel.cp=2", "parallel.timeout_s=5", f"run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
+                             *args], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "induction" / "metrics.jsonl", 1, proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    rank1 = next(p for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # torchrun may have killed it already
+            os.kill(rank1, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "parallel error: a collective waited more than parallel.timeout_s=5 s: rank(s) 1 did not answer" in err
