@@ -221,3 +221,31 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
             os.kill(rank1, signal.SIGKILL)
     assert proc.returncode != 0
     assert "parallel error: a collective waited more than parallel.timeout_s=5 s: rank(s) 1 did not answer" in err
+
+
+@pytest.mark.slow
+def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
+    """launch/slurm.sbatch under stand-ins for srun and scontrol: USR1 before the time limit
+    reaches the trainer through torchrun, which checkpoints; the script then requeues."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit=1
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" > {tmp_path}/requeued; fi\n'
+    )
+    (bin_dir / "torchrun").write_text(f'#!/bin/bash\nexec {sys.executable} -m torch.distributed.run "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    slurm_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+                 "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1"}
+    script = Path(TRAIN).parent / "launch" / "slurm.sbatch"
+    proc = subprocess.Popen(["bash", str(script), *STOPPABLE, "stage.steps=400", f"run.dir={tmp_path / 'run'}"],
+                            cwd=Path(TRAIN).parent, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(tmp_path / "run" / "induction" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "7"]
+    assert "preempted: SIGTERM at step" in err
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "induction" / "checkpoints") is not None
