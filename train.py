@@ -79,16 +79,16 @@ def main(raw: DictConfig) -> None:
     if job is not None and is_rank0():
         print(f"=== job {job}: {' '.join(overrides)}", flush=True)
     try:
-        stages = compose_stage_configs(overrides)
-        for cfg in stages:
-            validate(cfg, world_size=world_size_from_env())
+        stages = compose_stage_configs(overrides, only=chosen)
         names = stages[0].curriculum.stages
         if chosen is not None and chosen not in names:
             raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
         to_run = [stages[names.index(chosen)]] if chosen is not None else stages
+        for cfg in to_run:
+            validate(cfg, world_size=world_size_from_env())
         preflight(to_run)
         device = resolve_device(stages[0].run.device)
-        for cfg in stages:  # the attention kernel this device runs, and what it needs
+        for cfg in to_run:  # the attention kernel this device runs, and what it needs
             check_device(cfg, device)
     except ConfigError as e:
         return fail("config error", str(e), 2, job)

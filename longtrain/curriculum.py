@@ -252,8 +252,9 @@ def summary_table(records: list[GateRecord]) -> str:
     return "\n".join(rows)
 
 
-def compose_stage_configs(overrides: list[str]) -> list[Config]:
-    """One validated config per curriculum stage, each with the user's overrides.
+def compose_stage_configs(overrides: list[str], only: Optional[str] = None) -> list[Config]:
+    """One config per curriculum stage, each with the user's overrides; validated are the
+    stages that will run (all, or ``only``), the others are only read from (folders).
 
     Called inside Hydra's app (or an ``initialize_config_dir`` block), so every stage's
     config errors surface before any stage computes anything.
@@ -266,7 +267,10 @@ def compose_stage_configs(overrides: list[str]) -> list[Config]:
     stages = compose(config_name="config", overrides=overrides).curriculum.stages
     if not stages:
         raise ConfigError("curriculum.stages: needs at least one stage")
-    return [load_config(compose(config_name="config", overrides=[f"stage={s}", *overrides])) for s in stages]
+    return [
+        load_config(compose(config_name="config", overrides=[f"stage={s}", *overrides]), check=only in (None, s))
+        for s in stages
+    ]
 
 
 def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional[int] = None) -> list[GateRecord]:

@@ -344,12 +344,6 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < cfg.stage.steps:
             metrics = self.train_step()
-            if preemption.stop_requested(self.pd):
-                path = self.save()
-                raise preemption.Preempted(
-                    f"{preemption.received() or 'a stop signal'} at step {self.step} of stage {cfg.stage.name}: "
-                    f"saved {path}; continue with run.resume=auto"
-                )
             # Throughput counts every token processed, not only the labelled ones (answer-only
             # retrieval samples label a few percent of theirs).
             window_tokens += cfg.stage.global_batch_size * cfg.stage.seq_len
@@ -366,8 +360,14 @@ class Trainer:
             if cfg.eval.val_every and (self.step % cfg.eval.val_every == 0 or self.step == cfg.stage.steps):
                 val_loss = self.validate()
                 self.logger.log(self.step, {"loss": val_loss}, prefix="val")
-            if self.step % cfg.run.checkpoint_every == 0:
+            stop = preemption.stop_requested(self.pd)
+            if self.step % cfg.run.checkpoint_every == 0 or stop:
                 last_saved = self.save()
+            if stop:
+                raise preemption.Preempted(
+                    f"{preemption.received() or 'a stop signal'} at step {self.step} of stage {cfg.stage.name}: "
+                    f"saved {last_saved}; continue with run.resume=auto"
+                )
         final = last_saved or self.save()
         return StageResult(self.stage_dir, final, self.step, val_loss)
 
