@@ -42,6 +42,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # default: the tokenizer's
+    hf_path: Optional[str] = None  # model=hf: every field above (and rope.theta) from this local HF folder
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
@@ -157,6 +158,12 @@ class GateConfig:
 
 
 @dataclass
+class ExportConfig:
+    after_gate: bool = False  # write a Hugging Face folder (STAGE/hf) for every stage that passes its gate
+    max_shard_size: str = "5GB"  # safetensors files are split past this size
+
+
+@dataclass
 class CurriculumConfig:
     name: str = "gpu"
     stages: list[str] = field(default_factory=lambda: ["pretrain", "extend_32k", "extend_128k"])
@@ -187,6 +194,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieval: "RetrievalConfig" = field(default_factory=lambda: RetrievalConfig())
     gate: GateConfig = field(default_factory=GateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -203,6 +211,10 @@ def load_config(raw: DictConfig | dict[str, Any]) -> Config:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    if cfg.model.hf_path is not None:
+        from longtrain.hf import apply_hf_architecture
+
+        apply_hf_architecture(cfg)
     cfg.rope = stage_rope(cfg)
     validate(cfg)
     return cfg
@@ -323,6 +335,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         f"stage.long_doc_share + stage.retrieval_share = {s.long_doc_share + s.retrieval_share} must be <= 1",
     )
     _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
+    if s.init_from and s.init_from.startswith("hf:"):
+        from longtrain.data.tokenizer import build_tokenizer
+        from longtrain.hf import check_hf_init
+
+        check_hf_init(cfg, m.vocab_size or build_tokenizer(t).vocab_size)
 
     o = cfg.optim
     _positive(o.lr, "optim.lr")
@@ -367,6 +384,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(g.short_val_samples, "gate.short_val_samples")
     check_retrieval_kinds(cfg.retrieval.kinds)
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
+    if cfg.export.after_gate:  # refuse a model transformers cannot run before training it
+        from longtrain.hf import export_architecture
+
+        export_architecture(cfg.model, cfg.rope)
 
     _positive(cfg.logging.log_every, "logging.log_every")
     if cfg.logging.peak_tflops is not None:
