@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -88,6 +89,65 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, max_shard_size: Optional[
     return write_hf_folder(cfg, model.state_dict(), out_dir)
 
 
+@dataclass
+class ParityReport:
+    """An export against the checkpoint it came from, as a client would use it."""
+
+    positions_from: int  # logits compared from here on: the original (pretraining) length
+    seq_len: int
+    max_abs_diff: float  # |transformers' logits - ours|, validation text
+    ours: list[list[int]]  # our greedy answers to passkey prompts
+    transformers: list[list[int]]  # model.generate's greedy answers to the same prompts
+    answers: list[list[int]]
+
+    def passed(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance and self.ours == self.transformers
+
+    def summary(self) -> str:
+        same = sum(a == b for a, b in zip(self.ours, self.transformers))
+        recalled = sum(a == b for a, b in zip(self.transformers, self.answers))
+        return (
+            f"logits at positions {self.positions_from}..{self.seq_len - 1}: max |transformers - ours| = {self.max_abs_diff:.2e}; "
+            f"passkey generate: {same}/{len(self.ours)} prompts decode the digits ours does ({recalled} recalled)"
+        )
+
+
+@torch.no_grad()
+def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityReport:
+    """transformers on ``out_dir`` vs our model on ``checkpoint``, at the stage length.
+
+    Logits on a validation window, compared past the original length where the RoPE
+    scaling acts; then ``generate`` (greedy, with transformers' KV cache) on passkey
+    prompts at depths spread over the window against our greedy decoding.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from longtrain.data.packing import build_packed_dataset
+    from longtrain.data.retrieval import build_haystack
+    from longtrain.eval.needle import greedy_decode, load_model, needle_batch
+    from longtrain.optim.loss import IGNORE_INDEX
+
+    model, cfg, tokenizer, device = load_model(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).to(device).eval()
+    length, start = cfg.stage.seq_len, cfg.rope.original_max_position_embeddings
+    ids = build_packed_dataset(cfg.data, tokenizer, "val", length).sample(0)["input_ids"][None].to(device)
+    ours = model(ids, torch.arange(length, device=device)[None])
+    diff = float((hf(ids).logits - ours)[:, start:].abs().max())
+
+    haystack = build_haystack(cfg.data, tokenizer, "val")
+    cells = [(i / max(samples - 1, 1), 0) for i in range(samples)]
+    batch = needle_batch(tokenizer, haystack, length, cells, cfg.run.seed, "passkey", cfg.retrieval)
+    report = ParityReport(start, length, diff, [], [], [])
+    for sample, labels in zip(batch["input_ids"].to(device), batch["labels"].to(device)):
+        answer_at = (labels != IGNORE_INDEX).nonzero().flatten()
+        prompt, n = sample[: answer_at[0] + 1], len(answer_at)
+        report.ours.append(greedy_decode(model, prompt, n))
+        generated = hf.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        report.transformers.append(generated[0, len(prompt) :].tolist())
+        report.answers.append(labels[answer_at].tolist())
+    return report
+
+
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path) -> None:
     """Export a model in training (plain or FSDP2-sharded); collective, rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -103,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder (step_XXXXXXXX)")
     p.add_argument("out_dir", type=Path, help="the Hugging Face folder to write")
     p.add_argument("--max-shard-size", help="split safetensors past this size, e.g. 5GB, 500MB (default: the run's export.max_shard_size)")
+    p.add_argument("--check", action="store_true", help="then compare transformers on the export with our model (logits, generate)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: largest allowed |logit difference|")
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.max_shard_size)
@@ -110,6 +172,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"export error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}")
+    if args.check:
+        report = check_parity(args.checkpoint, out)
+        print(report.summary())
+        if not report.passed(args.tolerance):
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ from longtrain.data.tokenizer_export import save_tokenizer
 from longtrain.eval import needle
 from longtrain.export import export_checkpoint, main as export_main
 from longtrain.hf import hf_name
-from longtrain.optim.loss import IGNORE_INDEX
 from longtrain.parallel.mesh import init_parallel
 from longtrain.trainer import Trainer, prepare_trainer
 from tests.conftest import CONFIG_DIR
 from tests.dist_utils import run_distributed
-from tests.test_needle import greedy_decode
 from tests.test_trainer import TINY, losses, single_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,28 +130,19 @@ def test_export_cli_shards_and_writes_generation_config(tmp_path):
 @pytest.fixture(scope="module")
 def yarn_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("yarn_export")
-    trainer, path = trained_checkpoint(tmp, "rope=yarn", steps=8)
+    # The stage length holds a passkey prompt (~260 tokens): 20× the original length.
+    trainer, path = trained_checkpoint(tmp, "rope=yarn", "stage.seq_len=320", "stage.global_batch_size=1",
+                                       "stage.micro_batch_size=1", steps=8)
     return trainer, path, export_checkpoint(path, tmp / "hf")
 
 
-def test_greedy_generate_decodes_what_our_evaluator_scores(yarn_export):
-    from transformers import AutoModelForCausalLM
-
-    trainer, _, out = yarn_export
-    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    tokenizer = trainer.tokenizer
-    haystack = build_haystack(trainer.cfg.data, tokenizer, "val")
-    cells = [(d, 0) for d in (0.0, 0.3, 0.6, 1.0)]
-    batch = needle.needle_batch(tokenizer, haystack, 320, cells, seed=0)  # 320: past 64 and 16
-    recalled = needle.score_batch(lambda i, p: our_logits(trainer.model, i), batch)
-    for sample, labels, hit in zip(batch["input_ids"], batch["labels"], recalled):
-        answer_at = (labels != IGNORE_INDEX).nonzero().flatten()
-        prompt = sample[: answer_at[0] + 1]
-        ours = greedy_decode(trainer.model, prompt, len(answer_at))
-        with torch.no_grad():
-            theirs = hf.generate(prompt[None], max_new_tokens=len(answer_at), do_sample=False, min_new_tokens=len(answer_at))
-        assert theirs[0, len(prompt) :].tolist() == ours
-        assert bool(hit) == (ours == labels[answer_at].tolist())
+def test_export_check_generate_decodes_what_our_evaluator_does(yarn_export, tmp_path, capsys):
+    """--check: transformers' logits past the original length and greedy generate (KV cache)
+    on passkey prompts against ours; it exits 1 on any difference."""
+    _, path, _ = yarn_export
+    export_main([str(path), str(tmp_path / "hf"), "--check"])
+    printed = capsys.readouterr().out
+    assert "logits at positions 16..319" in printed and "4/4 prompts decode the digits ours does" in printed, printed
 
 
 def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):

@@ -97,6 +97,17 @@ def score_batch(forward: ForwardFn, batch: Batch) -> Tensor:
     return hit.all(dim=1).cpu()
 
 
+@torch.no_grad()
+def greedy_decode(forward: ForwardFn, prompt: Tensor, n: int) -> list[int]:
+    """Plain autoregressive greedy decoding of ``n`` tokens, one full forward per token: what
+    :func:`score_batch` predicts without decoding, for checking it (and an export) against."""
+    ids = prompt.clone()
+    for _ in range(n):
+        logits = forward(ids[None], torch.arange(len(ids), device=ids.device)[None])
+        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
+    return ids[len(prompt) :].tolist()
+
+
 def run_needle_grid(
     forward: ForwardFn,
     tokenizer: Tokenizer,
