@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import ConfigError, load_config
-from longtrain.curriculum import run_gated_stage
+from longtrain.config import ConfigError, load_config, validate
+from longtrain.curriculum import compose_stage_configs, run_gated_stage
 from longtrain.data.retrieval import build_haystack
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.data.tokenizer_export import save_tokenizer
@@ -331,3 +331,16 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Qwen2ForCausalLM" in lines[0], result.stderr
     assert "supported: Qwen3ForCausalLM, LlamaForCausalLM, SmolLM3ForCausalLM" in lines[0]
+
+
+def test_readme_extend_command_validates_every_stage(tmp_path):
+    """README: python train.py preset=cpu_demo stage=cpu/extend_2k model=hf model.hf_path=PATH
+    stage.init_from=hf:PATH tokenizer=hf tokenizer.path=PATH (train.py validates every stage)."""
+    folder = random_hf_model(tmp_path / "qwen3", "qwen3")
+    overrides = ["preset=cpu_demo", "model=hf", f"model.hf_path={folder}", f"stage.init_from=hf:{folder}", "tokenizer=hf", f"tokenizer.path={folder}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        stages = compose_stage_configs(["stage=cpu/extend_2k", *overrides])
+    for cfg in stages:
+        validate(cfg, world_size=1)
+        assert (cfg.model.n_layers, cfg.model.n_kv_heads, cfg.model.tie_embeddings, cfg.tokenizer.path) == (4, 2, True, str(folder))
+    assert [c.rope.factor for c in stages] == [1.0, 1.0, 4.0, 16.0]  # yarn on top of the imported plain RoPE
