@@ -72,7 +72,10 @@ def read_hf_config(path: Path, key: str) -> dict[str, Any]:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise ConfigError(f"{key}: no {CONFIG_FILE} in {path}; give a local Hugging Face model folder")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{key}: {file} is not valid JSON ({e})") from None
     arch = (hf.get("architectures") or ["<none>"])[0]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{key}: {file} has architecture {arch}, which is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -84,11 +87,7 @@ def nope_every_of(hf: dict[str, Any]) -> Optional[int]:
     flags = hf.get("no_rope_layers")
     if not flags:
         return 0
-    n = len(flags)
-    for k in [0, *range(1, n + 1)]:
-        if flags == [int(not (k and (i + 1) % k == 0)) for i in range(n)]:
-            return k
-    return None
+    return next((k for k in range(len(flags) + 1) if flags == nope_layer_flags(k, len(flags))), None)
 
 
 def nope_layer_flags(nope_every: int, n_layers: int) -> list[int]:
@@ -122,8 +121,8 @@ def rope_parameters_of(hf: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def unsupported_features(hf: dict[str, Any]) -> list[str]:
-    """Settings of a supported class that our model cannot reproduce."""
+def refuse_unsupported_features(hf: dict[str, Any], key: str, path: Path) -> None:
+    """Settings of a supported class that our model cannot reproduce: one ConfigError line."""
     bad = [f"{k}=true" for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if hf.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act={hf['hidden_act']} (we have SwiGLU with silu)")
@@ -133,18 +132,17 @@ def unsupported_features(hf: dict[str, Any]) -> list[str]:
         bad.append("partial_rotary_factor != 1")
     if nope_every_of(hf) is None:
         bad.append(f"no_rope_layers={hf['no_rope_layers']} (not every k-th layer, which model.nope_every expresses)")
-    return bad
+    if bad:
+        raise ConfigError(f"{key}: {path / CONFIG_FILE} has {', '.join(bad)}, which longtrain's model cannot express")
 
 
 def apply_hf_architecture(cfg: Config) -> None:
     """``model.hf_path`` set (model=hf): take every model field and rope.theta from that folder."""
-    hf = read_hf_config(Path(cfg.model.hf_path), "model.hf_path")
-    bad = unsupported_features(hf)
-    if bad:
-        raise ConfigError(f"model.hf_path: {cfg.model.hf_path}/{CONFIG_FILE} has {', '.join(bad)}, which longtrain cannot express")
+    path = Path(cfg.model.hf_path)
+    hf = read_hf_config(path, "model.hf_path")
+    refuse_unsupported_features(hf, "model.hf_path", path)
     for key, value in model_fields(hf).items():
         setattr(cfg.model, key, value)
-    cfg.model.name = f"hf:{Path(cfg.model.hf_path).name}"
     cfg.rope.theta = float(rope_parameters_of(hf)["rope_theta"])
 
 
@@ -184,13 +182,12 @@ def check_hf_init(cfg: Config, vocab_size: int) -> None:
     hf = read_hf_config(path, key)
     if not (path / SAFETENSORS_FILE).is_file() and not (path / SAFETENSORS_INDEX).is_file():
         raise ConfigError(f"{key}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {path}")
-    bad = [f"hf {b}" for b in unsupported_features(hf)]
-    if not bad:
-        m = cfg.model
-        ours = {**asdict(m), "head_dim": m.resolved_head_dim(), "ffn_dim": m.resolved_ffn_dim(), "vocab_size": vocab_size}
-        bad = [f"model.{k}={ours[k]} (hf {v})" for k, v in model_fields(hf).items() if ours[k] != v]
-        stage_theta_is_new = cfg.rope.type == "abf" and cfg.stage.abf_theta is not None
-        bad += _rope_mismatches(cfg.rope, stage_theta_is_new, rope_parameters_of(hf))
+    refuse_unsupported_features(hf, key, path)
+    m = cfg.model
+    ours = {**asdict(m), "head_dim": m.resolved_head_dim(), "ffn_dim": m.resolved_ffn_dim(), "vocab_size": vocab_size}
+    bad = [f"model.{k}={ours[k]} (hf {v})" for k, v in model_fields(hf).items() if ours[k] != v]
+    stage_theta_is_new = cfg.rope.type == "abf" and cfg.stage.abf_theta is not None
+    bad += _rope_mismatches(cfg.rope, stage_theta_is_new, rope_parameters_of(hf))
     if bad:
         raise ConfigError(
             f"{key}: {path / CONFIG_FILE} disagrees with the run: {'; '.join(bad)}; "

@@ -344,3 +344,12 @@ def test_readme_extend_command_validates_every_stage(tmp_path):
         validate(cfg, world_size=1)
         assert (cfg.model.n_layers, cfg.model.n_kv_heads, cfg.model.tie_embeddings, cfg.tokenizer.path) == (4, 2, True, str(folder))
     assert [c.rope.factor for c in stages] == [1.0, 1.0, 4.0, 16.0]  # yarn on top of the imported plain RoPE
+
+
+def test_supported_class_with_a_feature_we_lack_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=1, attention_bias=True)).save_pretrained(tmp_path / "biased")
+    with pytest.raises(ConfigError, match=r"^stage.init_from: .*config.json has attention_bias=true, which longtrain's model cannot express$"):
+        make_config(*import_overrides(tmp_path / "biased", "llama", tmp_path / "run"))
