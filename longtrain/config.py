@@ -9,6 +9,7 @@ names the offending key and what would be valid, before any compute starts.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -384,6 +385,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(g.short_val_samples, "gate.short_val_samples")
     check_retrieval_kinds(cfg.retrieval.kinds)
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
+    check_shard_size(cfg.export.max_shard_size, "export.max_shard_size")
     if cfg.export.after_gate:  # refuse a model transformers cannot run before training it
         from longtrain.hf import export_architecture
 
@@ -409,6 +411,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "run.resume",
             f"no checkpoint folder {run.resume!r}; valid: none, auto, or a checkpoint folder",
         )
+
+
+def check_shard_size(value: str, key: str) -> None:
+    """A size huggingface_hub's shard splitter reads (config validation and the export CLI)."""
+    _require(
+        re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", value, re.IGNORECASE) is not None,
+        key,
+        f"{value!r} is not a size; valid: a number with KB, MB, GB or TB, e.g. 5GB, 500MB",
+    )
 
 
 RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py

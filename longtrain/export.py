@@ -24,10 +24,10 @@ import torch
 from omegaconf import OmegaConf
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import Config, ConfigError, load_config
+from longtrain.config import Config, ConfigError, check_shard_size, load_config
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.data.tokenizer_export import save_tokenizer
-from longtrain.hf import MODEL_TYPES, hf_config_fields, hf_name
+from longtrain.hf import MODEL_TYPES, export_architecture, hf_config_fields, hf_name
 
 LONGTRAIN_CONFIG = "longtrain.yaml"
 EXPORT_DIR = "hf"  # export.after_gate: STAGE/hf, next to gate.json
@@ -79,11 +79,11 @@ def write_hf_folder(cfg: Config, model_state: dict[str, torch.Tensor], out_dir: 
 def export_checkpoint(checkpoint: Path, out_dir: Path, max_shard_size: Optional[str] = None) -> Path:
     """Load a checkpoint's weights in this process (any layout it was saved at) and export them."""
     from longtrain.eval.needle import load_model
-    from longtrain.hf import export_architecture
 
     cfg = checkpoint_config(checkpoint)
     export_architecture(cfg.model, cfg.rope)  # refuse before loading anything
     if max_shard_size is not None:
+        check_shard_size(max_shard_size, "--max-shard-size")
         cfg.export.max_shard_size = max_shard_size
     model, _, _, _ = load_model(checkpoint)
     return write_hf_folder(cfg, model.state_dict(), out_dir)

@@ -27,7 +27,7 @@ from longtrain.data.retrieval import build_haystack
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.data.tokenizer_export import save_tokenizer
 from longtrain.eval import needle
-from longtrain.export import export_checkpoint, main as export_main
+from longtrain.export import export_checkpoint, export_model, main as export_main
 from longtrain.hf import hf_name
 from longtrain.parallel.mesh import init_parallel
 from longtrain.trainer import Trainer, prepare_trainer
@@ -173,6 +173,18 @@ def test_export_refuses_logn_attention_in_one_line(tmp_path):
     assert not any(p.name.startswith("hf") for p in tmp_path.iterdir())
 
 
+def test_export_cli_refuses_a_bad_shard_size_or_folder(tmp_path, capsys):
+    _, path = trained_checkpoint(tmp_path, "rope=yarn", steps=1)
+    for args, message in (([str(path), "--max-shard-size", "5 gigs"], "--max-shard-size: '5 gigs' is not a size"),
+                          ([str(tmp_path)], "is not a complete checkpoint folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main([args[0], str(tmp_path / "hf"), *args[1:]])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(ConfigError, match="export.max_shard_size"):
+        make_config("export.max_shard_size=huge")
+
+
 def test_nope_with_qk_norm_is_refused_before_training():
     with pytest.raises(ConfigError, match="model.nope_every: no transformers class"):
         make_config("rope=yarn", "model.nope_every=2", "export.after_gate=true")
@@ -290,6 +302,7 @@ def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, c
     logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
     result = trainer.fit()
     trained_logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
+    export_model(trainer.model, cfg, Path(tmp) / "hf_live")  # export.after_gate's path: gathered from the shards
     if rank == 0:
         torch.save({"logits": logits, "trained_logits": trained_logits, "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")
 
@@ -303,7 +316,8 @@ def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, n
     assert sorted(losses(tmp_path / f"dp{dp}cp{cp}" / "pretrain")) == [1, 2, 3, 4, 5]
     # The checkpoint the two ranks saved exports in one process, with the trained model's logits.
     out = export_checkpoint(Path(got["checkpoint"]), tmp_path / "hf")
-    torch.testing.assert_close(hf_logits(out, fixed_ids()), got["trained_logits"], rtol=1e-5, atol=1e-5)
+    for folder in (out, tmp_path / "hf_live"):
+        torch.testing.assert_close(hf_logits(folder, fixed_ids()), got["trained_logits"], rtol=1e-5, atol=1e-5)
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
