@@ -275,6 +275,12 @@ def test_model_hf_and_tokenizer_hf_take_everything_from_the_folder(tmp_path):
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
     torch.testing.assert_close(trainer.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    # Exported again, the folder's own tokenizer goes along.
+    from transformers import AutoTokenizer
+
+    out = export_checkpoint(trainer.save(), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [1, 0, 1, 0]
+    assert AutoTokenizer.from_pretrained(out)("héllo 👍")["input_ids"] == AutoTokenizer.from_pretrained(folder)("héllo 👍")["input_ids"]
 
 
 def test_import_train_export_import_is_bitwise(tmp_path):
