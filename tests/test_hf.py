@@ -275,6 +275,10 @@ def test_model_hf_and_tokenizer_hf_take_everything_from_the_folder(tmp_path):
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
     torch.testing.assert_close(trainer.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    # The needle CLI on a folder from elsewhere (no longtrain.yaml): default run config, its tokenizer.
+    forward, default_cfg, tokenizer, _ = needle.load_hf_model(folder)
+    assert default_cfg.stage.seq_len == 512 and tokenizer.vocab_size == 259
+    torch.testing.assert_close(forward(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids))
     # Exported again, the folder's own tokenizer goes along.
     from transformers import AutoTokenizer
 
