@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -218,12 +218,12 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {name: path / SAFETENSORS_FILE for name in f.keys()}
 
 
-def _read_tensors(files: dict[str, Path], names: list[str]) -> Iterator[torch.Tensor]:
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One full tensor from a safetensors file (memory-mapped; only this tensor is read)."""
     from safetensors import safe_open
 
-    for name in names:
-        with safe_open(files[name], framework="pt") as f:
-            yield f.get_tensor(name)
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _shape_of(files: dict[str, Path], name: str) -> list[int]:
@@ -263,17 +263,14 @@ def load_hf_weights(model: nn.Module, path: Path) -> None:
     if problem:
         raise ConfigError(f"stage.init_from: {problem}")
     files = weight_files(path)
-    params = {hf_name(name): p for name, p in model.named_parameters()}
-    names = list(params)
-    for name, full in zip(names, _read_tensors(files, names)):
-        param = params[name]
-        full = full.to(device=param.device, dtype=param.dtype)
+    for name, param in model.named_parameters():
+        full = read_tensor(files[hf_name(name)], hf_name(name)).to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):
             # Every rank read the same tensor, so each cuts its own shard without communication.
-            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(full)
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
         else:
             param.copy_(full)
+        del full  # before the next read: one full tensor at a time
 
 
 # -- export ------------------------------------------------------------------------------

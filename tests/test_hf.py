@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from longtrain import checkpoint as ckpt
+from longtrain import hf
 from longtrain.config import ConfigError, load_config, validate
 from longtrain.curriculum import compose_stage_configs, run_gated_stage
 from longtrain.data.retrieval import build_haystack
@@ -304,11 +306,31 @@ def test_import_train_export_import_is_bitwise(tmp_path):
     assert not torch.equal(before["norm.weight"], load_file(folder / "model.safetensors")["model.norm.weight"])  # trained
 
 
+class FullTensorsAlive:
+    """Wraps hf.read_tensor: the most tensors it returned that were alive at the same time."""
+
+    def __init__(self) -> None:
+        self.read, self.alive, self.most = hf.read_tensor, 0, 0
+
+    def __call__(self, file: Path, name: str) -> torch.Tensor:
+        tensor = self.read(file, name)
+        self.alive += 1
+        self.most = max(self.most, self.alive)
+        weakref.finalize(tensor, self._freed)
+        return tensor
+
+    def _freed(self) -> None:
+        self.alive -= 1
+
+
 def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, cp: int) -> None:
     name = Path(folder).name
     cfg = make_config(*import_overrides(Path(folder), name, Path(tmp) / f"dp{dp}cp{cp}"), f"parallel.dp={dp}", f"parallel.cp={cp}")
     pd = init_parallel(cfg.parallel, torch.device("cpu"))
+    hf.read_tensor = counter = FullTensorsAlive()
     trainer = prepare_trainer(cfg, pd, Path(cfg.stage.init_from))
+    assert counter.most == 1, f"rank {rank} held {counter.most} full tensors at once"
+    assert counter.alive == 0
     logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
     result = trainer.fit()
     trained_logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
