@@ -9,6 +9,7 @@ names the offending key and what would be valid, before any compute starts.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -42,6 +43,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # default: the tokenizer's
+    hf_path: Optional[str] = None  # model=hf: every field above (and rope.theta) from this local HF folder
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
@@ -161,6 +163,12 @@ class GateConfig:
 
 
 @dataclass
+class ExportConfig:
+    after_gate: bool = False  # write a Hugging Face folder (STAGE/hf) for every stage that passes its gate
+    max_shard_size: str = "5GB"  # safetensors files are split past this size
+
+
+@dataclass
 class CurriculumConfig:
     name: str = "gpu"
     stages: list[str] = field(default_factory=lambda: ["pretrain", "extend_32k", "extend_128k"])
@@ -194,6 +202,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieval: "RetrievalConfig" = field(default_factory=lambda: RetrievalConfig())
     gate: GateConfig = field(default_factory=GateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -214,6 +223,10 @@ def load_config(raw: DictConfig | dict[str, Any], check: bool = True) -> Config:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    if cfg.model.hf_path is not None:
+        from longtrain.hf import apply_hf_architecture
+
+        apply_hf_architecture(cfg)
     # Keys stage_rope divides by or substitutes come first, so their errors name them.
     _positive(cfg.rope.original_max_position_embeddings, "rope.original_max_position_embeddings")
     _positive(cfg.stage.seq_len, "stage.seq_len")
@@ -352,6 +365,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         f"stage.long_doc_share + stage.retrieval_share = {s.long_doc_share + s.retrieval_share} must be <= 1",
     )
     _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
+    if s.init_from and s.init_from.startswith("hf:"):
+        from longtrain.data.tokenizer import build_tokenizer
+        from longtrain.hf import check_hf_init
+
+        check_hf_init(cfg, m.vocab_size or build_tokenizer(t).vocab_size)
 
     o = cfg.optim
     _positive(o.lr, "optim.lr")
@@ -404,6 +422,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(g.short_val_samples, "gate.short_val_samples")
     check_retrieval_kinds(cfg.retrieval.kinds)
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
+    check_shard_size(cfg.export.max_shard_size, "export.max_shard_size")
+    if cfg.export.after_gate:  # refuse a model transformers cannot run before training it
+        from longtrain.hf import export_architecture
+
+        export_architecture(cfg.model, cfg.rope)
 
     _positive(cfg.logging.log_every, "logging.log_every")
     if cfg.logging.peak_tflops is not None:
@@ -431,6 +454,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "run.resume",
             f"no checkpoint folder {run.resume!r}; valid: none, auto, or a checkpoint folder",
         )
+
+
+def check_shard_size(value: str, key: str) -> None:
+    """A size huggingface_hub's shard splitter reads (config validation and the export CLI)."""
+    _require(
+        re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", value, re.IGNORECASE) is not None,
+        key,
+        f"{value!r} is not a size; valid: a number with KB, MB, GB or TB, e.g. 5GB, 500MB",
+    )
 
 
 RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py

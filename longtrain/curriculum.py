@@ -25,6 +25,7 @@ from longtrain.data.retrieval import Haystack
 from longtrain.data.sources import load_documents
 from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
+from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.trainer import Trainer, prepare_trainer
 
@@ -208,6 +209,9 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
     )
     # Whether later tokens gain from the longer context: not a gate criterion, a picture of it.
     by_position = gate.position_loss(cfg.stage.seq_len) if cfg.eval.position_buckets else None
+    if passed and cfg.export.after_gate:  # before gate.json: a passed gate always has its export
+        export_model(trainer.model, cfg, directory / EXPORT_DIR)
+        log(f"exported {directory / EXPORT_DIR}")
     if pd.is_rank0:
         write_results(grid, directory / "needle", extra={"checkpoint": str(result.checkpoint)})
         if by_position is not None:

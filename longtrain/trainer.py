@@ -29,6 +29,7 @@ from longtrain.data.mix import build_train_data
 from longtrain.data.packing import PackedDataset, build_packed_dataset
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.hardware import autocast_dtype, peak_bf16_tflops
+from longtrain.hf import hf_path, load_hf_weights
 from longtrain.logging import MetricsLogger
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import LossSums, total_loss
@@ -171,8 +172,13 @@ class Trainer:
 
     def load_weights(self, path: Path, load_optimizer: bool = False) -> None:
         """Start a stage from another stage's weights: fresh schedule and data position, and a
-        fresh optimizer unless ``load_optimizer`` (RoPE tables are derived, never loaded)."""
-        ckpt.load_checkpoint(path, self.model, self.optimizer if load_optimizer else None)
+        fresh optimizer unless ``load_optimizer`` (RoPE tables are derived, never loaded).
+        ``hf:PATH`` names a Hugging Face model folder instead of a checkpoint."""
+        folder = hf_path(path)
+        if folder is not None:
+            load_hf_weights(self.model, folder)
+        else:
+            ckpt.load_checkpoint(path, self.model, self.optimizer if load_optimizer else None)
         self.logger.info(f"initialised weights{' and optimizer' if load_optimizer else ''} from {path}")
 
     def save(self) -> Path:

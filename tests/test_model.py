@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from longtrain.config import ModelConfig, RopeConfig
+from longtrain.hf import hf_name
 from longtrain.model.transformer import Transformer
 
 
@@ -33,22 +34,7 @@ def test_matches_hf_qwen3_logits():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
     )
     hf = Qwen3ForCausalLM(hf_cfg).double().eval()
-    names = {
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",
-        "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
-        "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    }
-    hf_sd = {}
-    for k, v in model.state_dict().items():
-        if k == "tok_embeddings.weight":
-            hf_sd["model.embed_tokens.weight"] = v
-        elif k == "norm.weight":
-            hf_sd["model.norm.weight"] = v
-        else:
-            _, i, rest = k.split(".", 2)
-            mod, leaf = rest.rsplit(".", 1)
-            hf_sd[f"model.layers.{i}.{names[mod]}.{leaf}"] = v
+    hf_sd = {hf_name(k): v for k, v in model.state_dict().items()}
     hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"]
     hf.load_state_dict(hf_sd)
     ids = torch.randint(0, 97, (2, 40))

@@ -36,16 +36,6 @@ def haystack() -> Haystack:
     return Haystack(np.asarray(doc * 100, dtype=np.uint16), (TOK.bos_id, TOK.eos_id, TOK.pad_id))
 
 
-@torch.no_grad()
-def greedy_decode(model: Transformer, prompt: torch.Tensor, n: int) -> list[int]:
-    """Plain autoregressive greedy decoding, one full forward per new token."""
-    ids = prompt.clone()
-    for _ in range(n):
-        logits = model(ids[None], torch.arange(len(ids))[None])
-        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
-    return ids[len(prompt) :].tolist()
-
-
 def test_teacher_forced_score_equals_greedy_decoding(haystack):
     model = tiny_model()
     cells = [(d, t) for d in (0.0, 0.5, 1.0) for t in range(2)]
@@ -61,12 +51,12 @@ def test_teacher_forced_score_equals_greedy_decoding(haystack):
     for b in range(len(cells)):
         prompt = full[b, :answer_start]
         if b % 2 == 0:
-            full[b, answer_start:] = torch.tensor(greedy_decode(model, prompt, n_answer))
+            full[b, answer_start:] = torch.tensor(needle.greedy_decode(model, prompt, n_answer))
             if b == 2:  # right first tokens, wrong last one
                 full[b, -1] = (full[b, -1] + 1) % 256
     batch = {**batch, "input_ids": full[:, :-1], "labels": torch.where(labels != IGNORE_INDEX, full[:, 1:], labels)}
     scored = needle.score_batch(model, batch)
-    expected = [greedy_decode(model, full[b, :answer_start], n_answer) == full[b, answer_start:].tolist() for b in range(len(cells))]
+    expected = [needle.greedy_decode(model, full[b, :answer_start], n_answer) == full[b, answer_start:].tolist() for b in range(len(cells))]
     assert scored.tolist() == expected
     assert expected[0] and expected[4] and not expected[2]
 

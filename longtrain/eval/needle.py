@@ -10,6 +10,7 @@ Building a batch (:func:`needle_batch`) and scoring it (:func:`score_batch`) are
 separate, so a sharded forward can replace ``model(input_ids, position_ids)``.
 
     python -m longtrain.eval.needle RUN/STAGE/checkpoints/step_00000300 --lengths 512 2048
+    python -m longtrain.eval.needle hf:EXPORTED_FOLDER      # the same grid through transformers' forward
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, load_config
+from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, TokenizerConfig, load_config
 from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer
+from longtrain.hf import hf_path
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
 
@@ -93,6 +95,17 @@ def score_batch(forward: ForwardFn, batch: Batch) -> Tensor:
     answer = labels != IGNORE_INDEX
     hit = (logits.argmax(dim=-1) == labels) | ~answer
     return hit.all(dim=1).cpu()
+
+
+@torch.no_grad()
+def greedy_decode(forward: ForwardFn, prompt: Tensor, n: int) -> list[int]:
+    """Plain autoregressive greedy decoding of ``n`` tokens, one full forward per token: what
+    :func:`score_batch` predicts without decoding, for checking it (and an export) against."""
+    ids = prompt.clone()
+    for _ in range(n):
+        logits = forward(ids[None], torch.arange(len(ids), device=ids.device)[None])
+        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
+    return ids[len(prompt) :].tolist()
 
 
 def run_needle_grid(
@@ -169,9 +182,32 @@ def load_model(checkpoint: Path) -> tuple[Transformer, Config, Tokenizer, torch.
     return model.to(device).eval(), cfg, tokenizer, device
 
 
+def load_hf_model(folder: Path) -> tuple[ForwardFn, Config, Tokenizer, torch.device]:
+    """A Hugging Face folder evaluated through transformers' own forward and tokenizer.
+
+    The run config comes from the ``longtrain.yaml`` that export writes (data, gate kind,
+    stage length); a folder from elsewhere gets the defaults.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from longtrain.export import LONGTRAIN_CONFIG
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stored = folder / LONGTRAIN_CONFIG
+    cfg = load_config(OmegaConf.load(stored) if stored.is_file() else {})
+    cfg.tokenizer = TokenizerConfig(type="hf", path=str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
+
+    def forward(input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        return model(input_ids=input_ids, position_ids=position_ids).logits.float()
+
+    return forward, cfg, build_tokenizer(cfg.tokenizer), device
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m longtrain.eval.needle", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="a checkpoint folder (step_XXXXXXXX)")
+    p.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX), or hf:FOLDER for a Hugging Face folder")
     p.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: the checkpoint's seq_len)")
     p.add_argument("--depths", type=float, nargs="+", help="depths in percent (default: 0 10 ... 100)")
     p.add_argument("--trials", type=int, default=4, help="samples per cell")
@@ -181,7 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
     args = p.parse_args(argv)
 
-    model, cfg, tokenizer, device = load_model(args.checkpoint)
+    source = hf_path(args.checkpoint)
+    if source is not None:
+        model, cfg, tokenizer, device = load_hf_model(source)
+    else:
+        source = Path(args.checkpoint)
+        model, cfg, tokenizer, device = load_model(source)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     haystack = build_haystack(cfg.data, tokenizer, "val")
@@ -189,8 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model, tokenizer, haystack, lengths, depths, args.trials, args.seed, args.batch_size,
         args.kind or cfg.gate.kind, device, cfg.retrieval,
     )
-    out = args.out or args.checkpoint / "needle"
-    json_path, png_path = write_results(grid, out, {"checkpoint": str(args.checkpoint), "seed": args.seed})
+    out = args.out or source / "needle"
+    json_path, png_path = write_results(grid, out, {"checkpoint": args.checkpoint, "seed": args.seed})
     print(grid.table())
     print(f"wrote {json_path} and {png_path}")
 
