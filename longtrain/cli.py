@@ -50,8 +50,6 @@ def hydra_error_line(error: Exception) -> Optional[str]:
 
 
 def _unknown_key(key: str) -> str:
-    from longtrain.config import Config
-
     parent, _, name = key.rpartition(".")
     node: object = Config
     for part in parent.split(".") if parent else []:

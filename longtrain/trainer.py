@@ -142,7 +142,6 @@ class Trainer:
         return {
             "step": self.step,
             "stage": self.cfg.stage.name,
-            "run_id": self.run_id,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
