@@ -167,6 +167,9 @@ def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
 
 
 README_COMMANDS = [
+    (1, ["preset=cpu_demo"]),
+    (1, ["preset=cpu_demo", "run.overwrite=true"]),
+    (1, ["preset=cpu_demo", "rope=abf"]),
     (1, ["model=350m", "stage.seq_len=4096", "optim.lr=1e-3"]),
     (2, ["preset=cpu_demo", "parallel.cp=2"]),
     (2, ["preset=cpu_demo", "parallel.dp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
@@ -249,3 +252,12 @@ def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "7"]
     assert "preempted: SIGTERM at step" in err
     assert ckpt.latest_checkpoint(tmp_path / "run" / "induction" / "checkpoints") is not None
+
+
+def test_readme_sweep_command_validates(tmp_path):
+    """`python train.py -m optim.lr=1e-3,3e-3`: one plan per job, each in its own folder."""
+    proc = subprocess.run([sys.executable, TRAIN, "-m", "optim.lr=1e-3,3e-3", "run.dry_run=true"], cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("nothing written") == 2
+    assert "multirun/" in proc.stdout and "/0/pretrain" in proc.stdout and "/1/pretrain" in proc.stdout
