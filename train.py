@@ -63,6 +63,8 @@ def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None]:
         return overrides, None
     job = int(hydra_cfg.job.num)
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("run.dir=")]
+    if not given and world_size_from_env() > 1:  # each rank would date the sweep folder by its own clock
+        raise ConfigError("run.dir: a multirun under torchrun needs run.dir=FOLDER (jobs go to FOLDER/<job>)")
     run_dir = os.path.join(given[-1], str(job)) if given else hydra_cfg.runtime.output_dir
     return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job
 
@@ -75,7 +77,10 @@ def main(raw: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     chosen = hydra_cfg.runtime.choices.get("stage")
-    overrides, job = job_overrides(hydra_cfg)
+    try:
+        overrides, job = job_overrides(hydra_cfg)
+    except ConfigError as e:
+        return fail("config error", str(e), 2, int(hydra_cfg.job.num))
     if job is not None and is_rank0():
         print(f"=== job {job}: {' '.join(overrides)}", flush=True)
     try:
