@@ -83,6 +83,8 @@ class DataConfig:
     val_percent: float = 5.0
     max_docs: Optional[int] = None  # cap on documents read (quick runs)
     seed: int = 1234
+    document_masking: bool = False  # a token attends only to earlier tokens of its own document
+    reset_positions: bool = False  # positions restart at 0 at each document (RoPE per document)
 
 
 @dataclass

@@ -104,7 +104,9 @@ class Gate:
         )
         self.haystack = Haystack.of_stream(self.val_tokens, trainer.tokenizer)
         short_len = cfg.rope.original_max_position_embeddings
-        self.short_val = PackedDataset(self.val_tokens, self.val_doc_starts, short_len, cfg.data.seed)
+        self.short_val = PackedDataset(
+            self.val_tokens, self.val_doc_starts, short_len, cfg.data.seed, cfg.data.reset_positions
+        )
 
     def recall(self, length: int) -> NeedleGrid:
         cfg = self.trainer.cfg

@@ -157,7 +157,8 @@ class Trainer:
         batch = {k: v.to(self.pd.device) for k, v in shard_batch(batch, self.pd).items()}
         with self.autocast():
             return self.model(
-                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size
+                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size,
+                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None,
             )
 
     def forward_backward(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from longtrain.config import DataConfig, TokenizerConfig
+from longtrain.data.packing import document_positions
 from longtrain.data import (
     ByteTokenizer,
     HFTokenizer,
@@ -169,6 +170,21 @@ def test_packed_samples_shift_positions_and_doc_ids():
         steps = torch.diff(s["doc_ids"], prepend=s["doc_ids"][:1])
         assert s["doc_ids"][0] == 0
         assert torch.equal(steps[1:], is_bos[1:].long())
+
+
+def test_reset_positions_restart_at_each_document():
+    tok = ByteTokenizer()
+    docs = datasets.Dataset.from_dict({"text": [f"doc {i} " * (i % 7 + 1) for i in range(40)]})
+    tokens, doc_starts = pack_documents(docs, tok, seed=0)
+    ds = PackedDataset(tokens, doc_starts, 64, seed=0, reset_positions=True)
+    for i in range(len(ds)):
+        s = ds.sample(i)
+        pos, is_bos = s["position_ids"], s["input_ids"] == tok.bos_id
+        assert pos.dtype == torch.long and pos[0] == 0
+        # 0 exactly at each BOS (after the window's first token), +1 everywhere else.
+        assert torch.equal(pos[1:] == 0, is_bos[1:])
+        assert (pos[1:][~is_bos[1:]] == pos[:-1][~is_bos[1:]] + 1).all()
+    assert document_positions(torch.tensor([0, 0, 1, 2, 2, 2, 5])).tolist() == [0, 1, 0, 0, 1, 2, 0]
 
 
 def test_packed_dataset_is_deterministic_across_builds():

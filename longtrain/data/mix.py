@@ -55,12 +55,13 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer) -> PackedDataset | Mixed
     """The stage's training stream: the packed corpus, plus long documents and retrieval samples."""
     s, seed = cfg.stage, cfg.data.seed
     tokens, doc_starts = pack_documents(load_documents(cfg.data, "train"), tokenizer, seed)
-    corpus = PackedDataset(tokens, doc_starts, s.seq_len, seed)
+    corpus = PackedDataset(tokens, doc_starts, s.seq_len, seed, cfg.data.reset_positions)
     if not s.long_doc_share and not s.retrieval_share:
         return corpus
     parts: list[tuple[SampleSource, float]] = [(corpus, 1.0 - s.long_doc_share - s.retrieval_share)]
     if s.long_doc_share:
-        parts.append((PackedDataset(*long_documents(tokens, doc_starts, s.seq_len), s.seq_len, seed), s.long_doc_share))
+        long_docs = long_documents(tokens, doc_starts, s.seq_len)
+        parts.append((PackedDataset(*long_docs, s.seq_len, seed, cfg.data.reset_positions), s.long_doc_share))
     if s.retrieval_share:
         haystack = Haystack.of_stream(tokens, tokenizer)  # the stream packed above, not packed again
         parts.append((RetrievalDataset(cfg.retrieval, tokenizer, haystack, s.seq_len, seed, "train"), s.retrieval_share))

@@ -54,14 +54,14 @@ class PackedDataset:
 
     Each sample holds LongTensors of length ``seq_len``: ``input_ids``, ``labels``
     (input_ids shifted by one), ``position_ids`` and ``doc_ids``. Documents are packed
-    back to back: positions run 0..seq_len-1 across document boundaries and attention is
-    not masked between documents, as in most long-context recipes (the model learns to
-    ignore what precedes a BOS). ``doc_ids`` numbers the documents within the window
-    (0 for the first, +1 at each BOS), so a consumer that wants per-document positions or
-    masking can derive them.
+    back to back. ``doc_ids`` numbers the documents within the window (0 for the first,
+    +1 at each BOS); the model masks attention by them under ``data.document_masking``.
+    Positions run 0..seq_len-1 across document boundaries, or with ``reset_positions``
+    restart at 0 at each BOS (the window's first, partial document counts from the
+    window start, so no position exceeds seq_len-1).
     """
 
-    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int, reset_positions: bool = False):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if len(tokens) < seq_len + 1:
@@ -73,6 +73,7 @@ class PackedDataset:
         self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
         self.seq_len = seq_len
         self.seed = seed
+        self.reset_positions = reset_positions
         self._num_windows = (len(tokens) - 1) // seq_len
         # One epoch's permutation is reused by every sample of that epoch.
         self._perm_epoch: Optional[int] = None
@@ -98,16 +99,25 @@ class PackedDataset:
         offsets = np.arange(start, start + self.seq_len)
         # Number of BOS strictly after the window start and at or before each position.
         first = np.searchsorted(self.doc_starts, start, side="right")
-        doc_ids = np.searchsorted(self.doc_starts, offsets, side="right") - first
+        doc_ids = torch.from_numpy(np.searchsorted(self.doc_starts, offsets, side="right") - first)
         return {
             "input_ids": window[:-1],
             "labels": window[1:],
-            "position_ids": torch.arange(self.seq_len, dtype=torch.long),
-            "doc_ids": torch.from_numpy(doc_ids.astype(np.int64)),
+            "position_ids": document_positions(doc_ids) if self.reset_positions else torch.arange(self.seq_len),
+            "doc_ids": doc_ids,
         }
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where ``doc_ids`` [T] (nondecreasing) steps."""
+    index = torch.arange(len(doc_ids))
+    starts = torch.ones(len(doc_ids), dtype=torch.bool)
+    starts[1:] = doc_ids[1:] != doc_ids[:-1]
+    # Each token's document starts at the last start at or before it.
+    return index - torch.cummax(torch.where(starts, index, 0), dim=0).values
 
 
 def build_packed_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split, seq_len: int) -> PackedDataset:
     docs = load_documents(data_cfg, split)
     tokens, doc_starts = pack_documents(docs, tokenizer, data_cfg.seed)
-    return PackedDataset(tokens, doc_starts, seq_len, data_cfg.seed)
+    return PackedDataset(tokens, doc_starts, seq_len, data_cfg.seed, data_cfg.reset_positions)

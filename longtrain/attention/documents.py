@@ -1,0 +1,130 @@
+"""Document masking: a token attends only to earlier tokens of its own document.
+
+Packed samples hold several documents; ``doc_ids`` [B, T] numbers them per token and
+never decreases along the sequence. Any set of tokens kept in sequence order (a whole
+sample, or a zigzag shard: chunk r then chunk 2·cp−1−r) therefore has sorted doc ids,
+so the live (query, key) pairs of a block are a union of rectangles, one per document
+present on both sides. We call the local kernel once per rectangle rather than
+materialising a T×S mask:
+
+- work is saved: a block of 8K with 1K documents costs eight 1K² triangles, not one 8K²
+  triangle, and a ring block that shares no document with the queries costs nothing;
+- no padding and no divisibility rule on documents: a rectangle is any size, one token
+  included;
+- the causal (diagonal) block cuts into square per-document triangles, where the
+  kernel's top-left causal alignment is the right one.
+
+The kernel's (out, lse) per rectangle is the block result for those rows, since each
+query row belongs to one document. Rows with no live key in a block keep out = 0,
+lse = −inf, which ``ring._merge`` folds in as a no-op; on its diagonal block every
+row sees at least itself, so a merged lse is always finite. The backward replays the
+same rectangles with the global out/lse (``kernel_backward``).
+
+CUDA: the per-rectangle calls run through the same kernels (flash-attn / SDPA). Folding
+one block's rectangles into a single ``flash_attn_varlen_func`` call (cu_seqlens over
+the rectangles) would cut the launch count; it is not written, since nothing here can
+run or test it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longtrain.attention.kernels import accum_dtype, kernel_backward, kernel_forward
+
+Rectangle = tuple[int, int, int, int]  # query rows [q0, q1) × keys [k0, k1)
+
+
+def _runs(doc_ids: Tensor) -> dict[int, tuple[int, int]]:
+    """{doc: (start, end)} of a 1-D nondecreasing doc-id sequence."""
+    docs, counts = torch.unique_consecutive(doc_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return {d: (e - n, e) for d, n, e in zip(docs.tolist(), counts.tolist(), ends)}
+
+
+def document_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[Rectangle]:
+    """The live rectangles of one block: one per document present among both the queries
+    (``q_docs``, 1-D) and the keys (``k_docs``, 1-D), both nondecreasing."""
+    if q_docs.numel() and (q_docs.diff() < 0).any() or k_docs.numel() and (k_docs.diff() < 0).any():
+        raise ValueError("doc_ids must be nondecreasing along the sequence (documents are packed in order)")
+    keys = _runs(k_docs)
+    return [(q0, q1, *keys[d]) for d, (q0, q1) in _runs(q_docs).items() if d in keys]
+
+
+def document_forward(
+    q: Tensor, k: Tensor, v: Tensor, q_docs: Tensor, k_docs: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Same-document attention of q [B, Hq, T, D] over k/v [B, Hkv, S, D]: (out, lse).
+
+    ``q_docs`` [B, T] and ``k_docs`` [B, S] are the doc ids of the rows and keys. With
+    ``causal`` the block is a diagonal one (same tokens on both sides). Rows with no live
+    key get out = 0 and lse = −inf.
+    """
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+    for b in range(q.shape[0]):
+        for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
+            rows, keys = (b, slice(None), slice(q0, q1)), (slice(b, b + 1), slice(None), slice(k0, k1))
+            o, l = kernel_forward(q[b : b + 1, :, q0:q1], k[keys], v[keys], causal, scale)
+            out[rows], lse[rows] = o[0], l[0]
+    return out, lse
+
+
+def document_backward_into(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_docs: Tensor,
+    k_docs: Tensor,
+    causal: bool,
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Add the gradients of ``document_forward`` into ``grads`` = (dq, dk, dv) buffers,
+    recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does."""
+    dq, dk, dv = grads
+    for b in range(q.shape[0]):
+        for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
+            rows = (slice(b, b + 1), slice(None), slice(q0, q1))
+            keys = (slice(b, b + 1), slice(None), slice(k0, k1))
+            kernel_backward(
+                dout[rows], q[rows], k[keys], v[keys], out[rows], lse[rows], causal, scale,
+                grads=(dq[rows], dk[keys], dv[keys]),
+            )
+
+
+def document_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, doc_ids: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of causal document-masked attention of one whole sequence."""
+    acc = accum_dtype(q.dtype)
+    grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    document_backward_into(dout, q, k, v, out, lse, doc_ids, doc_ids, True, scale, grads)
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+class _DocumentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        out, lse = document_forward(q, k, v, doc_ids, doc_ids, True, scale)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        return *document_backward(dout, q, k, v, out, lse, doc_ids, ctx.scale), None, None
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Differentiable causal attention within documents: (out, lse) of q [B, Hq, T, D] over
+    k/v [B, Hkv, T, D], ``doc_ids`` [B, T] nondecreasing per row."""
+    if doc_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"doc_ids must be [B, T] = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
+    return _DocumentAttention.apply(q, k, v, doc_ids, scale)
