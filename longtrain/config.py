@@ -85,6 +85,18 @@ class DataConfig:
     seed: int = 1234
     document_masking: bool = False  # a token attends only to earlier tokens of its own document
     reset_positions: bool = False  # positions restart at 0 at each document (RoPE per document)
+    prepared: Optional[str] = None  # prepared shards folder (null: data/<source>-<tokenizer>-<plan hash>)
+
+
+@dataclass
+class MixSourceConfig:
+    """One weighted source of a stage's text: prepared train documents within a length range."""
+
+    name: str = "corpus"
+    weight: float = 1.0
+    prepared: Optional[str] = None  # a prepared folder (python -m longtrain.data.prepare); null: the run's data
+    min_doc_tokens: int = 0  # documents shorter than this are left out (BOS/EOS included)
+    max_doc_tokens: Optional[int] = None  # and longer than this
 
 
 @dataclass
@@ -100,6 +112,7 @@ class StageConfig:
     final_lr_ratio: float = 0.0
     long_doc_share: float = 0.0  # share of samples cut from documents at least seq_len long
     retrieval_share: float = 0.0  # share of synthetic retrieval samples (the rest: the packed corpus)
+    mix: list[MixSourceConfig] = field(default_factory=list)  # weighted text sources (else the corpus + long docs)
     abf_theta: Optional[float] = None  # rope=abf: this stage's RoPE base (null: rope.theta)
     init_from: Optional[str] = None  # weights to start from (default: the gated checkpoint of the stage before)
     load_optimizer: bool = False  # also carry the optimizer state over from init_from
@@ -325,6 +338,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         f"stage.long_doc_share + stage.retrieval_share = {s.long_doc_share + s.retrieval_share} must be <= 1",
     )
     _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
+    _check_mix(s)
 
     o = cfg.optim
     _positive(o.lr, "optim.lr")
@@ -393,6 +407,25 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
 
 RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py
+
+
+def _check_mix(s: StageConfig) -> None:
+    if not s.mix:
+        return
+    _require(not s.long_doc_share, "stage.long_doc_share", "must be 0 when stage.mix lists the sources (give a long source a min_doc_tokens instead)")
+    _require(sum(e.weight for e in s.mix) > 0, "stage.mix", "weights must have a positive sum")
+    for i, e in enumerate(s.mix):
+        key = f"stage.mix[{i}]"
+        _require(e.weight >= 0, f"{key}.weight", f"must be >= 0, got {e.weight}")
+        _require(e.min_doc_tokens >= 0, f"{key}.min_doc_tokens", f"must be >= 0, got {e.min_doc_tokens}")
+        if e.max_doc_tokens is not None:
+            _require(e.max_doc_tokens >= e.min_doc_tokens, f"{key}.max_doc_tokens", f"must be >= min_doc_tokens={e.min_doc_tokens}")
+        if e.prepared:
+            _require(
+                os.path.exists(os.path.join(e.prepared, "manifest.json")),
+                f"{key}.prepared",
+                f"{e.prepared} is not prepared data (no manifest.json); run python -m longtrain.data.prepare ... out={e.prepared}",
+            )
 
 
 def check_retrieval_kinds(kinds: list[str]) -> None:

@@ -23,7 +23,8 @@ from longtrain.attention.ring import ring_attention
 from longtrain.config import Config
 from longtrain.data.loader import StatefulLoader
 from longtrain.data.mix import build_train_data
-from longtrain.data.packing import PackedDataset, build_packed_dataset
+from longtrain.data.packing import PackedDataset, packed_dataset
+from longtrain.data.shards import open_prepared
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.logging import MetricsLogger
 from longtrain.model.transformer import Transformer
@@ -95,9 +96,10 @@ class Trainer:
         self.scheduler = build_wsd_scheduler(
             self.optimizer, s.steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.final_lr_ratio
         )
-        train_data = build_train_data(cfg, self.tokenizer)
+        self.prepared = open_prepared(cfg, pd.is_rank0)  # rank 0 prepares once; the others wait
+        train_data = build_train_data(cfg, self.tokenizer, self.prepared)
         self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
-        self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
+        self.val_data: PackedDataset = packed_dataset(self.prepared.stream("val"), s.seq_len, cfg.data)
         self.step = 0
         self.flops_per_token = flops_per_token(cfg, self.model.num_params(exclude_embedding=True))
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(pd.device)

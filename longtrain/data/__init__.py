@@ -1,8 +1,7 @@
 """Data: document sources, tokenizers, packing into fixed-length samples, and a stateful loader."""
 
 from longtrain.data.loader import StatefulLoader
-from longtrain.data.packing import PackedDataset, build_packed_dataset, pack_documents
-from longtrain.data.sources import load_documents
+from longtrain.data.packing import PackedDataset, packed_dataset
 from longtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -11,8 +10,6 @@ __all__ = [
     "PackedDataset",
     "StatefulLoader",
     "Tokenizer",
-    "build_packed_dataset",
     "build_tokenizer",
-    "load_documents",
-    "pack_documents",
+    "packed_dataset",
 ]

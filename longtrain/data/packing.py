@@ -1,7 +1,7 @@
-"""Pack documents into one token stream and serve fixed-length training samples.
+"""Serve fixed-length training samples from a packed token stream.
 
-The stream is ``BOS doc EOS BOS doc EOS ...`` over all documents in a seeded order, held
-as one numpy array. It is cut into windows of ``seq_len + 1`` tokens that overlap by one
+The stream is ``BOS doc EOS BOS doc EOS ...`` (a prepared split read through memory maps,
+``shards.TokenStream``, or any array). It is cut into windows of ``seq_len + 1`` tokens that overlap by one
 token (stride ``seq_len``), so every token is a label exactly once per epoch. Sample ``i``
 is a pure function of ``i``: window ``perm_e[i mod n]`` with a fresh permutation for each
 epoch ``e = i // n``. The stream is therefore infinite, and a loader only has to remember
@@ -10,43 +10,15 @@ how many samples it has consumed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import datasets
 import numpy as np
 import torch
 
 from longtrain.config import DataConfig
-from longtrain.data.sources import Split, load_documents
-from longtrain.data.tokenizer import Tokenizer
 
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    # uint16 halves the memory of the stream for any vocabulary that fits in it.
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
-
-
-def pack_documents(docs: datasets.Dataset, tokenizer: Tokenizer, seed: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenise ``docs`` in a seeded order into one stream; return (tokens, doc_starts).
-
-    ``doc_starts`` holds the offset of each document's BOS. It is kept explicitly rather
-    than found by scanning for BOS, because some tokenizers use one id for BOS and EOS.
-    """
-    dtype = token_dtype(tokenizer.vocab_size)
-    bos = np.array([tokenizer.bos_id], dtype=dtype)
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    # Shuffling documents (not just windows) mixes sources and lengths within a window.
-    order = np.random.default_rng(seed).permutation(len(docs))
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
-    for batch in docs.select(order).iter(batch_size=batch_size):
-        for ids in tokenizer.encode_batch(batch["text"]):
-            pieces += (bos, ids.astype(dtype, copy=False), eos)
-            lengths.append(len(ids) + 2)
-    if not pieces:
-        raise ValueError("no documents to pack")
-    doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
-    return np.concatenate(pieces), doc_starts
+if TYPE_CHECKING:
+    from longtrain.data.shards import TokenStream
 
 
 class PackedDataset:
@@ -61,7 +33,9 @@ class PackedDataset:
     window start, so no position exceeds seq_len-1).
     """
 
-    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int, reset_positions: bool = False):
+    def __init__(
+        self, tokens: np.ndarray | TokenStream, doc_starts: np.ndarray, seq_len: int, seed: int, reset_positions: bool = False
+    ):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if len(tokens) < seq_len + 1:
@@ -117,7 +91,6 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.cummax(torch.where(starts, index, 0), dim=0).values
 
 
-def build_packed_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split, seq_len: int) -> PackedDataset:
-    docs = load_documents(data_cfg, split)
-    tokens, doc_starts = pack_documents(docs, tokenizer, data_cfg.seed)
-    return PackedDataset(tokens, doc_starts, seq_len, data_cfg.seed, data_cfg.reset_positions)
+def packed_dataset(stream: TokenStream, seq_len: int, data_cfg: DataConfig) -> PackedDataset:
+    """Training samples of ``seq_len`` cut from a prepared token stream."""
+    return PackedDataset(stream, stream.doc_starts, seq_len, data_cfg.seed, data_cfg.reset_positions)
