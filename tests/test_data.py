@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from longtrain.config import Config, DataConfig, TokenizerConfig
-from longtrain.data import ByteTokenizer, HFTokenizer, PackedDataset, StatefulLoader, build_tokenizer, packed_dataset
-from longtrain.data.packing import document_positions
+from longtrain.data.loader import StatefulLoader
+from longtrain.data.packing import PackedDataset, document_positions, packed_dataset
+from longtrain.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 from longtrain.data.prepare import prepare
 from longtrain.data.shards import open_prepared
 from longtrain.data.sources import in_val_split

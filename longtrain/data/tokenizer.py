@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 import numpy as np
-import torch
 
 from longtrain.config import TokenizerConfig
 
-Ids = Union[Sequence[int], np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Ids = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 
 
 class Tokenizer(Protocol):
