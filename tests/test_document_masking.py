@@ -1,5 +1,5 @@
 """Document masking: the local kernel and ring attention (cp 1..3, zigzag) equal a
-per-document float64 reference, forward and backward; positions restart when asked."""
+per-document float64 reference, forward and backward."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ import torch.distributed as dist
 
 from longtrain.attention.documents import document_attention, document_rectangles
 from longtrain.attention.ring import ring_attention
-from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
-from tests.dist_utils import run_distributed
+from longtrain.parallel.sharding import zigzag_shard
+from tests.dist_utils import cp_groups, gather_unshard, run_distributed
 
 SEQ, HEAD_DIM = 48, 8  # 48 splits into 2·cp chunks for cp = 1, 2, 3
 HEADS = [(4, 4), (4, 2), (6, 1)]
@@ -109,13 +109,7 @@ LAYOUT_GROUPS = {1: [[0], [1], [2]], 2: [[0, 1]], 3: [[0, 1, 2]]}
 
 
 def _ring_vs_reference(rank, world_size):
-    groups = {}
-    for cp, layout in LAYOUT_GROUPS.items():
-        for ranks in layout:
-            group = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
-            if rank in ranks:
-                groups[cp] = group
-    for cp, group in groups.items():
+    for cp, group in cp_groups(rank, world_size, LAYOUT_GROUPS).items():
         r = dist.get_rank(group)
         for layout, heads in _cases():
             q, k, v, dout = _inputs(*heads, seed=len(layout[0]))
@@ -125,10 +119,8 @@ def _ring_vs_reference(rank, world_size):
             out = ring_attention(*local, HEAD_DIM**-0.5, group, doc_ids=zigzag_shard(doc_ids, r, cp, dim=1))
             out.backward(zigzag_shard(dout, r, cp, dim=2))
             for name, got, exp in zip(["out", "dq", "dk", "dv"], [out] + [x.grad for x in local], want):
-                parts = [torch.empty_like(got) for _ in range(cp)]
-                dist.all_gather(parts, got.detach().contiguous(), group=group)
                 torch.testing.assert_close(
-                    zigzag_unshard(parts, cp, dim=2), exp, **TOL, msg=lambda m: f"{name} cp={cp} {layout} {heads}: {m}"
+                    gather_unshard(got, group), exp, **TOL, msg=lambda m: f"{name} cp={cp} {layout} {heads}: {m}"
                 )
 
 

@@ -72,21 +72,13 @@ def document_forward(
 
 
 def document_backward_into(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    q_docs: Tensor,
-    k_docs: Tensor,
-    causal: bool,
-    scale: float,
-    grads: tuple[Tensor, Tensor, Tensor],
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    docs: tuple[Tensor, Tensor], causal: bool, scale: float, grads: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Add the gradients of ``document_forward`` into ``grads`` = (dq, dk, dv) buffers,
-    recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does."""
-    dq, dk, dv = grads
+    recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does.
+    ``docs`` = (q_docs, k_docs)."""
+    (q_docs, k_docs), (dq, dk, dv) = docs, grads
     for b in range(q.shape[0]):
         for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
             rows = (slice(b, b + 1), slice(None), slice(q0, q1))
@@ -100,10 +92,10 @@ def document_backward_into(
 def document_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, doc_ids: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of causal document-masked attention of one whole sequence."""
+    """(dq, dk, dv) of causal document-masked attention over one whole sequence."""
     acc = accum_dtype(q.dtype)
     grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-    document_backward_into(dout, q, k, v, out, lse, doc_ids, doc_ids, True, scale, grads)
+    document_backward_into(dout, q, k, v, out, lse, (doc_ids, doc_ids), True, scale, grads)
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 

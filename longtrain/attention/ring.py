@@ -131,22 +131,13 @@ def _block_forward(
 
 
 def _block_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    grads: tuple[Tensor, Tensor, Tensor],
-    q_docs: Optional[Tensor],
-    k_docs: Optional[Tensor],
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float,
+    grads: tuple[Tensor, Tensor, Tensor], docs: tuple[Optional[Tensor], Optional[Tensor]],
 ) -> None:
-    if q_docs is None:
+    if docs[0] is None:
         kernel_backward(dout, q, k, v, out, lse, causal, scale, grads=grads)
     else:
-        document_backward_into(dout, q, k, v, out, lse, q_docs, k_docs, causal, scale, grads)
+        document_backward_into(dout, q, k, v, out, lse, docs, causal, scale, grads)
 
 
 def ring_forward(
@@ -217,8 +208,7 @@ def ring_backward(
         dkv_block = torch.zeros(block.shape, dtype=acc, device=block.device)
         _block_backward(
             dout[:, :, rows], q[:, :, rows], block[0], block[1], out[:, :, rows], lse[:, :, rows],
-            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]),
-            *_block_docs(all_docs, step, ring, rows, keys),
+            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), _block_docs(all_docs, step, ring, rows, keys),
         )
         if dkv_transfer is None:  # step 0 covers our whole block: the accumulator starts here
             dkv = dkv_block

@@ -48,13 +48,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        attention_fn: AttentionFn,
-        q_scale: Optional[Tensor] = None,
-        doc_ids: Optional[Tensor] = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
+        q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -96,13 +91,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        attention_fn: AttentionFn,
-        q_scale: Optional[Tensor] = None,
-        doc_ids: Optional[Tensor] = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
+        q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
     ) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
