@@ -127,3 +127,10 @@ def _ring_vs_reference(rank, world_size):
 @pytest.mark.timeout(240)
 def test_ring_document_attention_matches_reference():
     run_distributed(_ring_vs_reference, 3, timeout=200)
+
+
+def test_readme_command_validates(compose_config):
+    from longtrain.config import load_config
+
+    cfg = load_config(compose_config("preset=cpu_demo", "data.document_masking=true"))
+    assert cfg.data.document_masking and not cfg.data.reset_positions
