@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from longtrain.attention import documents
 from longtrain.attention.documents import document_attention, document_rectangles
+from longtrain.attention.kernels import kernel_backward, kernel_forward
 from longtrain.attention.ring import ring_attention
 from longtrain.parallel.sharding import zigzag_shard
 from tests.dist_utils import cp_groups, gather_unshard, run_distributed
@@ -105,10 +107,45 @@ def test_rectangles_skip_documents_absent_on_one_side():
         document_rectangles(torch.tensor([1, 0]), torch.tensor([0]))
 
 
+def _sequences(x, cu):
+    """Each packed sequence of x [total, H, D] as [1, H, len, D]."""
+    return [x[a:b].transpose(0, 1)[None] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+
+
+def _cpu_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale, causal, *_):
+    """flash-attn's varlen forward, one CPU kernel call per packed sequence (lse [H, total])."""
+    parts = [kernel_forward(qs, ks, vs, causal, scale) for qs, ks, vs in zip(_sequences(q, cu_q), _sequences(k, cu_k), _sequences(v, cu_k))]
+    return torch.cat([o[0].transpose(0, 1) for o, _ in parts]), torch.cat([l[0] for _, l in parts], 1), None, None
+
+
+def _cpu_varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout, scale, causal, *_):
+    """flash-attn's varlen backward, writing into dq, dk, dv as it does."""
+    for i, (a, b, c, d) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())):
+        rows = [x[a:b].transpose(0, 1)[None] for x in (dout, q, out)]
+        keys = [x[c:d].transpose(0, 1)[None] for x in (k, v)]
+        g = kernel_backward(rows[0], rows[1], *keys, rows[2], lse[None, :, a:b], causal, scale)
+        dq[a:b], dk[c:d], dv[c:d] = (x[0].transpose(0, 1) for x in g)
+
+
+def _emulate_varlen(monkeypatch):
+    """Route document masking through the CUDA varlen gather/scatter, with CPU kernels."""
+    monkeypatch.setattr(documents, "_uses_varlen", lambda q: True)
+    monkeypatch.setattr(documents, "_flash_attn_varlen_forward", _cpu_varlen_forward)
+    monkeypatch.setattr(documents, "_flash_attn_varlen_backward", _cpu_varlen_backward)
+
+
+@pytest.mark.parametrize("layout,heads", _cases()[::2])
+def test_varlen_packing_matches_reference(layout, heads, monkeypatch):
+    _emulate_varlen(monkeypatch)
+    test_local_document_attention_matches_reference(layout, heads)
+
+
 LAYOUT_GROUPS = {1: [[0], [1], [2]], 2: [[0, 1]], 3: [[0, 1, 2]]}
 
 
-def _ring_vs_reference(rank, world_size):
+def _ring_vs_reference(rank, world_size, varlen):
+    if varlen:
+        _emulate_varlen(pytest.MonkeyPatch())
     for cp, group in cp_groups(rank, world_size, LAYOUT_GROUPS).items():
         r = dist.get_rank(group)
         for layout, heads in _cases():
@@ -125,8 +162,9 @@ def _ring_vs_reference(rank, world_size):
 
 
 @pytest.mark.timeout(240)
-def test_ring_document_attention_matches_reference():
-    run_distributed(_ring_vs_reference, 3, timeout=200)
+@pytest.mark.parametrize("varlen", [False, True], ids=["cpu", "varlen"])
+def test_ring_document_attention_matches_reference(varlen):
+    run_distributed(_ring_vs_reference, 3, varlen, timeout=200)
 
 
 def test_readme_command_validates(compose_config):

@@ -20,10 +20,13 @@ lse = −inf, which ``ring._merge`` folds in as a no-op; on its diagonal block e
 row sees at least itself, so a merged lse is always finite. The backward replays the
 same rectangles with the global out/lse (``kernel_backward``).
 
-CUDA: the per-rectangle calls run through the same kernels (flash-attn / SDPA). Folding
-one block's rectangles into a single ``flash_attn_varlen_func`` call (cu_seqlens over
-the rectangles) would cut the launch count; it is not written, since nothing here can
-run or test it.
+CUDA with flash-attn (fp16/bf16): a block's rectangles over the whole batch become one
+varlen call instead of one launch each. The rows and keys of each rectangle are gathered
+into packed [total, H, D] tensors with cu_seqlens at the rectangle edges (a rectangle is
+a "sequence": its own rows against its own keys; square and bottom-right-causal on the
+diagonal block, which is top-left there), and out/lse are scattered back. The gather and
+scatter are tested on the CPU with the kernel swapped for per-rectangle CPU calls; the
+flash-attn call itself has not run here (no GPU).
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+from typing import Optional
+
 from longtrain.attention.kernels import accum_dtype, kernel_backward, kernel_forward
+
+try:  # optional CUDA dependency; absent on CPU installs
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
+except ImportError:
+    _flash_attn_varlen_forward = _flash_attn_varlen_backward = None
 
 Rectangle = tuple[int, int, int, int]  # query rows [q0, q1) × keys [k0, k1)
 
@@ -52,6 +63,72 @@ def document_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[Rectangle]:
     return [(q0, q1, *keys[d]) for d, (q0, q1) in _runs(q_docs).items() if d in keys]
 
 
+@dataclass
+class _Packed:
+    """Where a block's rectangles sit in flat [B·len] token order, for one varlen call."""
+
+    q_index: Tensor  # rows, rectangle after rectangle
+    k_index: Tensor
+    cu_q: Tensor  # int32 rectangle edges in the packed rows / keys
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
+def _pack(q_docs: Tensor, k_docs: Tensor) -> Optional[_Packed]:
+    (B, T), S = q_docs.shape, k_docs.shape[1]
+    rects = [(b, *r) for b in range(B) for r in document_rectangles(q_docs[b], k_docs[b])]
+    if not rects:
+        return None
+    q_index = torch.cat([torch.arange(b * T + q0, b * T + q1) for b, q0, q1, _, _ in rects]).to(q_docs.device)
+    k_index = torch.cat([torch.arange(b * S + k0, b * S + k1) for b, _, _, k0, k1 in rects]).to(q_docs.device)
+    q_lens, k_lens = [q1 - q0 for _, q0, q1, _, _ in rects], [k1 - k0 for *_, k0, k1 in rects]
+    cu = lambda lens: torch.tensor([0, *lens], device=q_docs.device).cumsum(0).to(torch.int32)  # noqa: E731
+    return _Packed(q_index, k_index, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, H, L, D] -> [B·L, H, D], flash-attn's packed layout."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _uses_varlen(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen_forward is not None
+
+
+def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, p: Optional[_Packed], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    B, H, T, D = q.shape
+    out = q.new_zeros(B * T, H, D)
+    lse = torch.full((H, B * T), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+    if p is not None:
+        o, l, *_ = _flash_attn_varlen_forward(
+            _flat(q)[p.q_index], _flat(k)[p.k_index], _flat(v)[p.k_index], p.cu_q, p.cu_k, p.max_q, p.max_k,
+            0.0, scale, causal, -1, -1, 0.0, None, False,
+        )
+        out[p.q_index], lse[:, p.q_index] = o, l  # varlen lse is [H, total_q]
+    return out.view(B, T, H, D).transpose(1, 2), lse.view(H, B, T).transpose(0, 1).contiguous()
+
+
+def _varlen_backward_into(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, p: Optional[_Packed],
+    causal: bool, scale: float, grads: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    if p is None:
+        return
+    qs, ks, vs = _flat(q)[p.q_index], _flat(k)[p.k_index], _flat(v)[p.k_index]
+    block = tuple(torch.empty_like(x) for x in (qs, ks, vs))  # flash-attn writes into these
+    lse_rows = lse.transpose(0, 1).reshape(lse.shape[1], -1)[:, p.q_index].contiguous()
+    _flash_attn_varlen_backward(
+        _flat(dout)[p.q_index], qs, ks, vs, _flat(out)[p.q_index], lse_rows, *block,
+        p.cu_q, p.cu_k, p.max_q, p.max_k, 0.0, scale, causal, -1, -1, 0.0, None, False, None,
+    )
+    for acc, g, index in zip(grads, block, (p.q_index, p.k_index, p.k_index)):
+        B, H, L, D = acc.shape
+        full = acc.new_zeros(B * L, H, D)
+        full[index] = g.to(acc.dtype)  # a token is in at most one rectangle of a block
+        acc += full.view(B, L, H, D).transpose(1, 2)
+
+
 def document_forward(
     q: Tensor, k: Tensor, v: Tensor, q_docs: Tensor, k_docs: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -61,6 +138,8 @@ def document_forward(
     ``causal`` the block is a diagonal one (same tokens on both sides). Rows with no live
     key get out = 0 and lse = −inf.
     """
+    if _uses_varlen(q):
+        return _varlen_forward(q, k, v, _pack(q_docs, k_docs), causal, scale)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
     for b in range(q.shape[0]):
@@ -79,6 +158,8 @@ def document_backward_into(
     recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does.
     ``docs`` = (q_docs, k_docs)."""
     (q_docs, k_docs), (dq, dk, dv) = docs, grads
+    if _uses_varlen(q):
+        return _varlen_backward_into(dout, q, k, v, out, lse, _pack(q_docs, k_docs), causal, scale, grads)
     for b in range(q.shape[0]):
         for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
             rows = (slice(b, b + 1), slice(None), slice(q0, q1))
