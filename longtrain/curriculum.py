@@ -19,7 +19,7 @@ import torch
 
 from longtrain import checkpoint as ckpt
 from longtrain.config import Config, load_config
-from longtrain.data.packing import PackedDataset, packed_dataset
+from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
@@ -97,7 +97,7 @@ class Gate:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         cfg = trainer.cfg
-        # One packing of the validation split serves the needles, the short loss and loss by position.
+        # The prepared validation split serves the needles, the short loss and loss by position.
         self.val_tokens = trainer.prepared.stream("val")
         self.val_doc_starts = self.val_tokens.doc_starts
         self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), trainer.tokenizer)
