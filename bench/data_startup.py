@@ -1,6 +1,6 @@
 """Data start-up on a prepared 1 GB token corpus, and preparation throughput.
 
-    python -m bench.data_startup [--gigabytes 1] [--bpe-docs 400]
+    python -m bench.data_startup [--gigabytes 1] [--bpe-docs 400] [--part startup|prepare]
 
 Start-up: the stdlib corpus is prepared once (byte tokens, uint16) and its train shards
 are repeated by hard links into a corpus of ``--gigabytes`` of tokens on disk, with the
@@ -119,20 +119,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gigabytes", type=float, default=1.0)
     p.add_argument("--bpe-docs", type=int, default=400, help="stdlib files the BPE tokenizer is trained on")
+    p.add_argument("--part", choices=("startup", "prepare"), help="run one part only (default: both)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory(dir=".") as tmp:  # on disk, not a tmpfs: memory maps must page from disk
         tmp = Path(tmp)
-        print("## Preparation throughput (stdlib corpus)\n\n| tokenizer | processes | tokens | seconds | tokens/s |\n|---|---|---|---|---|")
-        tokenizers = {"byte": TokenizerConfig(), "BPE 8K": train_bpe(tmp / "bpe", args.bpe_docs)}
-        for name, tok in tokenizers.items():
-            for procs in (1, 2):
-                out = tmp / f"prep_{name.replace(' ', '')}_{procs}"
-                start = time.perf_counter()
-                manifest = prepare(DataConfig(), tok, out, num_proc=procs, progress=False)
-                seconds = time.perf_counter() - start
-                tokens = sum(s["tokens"] for s in manifest["splits"].values())
-                print(f"| {name} | {procs} | {tokens:,} | {seconds:.1f} | {tokens / seconds:,.0f} |", flush=True)
-
+        if args.part != "startup":
+            print("## Preparation throughput (stdlib corpus)\n\n| tokenizer | processes | tokens | seconds | tokens/s |\n|---|---|---|---|---|")
+            tokenizers = {"byte": TokenizerConfig(), "BPE 8K": train_bpe(tmp / "bpe", args.bpe_docs)}
+            for name, tok in tokenizers.items():
+                for procs in (1, 2):
+                    out = tmp / f"prep_{name.replace(' ', '')}_{procs}"
+                    start = time.perf_counter()
+                    manifest = prepare(DataConfig(), tok, out, num_proc=procs, progress=False)
+                    seconds = time.perf_counter() - start
+                    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+                    print(f"| {name} | {procs} | {tokens:,} | {seconds:.1f} | {tokens / seconds:,.0f} |", flush=True)
+        if args.part == "prepare":
+            return
+        prepare(DataConfig(), TokenizerConfig(), tmp / "prep_byte_1", progress=False)  # done already unless --part startup
         corpus = tmp / "corpus_1gb"
         tokens = repeat_corpus(tmp / "prep_byte_1", corpus, args.gigabytes)
         print(f"\n## Stage start-up, {tokens:,} train tokens ({tokens * 2 / 2**30:.2f} GiB of uint16)\n")
