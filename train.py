@@ -52,6 +52,8 @@ def main(raw: DictConfig) -> None:
         records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
     except StageError as e:
         fail("stage error", str(e), 1)
+    except ConfigError as e:  # found while preparing the data (e.g. an empty split), before any step
+        fail("config error", str(e), 2)
     if pd.is_rank0:
         print(summary_table(records))
 

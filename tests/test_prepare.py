@@ -206,3 +206,16 @@ def test_data_readme_commands(tmp_path):
     data = PreparedData(tmp_path / "books")
     assert data.manifest["plan"]["tokenizer"].startswith("hf:")
     assert sum(data.manifest["splits"][s]["tokens"] for s in ("train", "val")) == sum(len(t.split()) + 2 for t in texts)
+
+
+def test_training_on_a_corpus_with_an_empty_split_is_one_line(tmp_path):
+    """A small data=local corpus whose 5% validation split is empty: one line, exit 2."""
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 50)
+    r = subprocess.run(
+        [sys.executable, "train.py", "preset=cpu_demo", "stage=cpu/induction", "data=local", f"data.path={tmp_path}/*.txt",
+         f"data.prepared={tmp_path}/prepared", f"run.dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("config error: data.val_percent: the val split") and "3 documents in all" in r.stderr

@@ -100,10 +100,18 @@ def open_prepared(cfg: Config, rank0: bool = True) -> PreparedData:
     """The run's prepared data, preparing it first if needed: rank 0 prepares while the
     other ranks wait at a barrier (a no-op without a process group)."""
     folder = prepared_dir(cfg.data, cfg.tokenizer)
+    error: Optional[ConfigError] = None
     if rank0 and not (folder / "manifest.json").exists():
-        prepare(cfg.data, cfg.tokenizer, folder, num_proc=1, progress=False)
+        try:
+            prepare(cfg.data, cfg.tokenizer, folder, num_proc=1, progress=False)
+        except ConfigError as e:  # raised after the barrier, so no rank is left waiting
+            error = e
     if dist.is_initialized():
         dist.barrier()
+    if error is not None:
+        raise error
+    if not (folder / "manifest.json").exists():
+        raise ConfigError(f"data.prepared: {folder} could not be prepared; rank 0 reports why")
     data = PreparedData(folder)
     want = make_plan(cfg.data, cfg.tokenizer).tokenizer
     if data.manifest["plan"]["tokenizer"] != want:
