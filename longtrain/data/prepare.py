@@ -31,6 +31,7 @@ counted and reported; a split left empty is a one-line config error.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -42,7 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from longtrain.config import ConfigError, Config, DataConfig, TokenizerConfig
+from longtrain.config import Config, ConfigError, DataConfig, TokenizerConfig
 from longtrain.data.sources import documents, in_val_split
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer, tokenizer_identity
 
@@ -100,8 +101,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
