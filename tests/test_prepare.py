@@ -219,3 +219,15 @@ def test_training_on_a_corpus_with_an_empty_split_is_one_line(tmp_path):
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("config error: data.val_percent: the val split") and "3 documents in all" in r.stderr
+
+
+def test_shards_of_another_tokenizer_are_refused(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"{i}.txt").write_text(f"doc {i}")
+    prepare(DataConfig(source="local", path=str(corpus / "*.txt"), val_percent=30), BYTE, tmp_path / "out", progress=False)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="data.prepared: .* prepared with tokenizer byte, this run uses hf:"):
+        PreparedData(tmp_path / "out", TokenizerConfig(type="hf", path=str(tmp_path / "tok")))

@@ -21,7 +21,7 @@ import torch
 
 from pathlib import Path
 
-from longtrain.config import Config, MixSourceConfig
+from longtrain.config import Config, MixSourceConfig, TokenizerConfig
 from longtrain.data.packing import PackedDataset, packed_dataset
 from longtrain.data.retrieval import Haystack, RetrievalDataset
 from longtrain.data.shards import PreparedData, TokenStream
@@ -49,9 +49,9 @@ class MixedDataset:
         return self.parts[self.part_of(i)].sample(i)
 
 
-def source_stream(entry: MixSourceConfig, corpus: PreparedData) -> TokenStream:
+def source_stream(entry: MixSourceConfig, corpus: PreparedData, tokenizer: TokenizerConfig) -> TokenStream:
     """The train documents of one mix source that pass its length filter."""
-    prepared = PreparedData(Path(entry.prepared)) if entry.prepared else corpus
+    prepared = PreparedData(Path(entry.prepared), tokenizer) if entry.prepared else corpus
     return prepared.stream("train", entry.min_doc_tokens, entry.max_doc_tokens)
 
 
@@ -64,7 +64,7 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer, corpus: PreparedData) ->
     if s.mix:
         total = sum(e.weight for e in s.mix)
         for entry in s.mix:
-            stream = source_stream(entry, corpus)
+            stream = source_stream(entry, corpus, cfg.tokenizer)
             parts.append((packed_dataset(stream, s.seq_len, d), text_share * entry.weight / total))
     else:
         parts.append((packed_dataset(everything, s.seq_len, d), text_share - s.long_doc_share))

@@ -19,8 +19,9 @@ from typing import Optional
 import numpy as np
 import torch.distributed as dist
 
-from longtrain.config import Config, ConfigError
-from longtrain.data.prepare import make_plan, prepare, prepared_dir
+from longtrain.config import Config, ConfigError, TokenizerConfig
+from longtrain.data.prepare import prepare, prepared_dir
+from longtrain.data.tokenizer import tokenizer_identity
 
 
 class TokenStream:
@@ -70,9 +71,16 @@ class TokenStream:
 class PreparedData:
     """A prepared folder: its manifest, and each split's shards and document index."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, tokenizer: Optional[TokenizerConfig] = None):
+        """With ``tokenizer``, shards made by another tokenizer are refused with one line."""
         self.folder = folder
         self.manifest = json.loads((folder / "manifest.json").read_text())
+        made_by = self.manifest["plan"]["tokenizer"]
+        if tokenizer is not None and made_by != tokenizer_identity(tokenizer):
+            raise ConfigError(
+                f"data.prepared: {folder} was prepared with tokenizer {made_by}, this run uses "
+                f"{tokenizer_identity(tokenizer)}; prepare it again for this tokenizer"
+            )
 
     def stream(self, split: str, min_doc_tokens: int = 0, max_doc_tokens: Optional[int] = None) -> TokenStream:
         """The split's documents whose length (BOS/EOS included) lies in [min, max], found
@@ -112,11 +120,4 @@ def open_prepared(cfg: Config, rank0: bool = True) -> PreparedData:
         raise error
     if not (folder / "manifest.json").exists():
         raise ConfigError(f"data.prepared: {folder} could not be prepared; rank 0 reports why")
-    data = PreparedData(folder)
-    want = make_plan(cfg.data, cfg.tokenizer).tokenizer
-    if data.manifest["plan"]["tokenizer"] != want:
-        raise ConfigError(
-            f"data.prepared: {folder} was prepared with tokenizer {data.manifest['plan']['tokenizer']}, "
-            f"this run uses {want}; prepare it again for this tokenizer"
-        )
-    return data
+    return PreparedData(folder, cfg.tokenizer)
