@@ -17,6 +17,11 @@ logsumexp. The backward replays the same schedule with the *global* out/lse
 (``kernel_backward``); dK/dV accumulators travel with their K/V block and arrive home
 after the last hop. Only the Hkv heads are communicated. Each step posts the next
 block's transfer before computing the current one, so communication overlaps compute.
+
+Document masking (``doc_ids``): the schedule is unchanged; each block is cut at document
+boundaries into per-document kernel calls (``documents.py``), and a block whose keys
+share no document with the rows costs no kernel call. Every rank still posts the same
+transfers, so the ring stays in step. Documents need no padding and no length rule.
 """
 
 from __future__ import annotations
