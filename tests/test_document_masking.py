@@ -24,6 +24,7 @@ LAYOUTS = {
     "spanning": [[1, 45, 1, 1], [3, 1, 1, 1, 40, 2]],
     "ones": [[1] * 20 + [28], [47, 1]],
     "single": [[48], [5, 5, 5, 33]],
+    "same rows": [[2, 30, 16], [2, 30, 16]],  # one batched kernel call per document
 }
 
 

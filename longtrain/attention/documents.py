@@ -63,6 +63,15 @@ def document_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[Rectangle]:
     return [(q0, q1, *keys[d]) for d, (q0, q1) in _runs(q_docs).items() if d in keys]
 
 
+def _batch_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[tuple[slice, list[Rectangle]]]:
+    """(batch rows, their rectangles): one batched group when every row has the same
+    rectangles (a batch of single documents, e.g. retrieval samples), else row by row."""
+    per_row = [document_rectangles(q_docs[b], k_docs[b]) for b in range(q_docs.shape[0])]
+    if all(r == per_row[0] for r in per_row):
+        return [(slice(None), per_row[0])]
+    return [(slice(b, b + 1), r) for b, r in enumerate(per_row)]
+
+
 @dataclass
 class _Packed:
     """Where a block's rectangles sit in flat [B·len] token order, for one varlen call."""
@@ -142,11 +151,10 @@ def document_forward(
         return _varlen_forward(q, k, v, _pack(q_docs, k_docs), causal, scale)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
-    for b in range(q.shape[0]):
-        for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
-            rows, keys = (b, slice(None), slice(q0, q1)), (slice(b, b + 1), slice(None), slice(k0, k1))
-            o, l = kernel_forward(q[b : b + 1, :, q0:q1], k[keys], v[keys], causal, scale)
-            out[rows], lse[rows] = o[0], l[0]
+    for batch, rectangles in _batch_rectangles(q_docs, k_docs):
+        for q0, q1, k0, k1 in rectangles:
+            rows, keys = (batch, slice(None), slice(q0, q1)), (batch, slice(None), slice(k0, k1))
+            out[rows], lse[rows] = kernel_forward(q[rows], k[keys], v[keys], causal, scale)
     return out, lse
 
 
@@ -160,10 +168,9 @@ def document_backward_into(
     (q_docs, k_docs), (dq, dk, dv) = docs, grads
     if _uses_varlen(q):
         return _varlen_backward_into(dout, q, k, v, out, lse, _pack(q_docs, k_docs), causal, scale, grads)
-    for b in range(q.shape[0]):
-        for q0, q1, k0, k1 in document_rectangles(q_docs[b], k_docs[b]):
-            rows = (slice(b, b + 1), slice(None), slice(q0, q1))
-            keys = (slice(b, b + 1), slice(None), slice(k0, k1))
+    for batch, rectangles in _batch_rectangles(q_docs, k_docs):
+        for q0, q1, k0, k1 in rectangles:
+            rows, keys = (batch, slice(None), slice(q0, q1)), (batch, slice(None), slice(k0, k1))
             kernel_backward(
                 dout[rows], q[rows], k[keys], v[keys], out[rows], lse[rows], causal, scale,
                 grads=(dq[rows], dk[keys], dv[keys]),
