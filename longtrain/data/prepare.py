@@ -1,6 +1,6 @@
 """Prepare a corpus once into memory-mapped token shards.
 
-    python -m longtrain.data.prepare data=stdlib_code tokenizer=byte [out=DIR] [num_proc=2] [shard_tokens=N]
+    python -m longtrain.data.prepare data=stdlib_code tokenizer=byte [out=DIR] [num_proc=1] [shard_tokens=N]
     python -m longtrain.data.prepare data=local data.path='corpus/**/*.txt' out=data/corpus
 
 Every other argument is a Hydra override of the training config, so ``data=...`` and
@@ -283,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with initialize_config_dir(str(configs), version_base=None):
             cfg: Config = load_config(compose("config", overrides=overrides))
         out = Path(own["out"]) if "out" in own else prepared_dir(cfg.data, cfg.tokenizer)
-        num_proc = _positive_int(own, "num_proc", min(os.cpu_count() or 1, 8))
+        num_proc = _positive_int(own, "num_proc", 1)  # see data/README.md: measured, not assumed
         shard_tokens = _positive_int(own, "shard_tokens", DEFAULT_SHARD_TOKENS)
         manifest = prepare(cfg.data, cfg.tokenizer, out, num_proc, shard_tokens)
     except ConfigError as e:
