@@ -85,6 +85,20 @@ class DataConfig:
     val_percent: float = 5.0
     max_docs: Optional[int] = None  # cap on documents read (quick runs)
     seed: int = 1234
+    document_masking: bool = False  # a token attends only to earlier tokens of its own document
+    reset_positions: bool = False  # positions restart at 0 at each document (RoPE per document)
+    prepared: Optional[str] = None  # prepared shards folder (null: data/<source>-<tokenizer>-<plan hash>)
+
+
+@dataclass
+class MixSourceConfig:
+    """One weighted source of a stage's text: prepared train documents within a length range."""
+
+    name: str = "corpus"
+    weight: float = 1.0
+    prepared: Optional[str] = None  # a prepared folder (python -m longtrain.data.prepare); null: the run's data
+    min_doc_tokens: int = 0  # documents shorter than this are left out (BOS/EOS included)
+    max_doc_tokens: Optional[int] = None  # and longer than this
 
 
 @dataclass
@@ -100,6 +114,7 @@ class StageConfig:
     final_lr_ratio: float = 0.0
     long_doc_share: float = 0.0  # share of samples cut from documents at least seq_len long
     retrieval_share: float = 0.0  # share of synthetic retrieval samples (the rest: the packed corpus)
+    mix: list[MixSourceConfig] = field(default_factory=list)  # weighted text sources (else the corpus + long docs)
     abf_theta: Optional[float] = None  # rope=abf: this stage's RoPE base (null: rope.theta)
     init_from: Optional[str] = None  # weights to start from (default: the gated checkpoint of the stage before)
     load_optimizer: bool = False  # also carry the optimizer state over from init_from
@@ -370,6 +385,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         from longtrain.hf import check_hf_init
 
         check_hf_init(cfg, m.vocab_size or build_tokenizer(t).vocab_size)
+    _check_mix(s)
 
     o = cfg.optim
     _positive(o.lr, "optim.lr")
@@ -466,6 +482,25 @@ def check_shard_size(value: str, key: str) -> None:
 
 
 RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py
+
+
+def _check_mix(s: StageConfig) -> None:
+    if not s.mix:
+        return
+    _require(not s.long_doc_share, "stage.long_doc_share", "must be 0 when stage.mix lists the sources (give a long source a min_doc_tokens instead)")
+    _require(sum(e.weight for e in s.mix) > 0, "stage.mix", "weights must have a positive sum")
+    for i, e in enumerate(s.mix):
+        key = f"stage.mix[{i}]"
+        _require(e.weight >= 0, f"{key}.weight", f"must be >= 0, got {e.weight}")
+        _require(e.min_doc_tokens >= 0, f"{key}.min_doc_tokens", f"must be >= 0, got {e.min_doc_tokens}")
+        if e.max_doc_tokens is not None:
+            _require(e.max_doc_tokens >= e.min_doc_tokens, f"{key}.max_doc_tokens", f"must be >= min_doc_tokens={e.min_doc_tokens}")
+        if e.prepared:
+            _require(
+                os.path.exists(os.path.join(e.prepared, "manifest.json")),
+                f"{key}.prepared",
+                f"{e.prepared} is not prepared data (no manifest.json); run python -m longtrain.data.prepare ... out={e.prepared}",
+            )
 
 
 def check_retrieval_kinds(kinds: list[str]) -> None:

@@ -20,9 +20,8 @@ import torch
 from longtrain import checkpoint as ckpt
 from longtrain import preemption
 from longtrain.config import Config, ConfigError, load_config
-from longtrain.data.packing import PackedDataset, pack_documents
+from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
-from longtrain.data.sources import load_documents
 from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
 from longtrain.export import EXPORT_DIR, export_model
@@ -103,13 +102,11 @@ class Gate:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         cfg = trainer.cfg
-        # One packing of the validation split serves the needles, the short loss and loss by position.
-        self.val_tokens, self.val_doc_starts = pack_documents(
-            load_documents(cfg.data, "val"), trainer.tokenizer, cfg.data.seed
-        )
-        self.haystack = Haystack.of_stream(self.val_tokens, trainer.tokenizer)
-        short_len = cfg.rope.original_max_position_embeddings
-        self.short_val = PackedDataset(self.val_tokens, self.val_doc_starts, short_len, cfg.data.seed)
+        # The prepared validation split serves the needles, the short loss and loss by position.
+        self.val_tokens = trainer.prepared.stream("val")
+        self.val_doc_starts = self.val_tokens.doc_starts
+        self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), trainer.tokenizer)
+        self.short_val = packed_dataset(self.val_tokens, cfg.rope.original_max_position_embeddings, cfg.data)
 
     def recall(self, length: int) -> NeedleGrid:
         cfg = self.trainer.cfg

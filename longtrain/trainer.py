@@ -26,7 +26,8 @@ from longtrain.attention.ring import ring_attention
 from longtrain.config import Config
 from longtrain.data.loader import StatefulLoader
 from longtrain.data.mix import build_train_data
-from longtrain.data.packing import PackedDataset, build_packed_dataset
+from longtrain.data.packing import PackedDataset, packed_dataset
+from longtrain.data.shards import open_prepared
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.hardware import autocast_dtype, peak_bf16_tflops
 from longtrain.hf import hf_path, load_hf_weights
@@ -110,9 +111,10 @@ class Trainer:
         self.scheduler = build_wsd_scheduler(
             self.optimizer, s.steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.final_lr_ratio
         )
-        train_data = build_train_data(cfg, self.tokenizer)
+        self.prepared = open_prepared(cfg, pd.is_rank0)  # rank 0 prepares once; the others wait
+        train_data = build_train_data(cfg, self.tokenizer, self.prepared)
         self.loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, pd.dp_rank, pd.dp)
-        self.val_data: PackedDataset = build_packed_dataset(cfg.data, self.tokenizer, "val", s.seq_len)
+        self.val_data: PackedDataset = packed_dataset(self.prepared.stream("val"), s.seq_len, cfg.data)
         self.step = 0
         self.resumed_step: Optional[int] = None
         self.nonfinite_in_a_row = 0
@@ -199,7 +201,8 @@ class Trainer:
         batch = {k: v.to(self.pd.device) for k, v in shard_batch(batch, self.pd).items()}
         with self.autocast():
             return self.model(
-                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size
+                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size,
+                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None,
             )
 
     def forward_backward(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:

@@ -41,3 +41,24 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args: Any, timeou
                     p.kill()
                     p.join()
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout:.0f}s")
+
+
+def cp_groups(rank: int, world_size: int, layouts: dict[int, list[list[int]]]) -> dict[int, dist.ProcessGroup]:
+    """{cp: this rank's group} from ``layouts`` = {cp: [ranks of each group]}; every rank
+    builds every group in the same order (new_group is collective)."""
+    groups = {}
+    for cp, layout in layouts.items():
+        for ranks in layout:
+            group = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+            if rank in ranks:
+                groups[cp] = group
+    return groups
+
+
+def gather_unshard(local: torch.Tensor, group: dist.ProcessGroup, dim: int = 2) -> torch.Tensor:
+    """The whole sequence from every rank's zigzag shard along ``dim``."""
+    from longtrain.parallel.sharding import zigzag_unshard
+
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return zigzag_unshard(parts, len(parts), dim=dim)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
 
-from longtrain.config import DataConfig, TokenizerConfig
-from longtrain.data import (
-    ByteTokenizer,
-    HFTokenizer,
-    PackedDataset,
-    StatefulLoader,
-    build_packed_dataset,
-    build_tokenizer,
-    load_documents,
-    pack_documents,
-)
+from longtrain.config import Config, DataConfig, TokenizerConfig
+from longtrain.data.loader import StatefulLoader
+from longtrain.data.packing import PackedDataset, document_positions, packed_dataset
+from longtrain.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from longtrain.data.prepare import prepare
+from longtrain.data.shards import open_prepared
+from longtrain.data.sources import in_val_split
 
 
 @pytest.fixture(autouse=True)
@@ -70,88 +64,45 @@ def test_hf_tokenizer_from_local_folder(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stdlib_splits():
-    cfg = DataConfig(source="stdlib_code")
-    return load_documents(cfg, "train"), load_documents(cfg, "val")
+def stdlib():
+    return open_prepared(Config())  # the default data, prepared once under data/ and reused
 
 
-def test_stdlib_source(stdlib_splits):
-    train, val = stdlib_splits
-    ids, texts = list(train["id"]) + list(val["id"]), list(train["text"]) + list(val["text"])
-    assert len(train) > 1000 and len(val) > 20
-    assert set(train["id"]).isdisjoint(val["id"])
-    assert not any("site-packages" in i for i in ids)
-    assert "pydoc_data/topics.py" in ids
-    sizes = [len(t.encode("utf-8")) for t in texts]
-    assert sum(s > 100_000 for s in sizes) >= 1  # long documents for long-context stages
+def test_stdlib_source(stdlib):
+    splits = stdlib.manifest["splits"]
+    sources = (stdlib.folder / "sources.txt").read_text().split()
+    assert splits["train"]["documents"] > 1000 and splits["val"]["documents"] > 20
+    assert not any("site-packages" in name for name in sources)
+    assert "pydoc_data/topics.py" in sources
+    assert int(stdlib.stream("train").doc_lengths.max()) > 100_000  # long documents for long-context stages
 
 
-def test_stdlib_split_is_stable(stdlib_splits):
-    _, val = stdlib_splits
-    again = load_documents(DataConfig(source="stdlib_code", seed=7), "val")  # the seed must not matter
-    assert list(again["id"]) == list(val["id"]) and list(again["text"]) == list(val["text"])
+def test_stdlib_split_is_by_path_hash(stdlib):
+    sources = (stdlib.folder / "sources.txt").read_text().split()
+    for split in ("train", "val"):
+        for shard in stdlib.manifest["splits"][split]["shards"]:
+            index = np.load(stdlib.folder / split / shard["file"].replace(".bin", ".idx.npy"))
+            assert all(in_val_split(sources[i], 5.0) == (split == "val") for i in index["source"])
 
 
-def test_max_docs_caps_documents():
-    docs = load_documents(DataConfig(source="stdlib_code", max_docs=10), "train")
-    assert len(docs) == 10
-
-
-def _write_corpus(root: Path) -> list[str]:
-    """Two .txt files (one nested), a .jsonl and a .parquet; returns every document's text."""
-    (root / "sub").mkdir(parents=True)
-    (root / "a.txt").write_text("first document\nsecond line\n\nsame document\n")
-    (root / "sub" / "b.txt").write_text("nested ✓ document\n")
-    rows = [{"body": f"json row {i}", "other": i} for i in range(6)]
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    datasets.Dataset.from_dict({"body": [f"parquet row {i}" for i in range(6)]}).to_parquet(str(root / "t.parquet"))
-    (root / "ignored.csv").write_text("body\nnot a document\n")
-    texts = ["first document\nsecond line\n\nsame document\n", "nested ✓ document\n"]
-    return texts + [r["body"] for r in rows] + [f"parquet row {i}" for i in range(6)]
-
-
-def test_local_glob_source(tmp_path):
-    expected = _write_corpus(tmp_path / "corpus")
-    cfg = DataConfig(source="local", path=str(tmp_path / "corpus" / "**" / "*"), text_field="body", val_percent=50)
-    train, val = load_documents(cfg, "train"), load_documents(cfg, "val")
-    assert len(train) > 0 and len(val) > 0
-    assert set(train["id"]).isdisjoint(val["id"])
-    assert sorted(list(train["text"]) + list(val["text"])) == sorted(expected)
-    assert {"a.txt", "sub/b.txt", "json:0", "parquet:5"} <= set(train["id"]) | set(val["id"])
-    assert list(load_documents(cfg, "val")["id"]) == list(val["id"])
-
-
-def test_local_source_rejects_missing_text_field(tmp_path):
-    _write_corpus(tmp_path)
-    cfg = DataConfig(source="local", path=str(tmp_path / "*.jsonl"), text_field="nope")
-    with pytest.raises(ValueError, match="data.text_field"):
-        load_documents(cfg, "train")
-
-
-def test_hf_source_from_local_folder(tmp_path):
-    with_val, train_only = tmp_path / "with_val", tmp_path / "train_only"
-    for folder in (with_val, train_only):
-        folder.mkdir()
-        (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"train {i}"}) + "\n" for i in range(40)))
-    (with_val / "validation.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
-
-    # A dataset's own validation split wins over the hash split.
-    assert list(load_documents(DataConfig(source="hf", path=str(with_val)), "val")["text"]) == ["held out"]
-    assert len(load_documents(DataConfig(source="hf", path=str(with_val), max_docs=5), "train")) == 5
-
-    cfg = DataConfig(source="hf", path=str(train_only), val_percent=25)
-    train, val = load_documents(cfg, "train"), load_documents(cfg, "val")
-    assert len(train) + len(val) == 40 and len(val) > 0
-    assert set(train["text"]).isdisjoint(val["text"])
+def test_max_docs_caps_documents(tmp_path):
+    manifest = prepare(DataConfig(source="stdlib_code", max_docs=40), TokenizerConfig(), tmp_path, progress=False)
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 40
 
 
 # --- packing ------------------------------------------------------------------------
 
 
+def pack(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_starts) of BOS text EOS ... as prepared shards hold them."""
+    tok = ByteTokenizer()
+    docs = [np.array([tok.bos_id, *tok.encode(t), tok.eos_id], dtype=np.uint16) for t in texts]
+    return np.concatenate(docs), np.cumsum([0] + [len(d) for d in docs[:-1]])
+
+
 def test_packed_samples_shift_positions_and_doc_ids():
     tok = ByteTokenizer()
-    docs = datasets.Dataset.from_dict({"text": [f"document number {i} " * (i + 1) for i in range(30)]})
-    tokens, doc_starts = pack_documents(docs, tok, seed=0)
+    tokens, doc_starts = pack([f"document number {i} " * (i + 1) for i in range(30)])
     assert tokens.dtype == np.uint16 and len(doc_starts) == 30
     assert (tokens[doc_starts] == tok.bos_id).all()
     assert (tokens[np.append(doc_starts[1:], len(tokens)) - 1] == tok.eos_id).all()
@@ -171,10 +122,23 @@ def test_packed_samples_shift_positions_and_doc_ids():
         assert torch.equal(steps[1:], is_bos[1:].long())
 
 
-def test_packed_dataset_is_deterministic_across_builds():
-    cfg = DataConfig(source="stdlib_code", max_docs=60)
-    a = build_packed_dataset(cfg, ByteTokenizer(), "train", seq_len=256)
-    b = build_packed_dataset(cfg, ByteTokenizer(), "train", seq_len=256)
+def test_reset_positions_restart_at_each_document():
+    tok = ByteTokenizer()
+    tokens, doc_starts = pack([f"doc {i} " * (i % 7 + 1) for i in range(40)])
+    ds = PackedDataset(tokens, doc_starts, 64, seed=0, reset_positions=True)
+    for i in range(len(ds)):
+        s = ds.sample(i)
+        pos, is_bos = s["position_ids"], s["input_ids"] == tok.bos_id
+        assert pos.dtype == torch.long and pos[0] == 0
+        # 0 exactly at each BOS (after the window's first token), +1 everywhere else.
+        assert torch.equal(pos[1:] == 0, is_bos[1:])
+        assert (pos[1:][~is_bos[1:]] == pos[:-1][~is_bos[1:]] + 1).all()
+    assert document_positions(torch.tensor([0, 0, 1, 2, 2, 2, 5])).tolist() == [0, 1, 0, 0, 1, 2, 0]
+
+
+def test_packed_dataset_is_deterministic_across_builds(stdlib):
+    a = packed_dataset(stdlib.stream("train"), 256, DataConfig())
+    b = packed_dataset(open_prepared(Config()).stream("train"), 256, DataConfig())
     for i in (0, 1, 17, len(a) + 3):
         assert all(torch.equal(a.sample(i)[k], b.sample(i)[k]) for k in a.sample(i))
 

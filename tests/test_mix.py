@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from longtrain.config import load_config
-from longtrain.data.mix import MixedDataset, build_train_data, long_documents
+from longtrain.data.mix import MixedDataset, build_train_data
+from longtrain.data.shards import open_prepared
 from longtrain.data.tokenizer import ByteTokenizer
 
 
@@ -24,21 +25,12 @@ def test_mix_shares_and_purity():
     assert mix.sample(123)["input_ids"][1] == 123  # each part is indexed by the global sample
 
 
-def test_long_documents_keeps_only_long_ones():
-    tokens = np.array([256, 1, 2, 257, 256, 3, 4, 5, 6, 257, 256, 7, 257], dtype=np.uint16)
-    doc_starts = np.array([0, 4, 10])
-    long_tokens, long_starts = long_documents(tokens, doc_starts, min_tokens=5)
-    assert long_tokens.tolist() == [256, 3, 4, 5, 6, 257] and long_starts.tolist() == [0]
-    with pytest.raises(ValueError, match="long_doc_share"):
-        long_documents(tokens, doc_starts, min_tokens=100)
-
-
 def test_stage_mix_contains_long_docs_and_retrieval(compose_config):
     cfg = load_config(compose_config(
         "preset=cpu_demo", "stage=cpu/extend_2k", "data.max_docs=200",
         "stage.long_doc_share=0.3", "stage.retrieval_share=0.3",
     ))
-    data = build_train_data(cfg, ByteTokenizer())
+    data = build_train_data(cfg, ByteTokenizer(), open_prepared(cfg))
     kinds = [data.part_of(i) for i in range(60)]
     assert set(kinds) == {0, 1, 2}
     retrieval = next(i for i, k in enumerate(kinds) if k == 2)
@@ -46,3 +38,38 @@ def test_stage_mix_contains_long_docs_and_retrieval(compose_config):
     assert sample["input_ids"].shape == (2048,) and (sample["labels"] == -100).any()
     long_one = data.sample(next(i for i, k in enumerate(kinds) if k == 1))
     assert int(long_one["doc_ids"].max()) <= 1  # a long document spans (almost) the whole window
+
+
+def test_stage_mix_sources_with_length_filters(compose_config, tmp_path):
+    cfg = load_config(compose_config(
+        "preset=cpu_demo", "stage=cpu/extend_2k", "data.max_docs=200", "stage.retrieval_share=0.2",
+        "stage.mix=[{name: long, weight: 3, min_doc_tokens: 4096}, {name: short, weight: 1, max_doc_tokens: 1024}]",
+    ))
+    data = build_train_data(cfg, ByteTokenizer(), open_prepared(cfg))
+    parts = np.array([data.part_of(i) for i in range(4000)])
+    assert np.bincount(parts, minlength=3) / len(parts) == pytest.approx([0.6, 0.2, 0.2], abs=0.03)
+    long_one = data.sample(int(np.flatnonzero(parts == 0)[0]))
+    assert int(long_one["doc_ids"].max()) <= 1  # documents of >= 4096 tokens: at most one boundary in 2048
+    short_one = data.sample(int(np.flatnonzero(parts == 1)[0]))
+    bos = ByteTokenizer().bos_id
+    starts = np.flatnonzero(short_one["input_ids"].numpy() == bos)
+    assert len(starts) >= 2 and int(np.diff(starts).max()) <= 1024  # every whole document is short
+
+
+@pytest.mark.parametrize("stage,long_min", [("extend_32k", 16384), ("extend_128k", 65536)])
+def test_gpu_stages_default_to_a_long_short_mix(compose_config, stage, long_min):
+    cfg = load_config(compose_config(f"stage={stage}"))
+    assert [(e.name, e.min_doc_tokens) for e in cfg.stage.mix] == [("long", long_min), ("short", 0)]
+    data = build_train_data(cfg, ByteTokenizer(), open_prepared(cfg))
+    assert len(data.parts) == 3  # long, short, retrieval
+    long_part = data.parts[0]
+    assert (np.diff(long_part.doc_starts) >= long_min).all()
+
+
+def test_mix_config_errors_are_one_line(compose_config):
+    from longtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage.mix\[0\].prepared: nowhere is not prepared data"):
+        load_config(compose_config("stage=extend_32k", "stage.mix=[{name: code, prepared: nowhere}]"))
+    with pytest.raises(ConfigError, match="stage.long_doc_share: must be 0 when stage.mix"):
+        load_config(compose_config("stage=extend_32k", "stage.long_doc_share=0.2"))

@@ -112,3 +112,20 @@ def test_loss_path_equals_logits_path():
     sums = model(ids, pos, labels, loss_chunk_size=10)
     ref = torch.nn.functional.cross_entropy(model(ids, pos).reshape(-1, 97), labels.reshape(-1), reduction="sum")
     torch.testing.assert_close(sums.ce.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("nope_every", [0, 2])
+def test_document_masking_isolates_packed_documents(nope_every):
+    """With doc ids and per-document positions, a packed document's logits equal those of
+    the document alone: nothing crosses a boundary, in any layer."""
+    model = small_model(nope_every=nope_every)
+    lengths = [7, 1, 12, 4]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    ids = torch.cat(docs, 1)
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = model(ids, positions, doc_ids=doc_ids)
+    alone = torch.cat([model(d, torch.arange(d.shape[1])[None]) for d in docs], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    unmasked = model(ids, positions)
+    assert not torch.allclose(unmasked[:, lengths[0] :], alone[:, lengths[0] :])  # masking is what isolates them

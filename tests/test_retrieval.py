@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtrain.config import DataConfig, RetrievalConfig
+from longtrain.config import Config, DataConfig, RetrievalConfig
 from longtrain.data.retrieval import (
     KV_NEEDLE,
     PASSKEY_INTRO,
@@ -207,7 +207,7 @@ def local_corpus(tmp_path, monkeypatch):
     folder.mkdir()
     for i in range(60):
         (folder / f"doc{i:02d}.txt").write_text(f"<document {i:02d}> " * 30)
-    return DataConfig(source="local", path=str(folder / "*.txt"), val_percent=20.0)
+    return Config(data=DataConfig(source="local", path=str(folder / "*.txt"), val_percent=20.0, prepared=str(tmp_path / "prepared")))
 
 
 def test_eval_haystack_comes_from_validation_documents(local_corpus):

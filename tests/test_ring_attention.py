@@ -5,7 +5,7 @@ import torch.distributed as dist
 from longtrain.attention.kernels import attention
 from longtrain.attention.ring import ring_attention, ring_forward
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard, zigzag_unshard
-from tests.dist_utils import run_distributed
+from tests.dist_utils import cp_groups, gather_unshard, run_distributed
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 WORLD = 4
@@ -38,20 +38,8 @@ def test_zigzag_rejects_indivisible_length():
         zigzag_positions(30, 0, 4)
 
 
-def _gather_unshard(local, group):
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return zigzag_unshard(parts, len(parts), dim=2)
-
-
 def _ring_vs_single_rank(rank, world_size):
-    groups = {}
-    for cp, layout in LAYOUTS.items():
-        for ranks in layout:
-            group = dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
-            if rank in ranks:
-                groups[cp] = group
-    for cp, group in groups.items():
+    for cp, group in cp_groups(rank, world_size, LAYOUTS).items():
         r = dist.get_rank(group)
         for seed, ((hq, hkv), dtype) in enumerate((h, d) for h in HEADS for d in (torch.float64, torch.float32)):
             gen = torch.Generator().manual_seed(seed)  # the same full sequence on every rank
@@ -72,7 +60,7 @@ def _ring_vs_single_rank(rank, world_size):
             for name, (got, want) in zip(["out", "lse", "dq", "dk", "dv"], pairs):
                 assert got.dtype == want.dtype, name
                 torch.testing.assert_close(
-                    _gather_unshard(got, group), want.detach(), **TOL[dtype],
+                    gather_unshard(got, group), want.detach(), **TOL[dtype],
                     msg=lambda m: f"{name} cp={cp} heads={hq}/{hkv} {dtype}: {m}",
                 )
 

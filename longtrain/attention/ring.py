@@ -21,17 +21,24 @@ logsumexp. The backward replays the same schedule with the *global* out/lse
 (``kernel_backward``); dK/dV accumulators travel with their K/V block and arrive home
 after the last hop. Only the Hkv heads are communicated. Each step posts the next
 block's transfer before computing the current one, so communication overlaps compute.
+
+Document masking (``doc_ids``): the schedule is unchanged; each block is cut at document
+boundaries into per-document kernel calls (``documents.py``), and a block whose keys
+share no document with the rows costs no kernel call. Every rank still posts the same
+transfers, so the ring stays in step. Documents need no padding and no length rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from longtrain.attention.documents import document_backward, document_backward_into, document_forward
 from longtrain.attention.kernels import accum_dtype, check_inputs, kernel_backward, kernel_forward
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
@@ -109,25 +116,66 @@ def _check(**tensors: Tensor) -> None:
         raise ValueError(f"zigzag local length must be even (two chunks), got {q.shape[2]}")
 
 
+def _all_doc_ids(doc_ids: Optional[Tensor], ring: _Ring) -> Optional[Tensor]:
+    """Every rank's local doc ids [cp, B, 2c], so a rank knows the documents of the K/V
+    block it holds: one small all-gather instead of doc ids travelling with every hop."""
+    if doc_ids is None:
+        return None
+    parts = [torch.empty_like(doc_ids) for _ in range(ring.size)]
+    dist.all_gather(parts, doc_ids.contiguous(), group=ring.group)
+    return torch.stack(parts)
+
+
+def _block_docs(
+    all_docs: Optional[Tensor], step: int, ring: _Ring, rows: slice, keys: slice
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(doc ids of the rows, doc ids of the keys) of one block, or (None, None) unmasked."""
+    if all_docs is None:
+        return None, None
+    return all_docs[ring.rank][:, rows], all_docs[(ring.rank - step) % ring.size][:, keys]
+
+
+def _block_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, q_docs: Optional[Tensor], k_docs: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    if q_docs is None:
+        return kernel_forward(q, k, v, causal, scale)
+    return document_forward(q, k, v, q_docs, k_docs, causal, scale)
+
+
+def _block_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float,
+    grads: tuple[Tensor, Tensor, Tensor], docs: tuple[Optional[Tensor], Optional[Tensor]],
+) -> None:
+    if docs[0] is None:
+        kernel_backward(dout, q, k, v, out, lse, causal, scale, grads=grads)
+    else:
+        document_backward_into(dout, q, k, v, out, lse, docs, causal, scale, grads)
+
+
 def ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of the local zigzag shard over the whole sequence: (out, lse).
 
     q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D]; out in q's dtype, lse [B, Hq, 2c] fp32 (fp64
-    for fp64 inputs). No autograd; see ``ring_attention``.
+    for fp64 inputs). With ``doc_ids`` (this shard's [B, 2c]) attention stays within
+    documents (``documents.py``). No autograd; see ``ring_attention``.
     """
     _check(q=q, k=k, v=v)
     ring = _Ring(group)
+    all_docs = _all_doc_ids(doc_ids, ring)
     if ring.size == 1:
-        return kernel_forward(q, k, v, True, scale)
+        return _block_forward(q, k, v, True, scale, doc_ids, doc_ids)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     kv = torch.stack((k, v))  # one message per hop
     for step in range(ring.size):
         transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
         rows, keys, causal = _block(step, ring.rank, ring.size, c)
         block = kv[:, :, :, keys]  # [2, B, Hkv, keys, D]
-        block_out, block_lse = kernel_forward(q[:, :, rows], block[0], block[1], causal, scale)
+        block_out, block_lse = _block_forward(
+            q[:, :, rows], block[0], block[1], causal, scale, *_block_docs(all_docs, step, ring, rows, keys)
+        )
         if step == 0:
             out, lse = block_out.to(acc), block_lse.to(acc)
         else:
@@ -147,6 +195,7 @@ def ring_backward(
     lse: Tensor,
     scale: float,
     group: dist.ProcessGroup,
+    doc_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``ring_forward`` for this rank's shard, from its global out/lse.
 
@@ -154,7 +203,10 @@ def ring_backward(
     """
     _check(q=q, k=k, v=v, dout=dout, out=out)
     ring = _Ring(group)
+    all_docs = _all_doc_ids(doc_ids, ring)
     if ring.size == 1:
+        if doc_ids is not None:
+            return document_backward(dout, q, k, v, out, lse, doc_ids, scale)
         return kernel_backward(dout, q, k, v, out, lse, True, scale)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -167,9 +219,9 @@ def ring_backward(
         # dQ sums in place; this block's dK/dV go to a buffer of their own while the
         # accumulator that travels with the block is still arriving from r−1.
         dkv_block = torch.zeros(block.shape, dtype=acc, device=block.device)
-        kernel_backward(
+        _block_backward(
             dout[:, :, rows], q[:, :, rows], block[0], block[1], out[:, :, rows], lse[:, :, rows],
-            causal, scale, grads=(dq[:, :, rows], dkv_block[0], dkv_block[1]),
+            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), _block_docs(all_docs, step, ring, rows, keys),
         )
         if dkv_transfer is None:  # step 0 covers our whole block: the accumulator starts here
             dkv = dkv_block
@@ -188,24 +240,29 @@ def ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup) -> Tensor:
-        out, lse = ring_forward(q, k, v, scale, group)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor]
+    ) -> Tensor:
+        out, lse = ring_forward(q, k, v, scale, group, doc_ids)
         # The original local k, v: replaying the ring from the last rotated block instead
         # gives wrong gradients under a correct forward.
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group = scale, group
+        ctx.scale, ctx.group, ctx.doc_ids = scale, group, doc_ids
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        return *ring_backward(dout, q, k, v, out, lse, ctx.scale, ctx.group), None, None
+        return *ring_backward(dout, q, k, v, out, lse, ctx.scale, ctx.group, ctx.doc_ids), None, None, None
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup) -> Tensor:
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor] = None
+) -> Tensor:
     """Differentiable causal attention over a zigzag-sharded sequence (see module doc).
 
     q [B, Hq, 2c, D] and k/v [B, Hkv, 2c, D] are this rank's shard (``zigzag_shard``);
-    returns this rank's rows of the output, [B, Hq, 2c, D].
+    returns this rank's rows of the output, [B, Hq, 2c, D]. ``doc_ids`` [B, 2c] (the
+    shard's, zigzag-sharded like the tokens) keeps attention within documents.
     """
-    return _RingAttention.apply(q, k, v, scale, group)
+    return _RingAttention.apply(q, k, v, scale, group, doc_ids)

@@ -1,4 +1,11 @@
-"""A stage's data mix: long documents upsampled, short ones kept, synthetic retrieval added.
+"""A stage's data mix: weighted sources with length filters, plus synthetic retrieval.
+
+A source is a prepared corpus (the run's own, or another prepared folder) restricted to
+documents whose length lies in [min_doc_tokens, max_doc_tokens], found through the
+document index without reading tokens: long code and books upsampled beside short data,
+as ProLong (30% code repositories, 30% books, 40% short) and Llama 3 do.
+``stage.long_doc_share`` is the one-corpus shorthand: that share from documents of at
+least seq_len tokens, the rest from all documents.
 
 Every part is an infinite dataset whose sample ``i`` is a pure function of ``i``; the
 mix picks the part for global sample ``i`` from a seeded draw on ``i`` alone, so the
@@ -12,10 +19,12 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from longtrain.config import Config, ConfigError
-from longtrain.data.packing import PackedDataset, pack_documents
+from pathlib import Path
+
+from longtrain.config import Config, MixSourceConfig, TokenizerConfig
+from longtrain.data.packing import PackedDataset, packed_dataset
 from longtrain.data.retrieval import Haystack, RetrievalDataset
-from longtrain.data.sources import load_documents
+from longtrain.data.shards import PreparedData, TokenStream
 from longtrain.data.tokenizer import Tokenizer
 
 
@@ -40,28 +49,30 @@ class MixedDataset:
         return self.parts[self.part_of(i)].sample(i)
 
 
-def long_documents(tokens: np.ndarray, doc_starts: np.ndarray, min_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sub-stream of documents (BOS … EOS) at least ``min_tokens`` long."""
-    ends = np.append(doc_starts[1:], len(tokens))
-    keep = np.flatnonzero(ends - doc_starts >= min_tokens)
-    if len(keep) == 0:
-        raise ConfigError(f"stage.long_doc_share: no document has at least {min_tokens} tokens; set it to 0 or use longer documents")
-    pieces = [tokens[doc_starts[k] : ends[k]] for k in keep]
-    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-    return np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths[:-1])])
+def source_stream(entry: MixSourceConfig, corpus: PreparedData, tokenizer: TokenizerConfig) -> TokenStream:
+    """The train documents of one mix source that pass its length filter."""
+    prepared = PreparedData(Path(entry.prepared), tokenizer) if entry.prepared else corpus
+    return prepared.stream("train", entry.min_doc_tokens, entry.max_doc_tokens)
 
 
-def build_train_data(cfg: Config, tokenizer: Tokenizer) -> PackedDataset | MixedDataset:
-    """The stage's training stream: the packed corpus, plus long documents and retrieval samples."""
-    s, seed = cfg.stage, cfg.data.seed
-    tokens, doc_starts = pack_documents(load_documents(cfg.data, "train"), tokenizer, seed)
-    corpus = PackedDataset(tokens, doc_starts, s.seq_len, seed)
-    if not s.long_doc_share and not s.retrieval_share:
-        return corpus
-    parts: list[tuple[SampleSource, float]] = [(corpus, 1.0 - s.long_doc_share - s.retrieval_share)]
-    if s.long_doc_share:
-        parts.append((PackedDataset(*long_documents(tokens, doc_starts, s.seq_len), s.seq_len, seed), s.long_doc_share))
+def build_train_data(cfg: Config, tokenizer: Tokenizer, corpus: PreparedData) -> PackedDataset | MixedDataset:
+    """The stage's training stream: weighted corpus sources plus retrieval samples."""
+    s, d = cfg.stage, cfg.data
+    text_share = 1.0 - s.retrieval_share
+    everything = corpus.stream("train")
+    parts: list[tuple[SampleSource, float]] = []
+    if s.mix:
+        total = sum(e.weight for e in s.mix)
+        for entry in s.mix:
+            stream = source_stream(entry, corpus, cfg.tokenizer)
+            parts.append((packed_dataset(stream, s.seq_len, d), text_share * entry.weight / total))
+    else:
+        parts.append((packed_dataset(everything, s.seq_len, d), text_share - s.long_doc_share))
+        if s.long_doc_share:
+            long_docs = corpus.stream("train", min_doc_tokens=s.seq_len)
+            parts.append((packed_dataset(long_docs, s.seq_len, d), s.long_doc_share))
     if s.retrieval_share:
-        haystack = Haystack.of_stream(tokens, tokenizer)  # the stream packed above, not packed again
-        parts.append((RetrievalDataset(cfg.retrieval, tokenizer, haystack, s.seq_len, seed, "train"), s.retrieval_share))
-    return MixedDataset(parts, seed)
+        haystack = Haystack.of_stream(everything.haystack_tokens(), tokenizer)
+        parts.append((RetrievalDataset(cfg.retrieval, tokenizer, haystack, s.seq_len, d.seed, "train"), s.retrieval_share))
+    parts = [(p, w) for p, w in parts if w > 0]
+    return parts[0][0] if len(parts) == 1 else MixedDataset(parts, d.seed)

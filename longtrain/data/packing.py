@@ -1,7 +1,7 @@
-"""Pack documents into one token stream and serve fixed-length training samples.
+"""Serve fixed-length training samples from a packed token stream.
 
-The stream is ``BOS doc EOS BOS doc EOS ...`` over all documents in a seeded order, held
-as one numpy array. It is cut into windows of ``seq_len + 1`` tokens that overlap by one
+The stream is ``BOS doc EOS BOS doc EOS ...`` (a prepared split read through memory maps,
+``shards.TokenStream``, or any array). It is cut into windows of ``seq_len + 1`` tokens that overlap by one
 token (stride ``seq_len``), so every token is a label exactly once per epoch. Sample ``i``
 is a pure function of ``i``: window ``perm_e[i mod n]`` with a fresh permutation for each
 epoch ``e = i // n``. The stream is therefore infinite, and a loader only has to remember
@@ -10,43 +10,15 @@ how many samples it has consumed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import datasets
 import numpy as np
 import torch
 
-from longtrain.config import ConfigError, DataConfig
-from longtrain.data.sources import Split, load_documents
-from longtrain.data.tokenizer import Tokenizer
+from longtrain.config import DataConfig
 
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    # uint16 halves the memory of the stream for any vocabulary that fits in it.
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
-
-
-def pack_documents(docs: datasets.Dataset, tokenizer: Tokenizer, seed: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenise ``docs`` in a seeded order into one stream; return (tokens, doc_starts).
-
-    ``doc_starts`` holds the offset of each document's BOS. It is kept explicitly rather
-    than found by scanning for BOS, because some tokenizers use one id for BOS and EOS.
-    """
-    dtype = token_dtype(tokenizer.vocab_size)
-    bos = np.array([tokenizer.bos_id], dtype=dtype)
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    # Shuffling documents (not just windows) mixes sources and lengths within a window.
-    order = np.random.default_rng(seed).permutation(len(docs))
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
-    for batch in docs.select(order).iter(batch_size=batch_size):
-        for ids in tokenizer.encode_batch(batch["text"]):
-            pieces += (bos, ids.astype(dtype, copy=False), eos)
-            lengths.append(len(ids) + 2)
-    if not pieces:
-        raise ConfigError("data: no documents to pack (the split is empty); use more documents or a larger data.val_percent")
-    doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
-    return np.concatenate(pieces), doc_starts
+if TYPE_CHECKING:
+    from longtrain.data.shards import TokenStream
 
 
 class PackedDataset:
@@ -54,25 +26,28 @@ class PackedDataset:
 
     Each sample holds LongTensors of length ``seq_len``: ``input_ids``, ``labels``
     (input_ids shifted by one), ``position_ids`` and ``doc_ids``. Documents are packed
-    back to back: positions run 0..seq_len-1 across document boundaries and attention is
-    not masked between documents, as in most long-context recipes (the model learns to
-    ignore what precedes a BOS). ``doc_ids`` numbers the documents within the window
-    (0 for the first, +1 at each BOS), so a consumer that wants per-document positions or
-    masking can derive them.
+    back to back. ``doc_ids`` numbers the documents within the window (0 for the first,
+    +1 at each BOS); the model masks attention by them under ``data.document_masking``.
+    Positions run 0..seq_len-1 across document boundaries, or with ``reset_positions``
+    restart at 0 at each BOS (the window's first, partial document counts from the
+    window start, so no position exceeds seq_len-1).
     """
 
-    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int):
+    def __init__(
+        self, tokens: np.ndarray | TokenStream, doc_starts: np.ndarray, seq_len: int, seed: int, reset_positions: bool = False
+    ):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if len(tokens) < seq_len + 1:
-            raise ConfigError(
-                f"data: the token stream has {len(tokens)} tokens, fewer than one sample of seq_len+1={seq_len + 1}; "
-                "use more documents (data.path, data.max_docs, data.val_percent) or a shorter stage.seq_len"
+            raise ValueError(
+                f"the token stream has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
+                "use more documents or a shorter seq_len"
             )
         self.tokens = tokens
         self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
         self.seq_len = seq_len
         self.seed = seed
+        self.reset_positions = reset_positions
         self._num_windows = (len(tokens) - 1) // seq_len
         # One epoch's permutation is reused by every sample of that epoch.
         self._perm_epoch: Optional[int] = None
@@ -98,16 +73,24 @@ class PackedDataset:
         offsets = np.arange(start, start + self.seq_len)
         # Number of BOS strictly after the window start and at or before each position.
         first = np.searchsorted(self.doc_starts, start, side="right")
-        doc_ids = np.searchsorted(self.doc_starts, offsets, side="right") - first
+        doc_ids = torch.from_numpy(np.searchsorted(self.doc_starts, offsets, side="right") - first)
         return {
             "input_ids": window[:-1],
             "labels": window[1:],
-            "position_ids": torch.arange(self.seq_len, dtype=torch.long),
-            "doc_ids": torch.from_numpy(doc_ids.astype(np.int64)),
+            "position_ids": document_positions(doc_ids) if self.reset_positions else torch.arange(self.seq_len),
+            "doc_ids": doc_ids,
         }
 
 
-def build_packed_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split, seq_len: int) -> PackedDataset:
-    docs = load_documents(data_cfg, split)
-    tokens, doc_starts = pack_documents(docs, tokenizer, data_cfg.seed)
-    return PackedDataset(tokens, doc_starts, seq_len, data_cfg.seed)
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where ``doc_ids`` [T] (nondecreasing) steps."""
+    index = torch.arange(len(doc_ids))
+    starts = torch.ones(len(doc_ids), dtype=torch.bool)
+    starts[1:] = doc_ids[1:] != doc_ids[:-1]
+    # Each token's document starts at the last start at or before it.
+    return index - torch.cummax(torch.where(starts, index, 0), dim=0).values
+
+
+def packed_dataset(stream: TokenStream, seq_len: int, data_cfg: DataConfig) -> PackedDataset:
+    """Training samples of ``seq_len`` cut from a prepared token stream."""
+    return PackedDataset(stream, stream.doc_starts, seq_len, data_cfg.seed, data_cfg.reset_positions)

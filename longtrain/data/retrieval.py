@@ -35,9 +35,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from longtrain.config import RETRIEVAL_KINDS, DataConfig, RetrievalConfig, check_retrieval_kinds
-from longtrain.data.packing import pack_documents
-from longtrain.data.sources import Split, load_documents
+from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, check_retrieval_kinds
+from longtrain.data.shards import open_prepared
+from longtrain.data.sources import Split
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.optim.loss import IGNORE_INDEX
 
@@ -173,10 +173,9 @@ class RandomText:
         return self.alphabet[rng.integers(0, len(self.alphabet), n)]
 
 
-def build_haystack(data_cfg: DataConfig, tokenizer: Tokenizer, split: Split) -> Haystack:
-    """The haystack of one split: its documents packed as for training."""
-    tokens, _ = pack_documents(load_documents(data_cfg, split), tokenizer, data_cfg.seed)
-    return Haystack.of_stream(tokens, tokenizer)
+def build_haystack(cfg: Config, tokenizer: Tokenizer, split: Split) -> Haystack:
+    """The haystack of one split: its prepared documents as packed for training."""
+    return Haystack.of_stream(open_prepared(cfg).stream(split).haystack_tokens(), tokenizer)
 
 
 def depth_index(depth: float, haystack_len: int) -> int:

@@ -1,8 +1,18 @@
-"""Document sources: each returns a ``datasets.Dataset`` with ``text`` and ``id`` columns.
+"""Document sources, read as a stream: ``documents(cfg, skipped)`` yields (key, source, text).
 
-The train/val split is a pure function of each document's id (a stable hash), never of
-the file order or the seed, so adding files, changing the seed or resuming on another
-machine never moves a document between splits.
+- ``stdlib_code``: the Python standard library's own ``.py`` files, tests included (real
+  code, dozens of files over 100K bytes; every machine with Python has it).
+- ``local``: files matching a recursive glob: each ``.txt`` file is one document; each
+  row of a ``.jsonl`` or ``.parquet`` file is one (its ``text_field``).
+- ``hf``: a ``datasets`` dataset saved with ``save_to_disk`` (its train split), or one
+  in the local cache, streamed.
+
+A document's key is its path under the source's root (``.txt``/``.py``), the file plus
+row (``rows.jsonl:3``), or the row number (``hf``). The train/val split is a pure
+function of the key (a stable hash), never of the file order or the seed. Inputs that
+are not text (empty or binary files, non-UTF-8 bytes, corrupt jsonl lines, rows without
+the text field) are skipped and counted in ``skipped`` by reason; a missing column or an
+unreadable parquet file is a one-line ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -10,19 +20,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import os
 import sysconfig
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
-import datasets
+import numpy as np
 
 from longtrain.config import ConfigError, DataConfig
 
 Split = Literal["train", "val"]
-
-# Split names that published datasets use for held-out data, in order of preference.
-_HF_VAL_SPLITS = ("validation", "valid", "val")
 
 
 def in_val_split(key: str, val_percent: float) -> bool:
@@ -30,13 +39,6 @@ def in_val_split(key: str, val_percent: float) -> bool:
     # identical across runs, ranks and machines.
     h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
     return h % 1_000_000 < val_percent * 10_000
-
-
-def _select(keys: Iterable[str], split: Split, val_percent: float, max_docs: Optional[int]) -> Iterator[int]:
-    """Indices of the keys that fall in ``split``, stopping after ``max_docs``."""
-    want_val = split == "val"
-    picked = (i for i, key in enumerate(keys) if in_val_split(key, val_percent) == want_val)
-    return itertools.islice(picked, max_docs)
 
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
@@ -52,124 +54,121 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
-def stdlib_code(split: Split, val_percent: float, max_docs: Optional[int] = None) -> datasets.Dataset:
-    """The Python standard library's own ``.py`` files, tests included (they are real code).
-
-    Every machine with Python has this corpus, so quick runs need no download. It holds
-    dozens of files over 100K bytes (e.g. ``pydoc_data/topics.py``), enough for
-    long-context stages on a laptop.
-    """
-    root, files = _stdlib_files()
-    texts, ids = [], []
-    want_val = split == "val"
-    for path in files:
-        key = path.relative_to(root).as_posix()
-        # Decide the split before reading, so loading the small val split stays cheap.
-        if in_val_split(key, val_percent) != want_val:
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:  # a few test fixtures are deliberately mis-encoded
-            continue
-        if not text:  # empty __init__.py files would add nothing but BOS/EOS pairs
-            continue
-        texts.append(text)
-        ids.append(key)
-        if max_docs is not None and len(texts) == max_docs:
-            break
-    return datasets.Dataset.from_dict({"text": texts, "id": ids})
-
-
 def _glob_root(pattern: str) -> Path:
-    """The folder a glob pattern starts from, so ids don't depend on the cwd."""
+    """The folder a glob pattern starts from, so keys don't depend on the cwd."""
     prefix = list(itertools.takewhile(lambda part: not glob.has_magic(part), Path(pattern).parts))
     root = Path(*prefix) if prefix else Path(".")
     return root if root.is_dir() else root.parent
 
 
-def _text_column(ds: datasets.Dataset, text_field: str) -> datasets.Dataset:
-    if text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field: no column {text_field!r}; columns are {ds.column_names}")
-    ds = ds.select_columns([text_field])
-    return ds.rename_column(text_field, "text") if text_field != "text" else ds
-
-
-def local_files(pattern: str, text_field: str, split: Split, val_percent: float, max_docs: Optional[int] = None) -> datasets.Dataset:
-    """Files matching a recursive glob: each ``.txt`` is one document; each row of a
-    ``.jsonl`` or ``.parquet`` file is one document (its ``text_field``).
-
-    A ``.txt`` document's id is its path under the glob's root. Rows have no natural
-    name, so their id is the format plus the row index over the sorted files of that
-    format (a new file moves only the rows of files that sort after it).
-    """
-    root = _glob_root(pattern)
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    by_ext = {ext: [str(p) for p in matches if p.suffix == ext] for ext in (".txt", ".jsonl", ".parquet")}
-    if not any(by_ext.values()):
-        raise ConfigError(f"data.path: no .txt, .jsonl or .parquet file matches {pattern!r}")
-
-    parts = []
-    if by_ext[".txt"]:
-        # sample_by="document" yields exactly one row per file, in data_files order.
-        ds = datasets.load_dataset("text", data_files=by_ext[".txt"], sample_by="document", split="train")
-        ids = [Path(p).relative_to(root).as_posix() for p in by_ext[".txt"]]
-        parts.append(ds.add_column("id", ids))
-    for ext, builder in ((".jsonl", "json"), (".parquet", "parquet")):
-        if by_ext[ext]:
-            ds = _text_column(datasets.load_dataset(builder, data_files=by_ext[ext], split="train"), text_field)
-            parts.append(ds.add_column("id", [f"{builder}:{i}" for i in range(len(ds))]))
-
-    ds = datasets.concatenate_datasets(parts)
-    return ds.select(list(_select(ds["id"], split, val_percent, max_docs)))
-
-
-def hf_dataset(path: str, name: Optional[str], text_field: str, split: Split, val_percent: float, max_docs: Optional[int] = None) -> datasets.Dataset:
-    """A Hugging Face dataset already in the local cache (or a local folder of data files).
-
-    Uses the dataset's own validation split when it has one; otherwise holds out a hash
-    split of ``train`` by row index. Set ``HF_HUB_OFFLINE=1`` so that ``datasets`` does
-    not try to reach the Hub before falling back to its cache.
-    """
-    dd = datasets.load_dataset(path, name)
-    if not isinstance(dd, datasets.DatasetDict):
-        raise ConfigError(f"data.path: expected a dataset with splits, got {type(dd).__name__}")
-    val_name = next((s for s in _HF_VAL_SPLITS if s in dd), None)
-    if "train" not in dd:
-        raise ConfigError(f"data.path: {path!r} has no 'train' split; splits are {list(dd)}")
-
-    if val_name is not None:
-        ds = _text_column(dd["train" if split == "train" else val_name], text_field)
-        indices = range(len(ds) if max_docs is None else min(max_docs, len(ds)))
-    else:
-        ds = _text_column(dd["train"], text_field)
-        indices = list(_select((str(i) for i in range(len(ds))), split, val_percent, max_docs))
-    ds = ds.select(indices)
-    return ds.add_column("id", [str(i) for i in indices])
-
-
-def load_documents(cfg: DataConfig, split: Split) -> datasets.Dataset:
-    """The documents of one split, with ``text`` and ``id`` columns, at most ``cfg.max_docs``."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if cfg.source == "stdlib_code":
-        return stdlib_code(split, cfg.val_percent, cfg.max_docs)
-    if cfg.source in ("local", "hf") and not cfg.path:
-        raise ConfigError(f"data.path: data.source={cfg.source} needs data.path")
+def _decode_file(path: Path, skipped: Counter) -> Optional[str]:
+    data = path.read_bytes()
+    if not data:
+        skipped["empty file"] += 1
+        return None
+    if b"\0" in data:  # text has no NUL bytes; images, archives and .pyc do
+        skipped["binary file"] += 1
+        return None
     try:
-        if cfg.source == "local":
-            return local_files(str(cfg.path), cfg.text_field, split, cfg.val_percent, cfg.max_docs)
-        if cfg.source == "hf":
-            return hf_dataset(str(cfg.path), cfg.name, cfg.text_field, split, cfg.val_percent, cfg.max_docs)
-    except ConfigError:  # our own checks name their key
-        raise
-    except Exception as e:  # datasets' builders fail in many ways on a bad file
-        raise ConfigError(f"data.path: cannot read {cfg.path}: {_root_cause(e)}") from None
-    raise ConfigError(f"data.source: unknown value {cfg.source!r}; valid: stdlib_code, local, hf")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["not UTF-8"] += 1
+        return None
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost error's first line (datasets wraps the parser's own message)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    first = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {first}"[:300]
+def input_files(data: DataConfig) -> tuple[Path, list[Path]]:
+    """(root, files) of a file-based source, in a seeded order (documents of one folder
+    would otherwise sit next to each other in every window)."""
+    if data.source == "stdlib_code":
+        root, files = _stdlib_files()
+    else:
+        root = _glob_root(str(data.path))
+        files = sorted(Path(p) for p in glob.glob(str(data.path), recursive=True) if Path(p).is_file())
+        files = [p for p in files if p.suffix in (".txt", ".jsonl", ".parquet")]
+        if not files:
+            raise ConfigError(f"data.path: no .txt, .jsonl or .parquet file matches {data.path!r}")
+    order = np.random.default_rng(data.seed).permutation(len(files))
+    return root, [files[i] for i in order]
+
+
+def _rows_of_file(path: Path, text_field: str, skipped: Counter) -> Iterator[tuple[int, str]]:
+    """(row number, text) of each document in one file; a .txt or .py file is row 0."""
+    if path.suffix in (".txt", ".py"):
+        text = _decode_file(path, skipped)
+        if text is not None:
+            yield 0, text
+    elif path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for row, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    skipped["corrupt jsonl line"] += 1
+                    continue
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    skipped[f"jsonl row without a {text_field!r} string"] += 1
+                    continue
+                yield row, text
+    else:  # .parquet, read a row group at a time
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise ConfigError(f"data.path: {path} is not a readable parquet file ({type(e).__name__})") from None
+        if text_field not in pf.schema_arrow.names:
+            raise ConfigError(f"data.text_field: {path} has no column {text_field!r}; columns are {pf.schema_arrow.names}")
+        rows = itertools.chain.from_iterable(b.column(0).to_pylist() for b in pf.iter_batches(columns=[text_field]))
+        yield from ((row, t) for row, t in enumerate(rows) if isinstance(t, str))
+
+
+def _hf_rows(data: DataConfig) -> Iterator[str]:
+    """A ``datasets`` dataset saved with ``save_to_disk`` (its train split), else one in
+    the local cache, streamed."""
+    import datasets
+
+    path = str(data.path)
+    if Path(path).is_dir() and any((Path(path) / f).exists() for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ConfigError(f"data.path: {path!r} has no 'train' split; splits are {list(ds)}")
+            ds = ds["train"]
+    else:
+        try:
+            ds = datasets.load_dataset(path, data.name, split="train", streaming=True)
+        except Exception as e:  # offline cache misses surface as several exception types
+            raise ConfigError(f"data.path: cannot load dataset {path!r} offline ({type(e).__name__})") from None
+    columns = ds.column_names or []
+    if data.text_field not in columns:
+        raise ConfigError(f"data.text_field: no column {data.text_field!r}; columns are {columns}")
+    for batch in ds.select_columns([data.text_field]).iter(batch_size=256):
+        yield from batch[data.text_field]
+
+
+def documents(data: DataConfig, skipped: Counter) -> tuple[list[str], Iterator[tuple[str, int, str]]]:
+    """(source names, iterator of (key, source, text)) for the whole corpus, streamed."""
+    if data.source == "hf":
+        rows: Iterator[tuple[str, int, str]] = ((str(i), 0, t) for i, t in enumerate(_hf_rows(data)))
+        return [str(data.path)], _nonempty(rows, skipped)
+    root, files = input_files(data)
+    names = [p.relative_to(root).as_posix() for p in files]
+    keyed = (
+        (name if path.suffix in (".txt", ".py") else f"{name}:{row}", source, text)
+        for source, (path, name) in enumerate(zip(files, names))
+        for row, text in _rows_of_file(path, data.text_field, skipped)
+    )
+    return names, _nonempty(keyed, skipped)
+
+
+def _nonempty(rows: Iterator[tuple[str, int, str]], skipped: Counter) -> Iterator[tuple[str, int, str]]:
+    for key, source, text in rows:
+        if isinstance(text, str) and text:
+            yield key, source, text
+        else:
+            skipped["empty document"] += 1
+
+

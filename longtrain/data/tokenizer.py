@@ -7,14 +7,18 @@ special ids; ``encode``/``decode`` are for evaluation and humans.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence, Union
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 import numpy as np
-import torch
 
 from longtrain.config import TokenizerConfig
 
-Ids = Union[Sequence[int], np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Ids = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 
 
 class Tokenizer(Protocol):
@@ -100,3 +104,15 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             raise ValueError("tokenizer.path: tokenizer.type=hf needs a local tokenizer folder")
         return HFTokenizer(cfg.path)
     raise ValueError(f"tokenizer.type: unknown value {cfg.type!r}; valid: byte, hf")
+
+
+def tokenizer_identity(cfg: TokenizerConfig) -> str:
+    """The tokenizer's type plus a hash of its files: prepared shards record it, so shards
+    made with another tokenizer are never read as this one's."""
+    if cfg.type != "hf":
+        return cfg.type
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(str(cfg.path)).rglob("*") if p.is_file()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return f"hf:{h.hexdigest()[:16]}"

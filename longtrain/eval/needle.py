@@ -225,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model, cfg, tokenizer, device = load_model(source)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
-    haystack = build_haystack(cfg.data, tokenizer, "val")
+    haystack = build_haystack(cfg, tokenizer, "val")
     grid = run_needle_grid(
         model, tokenizer, haystack, lengths, depths, args.trials, args.seed, args.batch_size,
         args.kind or cfg.gate.kind, device, cfg.retrieval,

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longtrain.data.packing import pack_documents
-from longtrain.data.sources import load_documents
+from longtrain.data.shards import open_prepared
 from longtrain.eval.needle import ForwardFn, load_model
 
 
@@ -113,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
 
     model, cfg, tokenizer, device = load_model(args.checkpoint)
-    tokens, doc_starts = pack_documents(load_documents(cfg.data, "val"), tokenizer, cfg.data.seed)
+    tokens = open_prepared(cfg).stream("val")
+    doc_starts = tokens.doc_starts
     seq_len = args.seq_len or cfg.stage.seq_len
     result = position_loss(model, tokens, doc_starts, seq_len, args.buckets, args.windows, args.batch_size, device)
     out = args.out or args.checkpoint / "position_loss"

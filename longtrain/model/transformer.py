@@ -1,9 +1,10 @@
 """Decoder-only GQA Transformer: pre-norm RMSNorm, SwiGLU, per-head QK-norm, RoPE.
 
 The model knows nothing about distribution: attention goes through an injected
-``attention_fn(q, k, v, scale) -> out`` (local causal kernel or ring attention), and
-positions come in explicitly, so a context-parallel shard is just a shorter batch
-with non-contiguous global position ids.
+``attention_fn(q, k, v, scale, doc_ids) -> out`` (local causal kernel or ring attention),
+and positions come in explicitly, so a context-parallel shard is just a shorter batch
+with non-contiguous global position ids. ``doc_ids`` (None: no document masking) keeps
+attention within packed documents.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longtrain.attention.documents import document_attention
 from longtrain.attention.kernels import attention, compute_dtype
 from longtrain.config import ModelConfig, RopeConfig
 from longtrain.model.rope import RotaryEmbedding, apply_rope
 from longtrain.optim.loss import LossSums, chunked_cross_entropy
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+AttentionFn = Callable[[Tensor, Tensor, Tensor, float, Optional[Tensor]], Tensor]
 
 
-def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Whole sequence on one rank: the local kernel, causal."""
+def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Optional[Tensor] = None) -> Tensor:
+    """Whole sequence on one rank: the local kernel, causal (within documents given ``doc_ids``)."""
+    if doc_ids is not None:
+        return document_attention(q, k, v, doc_ids, scale)[0]
     return attention(q, k, v, True, scale)[0]
 
 
@@ -44,7 +48,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn, q_scale: Optional[Tensor] = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
+        q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -62,7 +67,7 @@ class Attention(nn.Module):
         # in bf16. Casting here rounds q and k once, after both.
         dtype = compute_dtype(v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        out = attention_fn(q, k, v, 1.0 / math.sqrt(self.head_dim))
+        out = attention_fn(q, k, v, 1.0 / math.sqrt(self.head_dim), doc_ids=doc_ids)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -91,9 +96,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn, q_scale: Optional[Tensor] = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
+        q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
     ) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale)
+        x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -129,12 +135,12 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def hidden_states(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor, doc_ids: Optional[Tensor] = None) -> Tensor:
         cos, sin = self.rotary(position_ids)
         q_scale = self.rotary.query_scale(position_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, self.attention_fn, q_scale)
+            h = layer(h, cos, sin, self.attention_fn, q_scale, doc_ids)
         return self.norm(h)
 
     def forward(
@@ -143,13 +149,17 @@ class Transformer(nn.Module):
         position_ids: Tensor,
         labels: Optional[Tensor] = None,
         loss_chunk_size: int = 1024,
+        doc_ids: Optional[Tensor] = None,
     ) -> Tensor | LossSums:
         """Logits [B, T, vocab] without labels; with labels, summed CE and z-loss terms.
+
+        ``doc_ids`` [B, T] (this shard's, nondecreasing along the sequence) masks attention
+        to each token's own document; None attends across the whole packed sequence.
 
         The loss is computed inside forward so that FSDP2 keeps the (possibly tied) output
         weight unsharded while it is used, and in chunks so [T, vocab] logits never exist.
         """
-        h = self.hidden_states(input_ids, position_ids)
+        h = self.hidden_states(input_ids, position_ids, doc_ids)
         if labels is None:
             return h @ self.output_weight().t()
         return chunked_cross_entropy(h, self.output_weight(), labels, loss_chunk_size)
