@@ -57,11 +57,11 @@ CASES = [
     ("hf-tokenizer-not-a-tokenizer", [*DEMO, "tokenizer=hf", "tokenizer.path={fx}/not_a_checkpoint"], "tokenizer.path"),
     ("local-data-without-path", ["data=local"], "data.path"),
     ("local-data-no-match", ["data=local", "data.path={fx}/none/*.txt"], "data.path"),
-    ("empty-data-file", [*DEMO, "data=local", "data.path={fx}/empty.txt"], "data"),
+    ("empty-data-file", [*DEMO, "data=local", "data.path={fx}/empty.txt"], "data.path"),
     ("binary-data-file", [*DEMO, "data=local", "data.path={fx}/binary.txt"], "data.path"),
     ("corrupt-jsonl", [*DEMO, "data=local", "data.path={fx}/corrupt.jsonl"], "data.path"),
-    ("jsonl-without-text-field", [*DEMO, "data=local", "data.path={fx}/nofield.jsonl"], "data.text_field"),
-    ("corpus-too-small", [*DEMO, "data=local", "data.path={fx}/tiny.txt"], "data"),
+    ("jsonl-without-text-field", [*DEMO, "data=local", "data.path={fx}/nofield.jsonl"], "data.path"),
+    ("corpus-too-small", [*DEMO, "data=local", "data.path={fx}/tiny.txt"], "data.val_percent"),
     ("val-percent-zero", ["data.val_percent=0"], "data.val_percent"),
     ("gate-kind", ["gate.kind=riddle"], "gate.kind"),
     ("retrieval-kind", ["retrieval.kinds=[passkey,riddle]"], "retrieval.kinds"),
@@ -87,7 +87,7 @@ def make_fixtures(fx: Path) -> None:
     )
     (fx / "empty.txt").write_text("")
     (fx / "binary.txt").write_bytes(bytes(range(128, 256)) * 20)
-    (fx / "corrupt.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (fx / "corrupt.jsonl").write_text('{"text": broken\n')
     (fx / "nofield.jsonl").write_text('{"body": "no text field"}\n')
     (fx / "tiny.txt").write_text("hello world\n")
     occupied = fx / "occupied" / "induction" / "checkpoints" / "step_00000004"

@@ -30,11 +30,13 @@ counted and reported; a split left empty is a one-line config error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -241,13 +243,19 @@ def prepare(data: DataConfig, tok_cfg: TokenizerConfig, out: Path, num_proc: int
         writer.flush()
 
     splits = {s: _split_summary(out / s) for s in SPLITS}
-    for s, summary in splits.items():
-        if not summary["documents"]:
-            total = sum(x["documents"] for x in splits.values())
-            raise ConfigError(
-                f"data.val_percent: the {s} split of {data.source} {data.path or ''} is empty "
-                f"({total} documents in all, val_percent={data.val_percent}); add documents or change data.val_percent"
-            )
+    empty = [s for s, summary in splits.items() if not summary["documents"]]
+    if empty:
+        shutil.rmtree(out)  # nothing a run could use: leave no half-made dataset behind
+        with contextlib.suppress(OSError):
+            out.parent.rmdir()  # the data/ folder too, if this made it and it holds nothing else
+        total = sum(x["documents"] for x in splits.values())
+        if total == 0:
+            why = "; ".join(f"{n} skipped: {reason}" for reason, n in sorted(skipped.items())) or "no input"
+            raise ConfigError(f"data.path: no usable document in {data.source} {data.path or ''} ({why})")
+        raise ConfigError(
+            f"data.val_percent: the {empty[0]} split of {data.source} {data.path or ''} is empty "
+            f"({total} documents in all, val_percent={data.val_percent}); add documents or change data.val_percent"
+        )
     manifest = {
         "format": 1,
         "plan": asdict(plan),
