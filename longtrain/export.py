@@ -122,19 +122,20 @@ def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityRep
     """
     from transformers import AutoModelForCausalLM
 
-    from longtrain.data.packing import build_packed_dataset
+    from longtrain.data.packing import packed_dataset
     from longtrain.data.retrieval import build_haystack
+    from longtrain.data.shards import open_prepared
     from longtrain.eval.needle import greedy_decode, load_model, needle_batch
     from longtrain.optim.loss import IGNORE_INDEX
 
     model, cfg, tokenizer, device = load_model(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).to(device).eval()
     length, start = cfg.stage.seq_len, cfg.rope.original_max_position_embeddings
-    ids = build_packed_dataset(cfg.data, tokenizer, "val", length).sample(0)["input_ids"][None].to(device)
+    ids = packed_dataset(open_prepared(cfg).stream("val"), length, cfg.data).sample(0)["input_ids"][None].to(device)
     ours = model(ids, torch.arange(length, device=device)[None])
     diff = float((hf(ids).logits - ours)[:, start:].abs().max())
 
-    haystack = build_haystack(cfg.data, tokenizer, "val")
+    haystack = build_haystack(cfg, tokenizer, "val")
     cells = [(i / max(samples - 1, 1), 0) for i in range(samples)]
     batch = needle_batch(tokenizer, haystack, length, cells, cfg.run.seed, "passkey", cfg.retrieval)
     report = ParityReport(start, length, diff, [], [], [])

@@ -152,8 +152,8 @@ def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
     # What the CLI runs on hf:OUT: the exported tokenizer builds the same haystack, and
     # transformers' forward gives our logits on needle samples.
     forward, cfg, tokenizer, _ = needle.load_hf_model(out)
-    haystack = build_haystack(cfg.data, tokenizer, "val")
-    assert (haystack.tokens == build_haystack(cfg.data, trainer.tokenizer, "val").tokens).all()
+    haystack = build_haystack(cfg, tokenizer, "val")
+    assert (haystack.tokens == build_haystack(cfg, trainer.tokenizer, "val").tokens).all()
     batch = needle.needle_batch(tokenizer, haystack, 320, [(0.5, 0), (1.0, 1)], seed=0)
     torch.testing.assert_close(forward(batch["input_ids"], batch["position_ids"]),
                                our_logits(trainer.model, batch["input_ids"]), rtol=1e-5, atol=1e-5)

@@ -105,7 +105,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     "files,args,message",
     [
         ({"a.txt": "only one document"}, ["data.val_percent=1"], r"data.val_percent: the val split .* is empty"),
-        ({"a.jsonl": '{"body": "x"}\n'}, [], r"data.val_percent: the train split"),  # every row lacks 'text'
+        ({"a.jsonl": '{"body": "x"}\n'}, [], r"data.path: no usable document .*1 skipped: jsonl row without a 'text' string"),
         ({"a.parquet": None}, ["data.text_field=nope"], r"data.text_field: .*a.parquet has no column 'nope'"),
         ({"a.txt": "x"}, ["data=nonexistent"], r"config error: .*nonexistent"),
         ({"a.txt": "x"}, ["num_proc=two"], r"num_proc: must be a positive integer, got 'two'"),
