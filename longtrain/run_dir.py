@@ -14,13 +14,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from longtrain.config import Config, ConfigError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-_STATE = ("checkpoints", METRICS_FILE, "gate.json", "recall_before.json")
+_STATE_FILES = (METRICS_FILE, "gate.json", "recall_before.json")
 
 
 def stage_state(stage_dir: Path) -> list[str]:
@@ -29,7 +28,7 @@ def stage_state(stage_dir: Path) -> list[str]:
     ckpts = sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")) if stage_dir.is_dir() else []
     if ckpts:
         found.append(f"checkpoints up to {ckpts[-1]}")
-    found += [name for name in _STATE[1:] if (stage_dir / name).is_file()]
+    found += [name for name in _STATE_FILES if (stage_dir / name).is_file()]
     return found
 
 
@@ -55,15 +54,13 @@ def clear_stage_folders(stages: list[Config]) -> None:
             shutil.rmtree(directory)
 
 
-def run_id(run_dir: Path, requested: Optional[str] = None) -> str:
+def run_id(run_dir: Path) -> str:
     """The id in ``run.dir/run.json``, written there first if the folder has none (rank 0)."""
     path = run_dir / RUN_FILE
     if path.is_file():
-        recorded = json.loads(path.read_text())["id"]
-        if requested is None or requested == recorded:
-            return recorded
+        return json.loads(path.read_text())["id"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    new = requested or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    new = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     path.write_text(json.dumps({"id": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
     return new
 
