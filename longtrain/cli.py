@@ -103,3 +103,10 @@ def plan_table(stages: list[Config], world_size: int) -> str:
     p = stages[0].parallel
     rows.append(f"world size {world_size}: dp={p.dp} × cp={p.cp}; batch = global/micro per rank; nothing written (run.dry_run)")
     return "\n".join(rows)
+
+
+def sweep_root(task_overrides: list[str], sweep_dir: str) -> str:
+    """The folder holding a multirun's job folders: the ``run.dir`` given on the command
+    line (jobs go to run.dir/<job>), else Hydra's sweep folder (multirun/<date>/<job>)."""
+    given = [o.split("=", 1)[1] for o in task_overrides if o.lstrip("+").startswith("run.dir=")]
+    return given[-1] if given else sweep_dir
