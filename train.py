@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longtrain.cli import hydra_error_line, plan_table, preflight, sweep_root  # noqa: E402
+from longtrain.cli import hydra_error_line, plan_table, preflight, sweep_root, torchrun_env_from_submitit  # noqa: E402
 from longtrain.config import ConfigError, validate  # noqa: E402
 from longtrain.hardware import check_device  # noqa: E402
 from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
@@ -65,19 +65,22 @@ def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None]:
         return overrides, None
     job = int(hydra_cfg.job.num)
     given = any(o.lstrip("+").startswith("run.dir=") for o in overrides)
-    if not given and world_size_from_env() > 1:  # each rank would date the sweep folder by its own clock
+    # Under torchrun each rank would date the sweep folder by its own clock; a submitit
+    # job's folder was named once, by the process that launched the sweep.
+    if not given and world_size_from_env() > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
         raise ConfigError("run.dir: a multirun under torchrun needs run.dir=FOLDER (jobs go to FOLDER/<job>)")
     run_dir = os.path.join(sweep_root(overrides, hydra_cfg.runtime.output_dir), str(job)) if given else hydra_cfg.runtime.output_dir
     return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
-def main(raw: DictConfig) -> float:
+def main(raw: DictConfig) -> float | None:
     """Run the command; return its objective (longtrain/sweep_job.py), which a sweeper
     maximises. A multirun job that fails prints its one line, records it in job.json and
     returns, so the sweep goes on; a single run exits with the failure's code."""
     from longtrain.sweep_job import JobRecord, job_objective, write_job_record
 
+    torchrun_env_from_submitit()
     hydra_cfg = HydraConfig.get()
     started = time.monotonic()
     job_number = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None

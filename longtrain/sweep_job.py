@@ -6,14 +6,13 @@ objective. The objective is what a sweeper (Optuna) maximises: the needle recall
 last stage the job gated, minus 1 when that stage's short-context loss broke its limit,
 so every trial that keeps short-context quality ranks above every trial that does not.
 A failed gate still has a value: it is a finished trial, not a crash. A job that measured
-nothing (a config error, preempted before its gate) has NaN, which Optuna records as a
-failed trial and the search goes on.
+nothing (a config error, preempted before its gate) has none (null), which Optuna records
+as a failed trial, and the search goes on.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +30,7 @@ class JobRecord:
     code: int  # the exit code a single run would have had
     wall_s: float
     stages: list[str]  # stage folder names the job was to run, in order
-    objective: float
+    objective: Optional[float]
 
 
 def short_loss_limit(gate: dict) -> Optional[float]:
@@ -45,13 +44,13 @@ def gate_objective(gate: dict) -> float:
     return gate["recall"] - (1.0 if limit is not None and gate["short_loss"] > limit else 0.0)
 
 
-def job_objective(run_dir: Path, stages: list[str]) -> float:
-    """The objective of the last of ``stages`` that wrote a gate record; NaN if none did."""
+def job_objective(run_dir: Path, stages: list[str]) -> Optional[float]:
+    """The objective of the last of ``stages`` that wrote a gate record; None if none did."""
     for name in reversed(stages):
         gate = read_gate(run_dir / name)
         if gate is not None:
             return gate_objective(gate)
-    return math.nan
+    return None
 
 
 def write_job_record(run_dir: Path, record: JobRecord) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import statistics
 import sys
@@ -64,8 +63,8 @@ class SweepReport:
         return [k for k in keys if len({row.swept.get(k) for row in self.rows}) > 1]
 
     def best(self) -> Optional[JobRow]:
-        scored = [r for r in self.rows if not math.isnan(r.record.objective)]
-        return max(scored, key=lambda r: r.record.objective) if scored else None
+        scored = [r for r in self.rows if r.record.objective is not None]
+        return max(scored, key=lambda r: r.record.objective) if scored else None  # type: ignore[arg-type, return-value]
 
     def failed(self) -> list[JobRow]:
         return [r for r in self.rows if r.record.code != 0]
@@ -98,7 +97,7 @@ def read_sweep(folder: Path) -> SweepReport:
 
 
 def _num(value: Optional[float], digits: int = 2) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def recall_cell(gate: Optional[dict]) -> str:

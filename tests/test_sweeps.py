@@ -97,3 +97,58 @@ def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longtrain.sweep_report", str(tmp_path)], capture_output=True,
                           text=True, env=env(), timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "job.json" in proc.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_through_submitit_local_and_prints_the_best(tmp_path):
+    # min_recall 1.0 fails every gate after 2 steps: failed gates are finished trials with values.
+    proc = train("-m", "+sweep=search_lr_retrieval", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=3",
+                 *SHORT, "gate.min_recall=1.0", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # the worst job's code: a failed gate
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3  # three separate processes
+    rows = report_rows(sweep)
+    assert [r["status"] for r in rows] == ["gate failed"] * 3
+    trials = []
+    for row in rows:
+        swept = dict(o.split("=", 1) for o in row["overrides"].split() if o.startswith(("optim.lr=", "stage.retrieval_share=")))
+        assert 1e-4 <= float(swept["optim.lr"]) <= 3e-3 and 0.25 <= float(swept["stage.retrieval_share"]) <= 0.75
+        trials.append((float(row["objective"]), swept))
+    assert len({t[1]["optim.lr"] for t in trials}) == 3  # the sampler proposed three settings
+    best_value, best = max(trials, key=lambda t: t[0])
+    best_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("best: job "))
+    assert f"optim.lr={best['optim.lr']} stage.retrieval_share={best['stage.retrieval_share']}" in best_line
+    optuna = (sweep / "optimization_results.yaml").read_text()  # the sweeper's own verdict agrees
+    assert f"optim.lr: {best['optim.lr']}" in optuna and f"best_value: {best_value}" in optuna
+
+
+HIDE = "import runpy, sys\nfor m in sys.argv[1].split(','): sys.modules[m] = None\nsys.argv = [sys.argv[2], *sys.argv[3:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+@pytest.mark.parametrize("hidden, args, line", [
+    ("hydra_plugins.hydra_optuna_sweeper", ["+sweep=search_lr_retrieval"],
+     'config error: hydra/sweeper: optuna needs the optional extra "sweep": pip install -e ".[sweep]"'),
+    ("hydra_plugins.hydra_submitit_launcher", ["hydra/launcher=submitit_local", "optim.lr=1e-3,2e-3"],
+     'config error: hydra/launcher: submitit_local needs the optional extra "sweep": pip install -e ".[sweep]"'),
+    ("hydra_plugins.hydra_submitit_launcher", ["hydra/launcher=slurm", "optim.lr=1e-3,2e-3"],
+     'config error: hydra/launcher: submitit_slurm needs the optional extra "sweep": pip install -e ".[sweep]"'),
+    ("optuna", ["+sweep=search_lr_retrieval"],
+     'config error: optuna: not installed; the sweeper or launcher chosen needs the optional extra "sweep": pip install -e ".[sweep]"'),
+])
+def test_a_missing_sweep_extra_is_one_line_naming_it(tmp_path, hidden, args, line):
+    """The plugin (or the package it imports) made unimportable, as on a machine without the extra."""
+    proc = subprocess.run([sys.executable, "-c", HIDE, hidden, TRAIN, "-m", *args, "preset=cpu_demo", "run.dry_run=true"],
+                          capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr
+    assert not list(tmp_path.rglob("job.json"))
+
+
+def test_slurm_launcher_takes_nodes_gpus_time_and_partition_from_config(tmp_path):
+    proc = train("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                 "hydra.launcher.timeout_min=90", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve",
+                 "--package", "hydra.launcher", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    launcher = {k: v.strip() for k, _, v in (ln.partition(":") for ln in proc.stdout.splitlines() if ":" in ln)}
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("2", "4", "4")  # a task per GPU
+    assert (launcher["timeout_min"], launcher["partition"]) == ("90", "gpu")
