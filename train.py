@@ -48,7 +48,7 @@ class Job:
     """What the job record needs, filled in as the command goes."""
 
     overrides: list[str]
-    run_dir: str
+    run_dir: str  # where its stages' folders are (and, in a multirun, its job.json)
     stages: list[str] = field(default_factory=list)  # stage folder names this command runs
     dry_run: bool = False
 
@@ -57,12 +57,12 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None]:
-    """The command line's overrides and, in a multirun, the job's number; a multirun job's
-    run.dir is its own folder: the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
+def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None, str | None]:
+    """The command line's overrides and, in a multirun, the job's number and run.dir: its
+    own folder, the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return overrides, None
+        return overrides, None, None
     job = int(hydra_cfg.job.num)
     given = any(o.lstrip("+").startswith("run.dir=") for o in overrides)
     # Under torchrun each rank would date the sweep folder by its own clock; a submitit
@@ -70,7 +70,7 @@ def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None]:
     if not given and world_size_from_env() > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
         raise ConfigError("run.dir: a multirun under torchrun needs run.dir=FOLDER (jobs go to FOLDER/<job>)")
     run_dir = os.path.join(sweep_root(overrides, hydra_cfg.runtime.output_dir), str(job)) if given else hydra_cfg.runtime.output_dir
-    return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job
+    return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job, run_dir
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
@@ -109,12 +109,13 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
 
     chosen = hydra_cfg.runtime.choices.get("stage")
     try:
-        job.overrides, job_number = job_overrides(hydra_cfg)
-        if job_number is not None:
-            job.run_dir = job.overrides[-1].split("=", 1)[1]
-            if is_rank0():
-                print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
+        job.overrides, job_number, run_dir = job_overrides(hydra_cfg)
+        if run_dir is not None:  # a multirun job: its record goes there even if its config is bad
+            job.run_dir = run_dir
+        if job_number is not None and is_rank0():
+            print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
         stages = compose_stage_configs(job.overrides, only=chosen)
+        job.run_dir = stages[0].run.dir
         names = stages[0].curriculum.stages
         if chosen is not None and chosen not in names:
             raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")

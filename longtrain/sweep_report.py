@@ -39,8 +39,13 @@ class JobRow:
     val_loss: Optional[float]  # the last val/loss logged by the last stage that logged one
 
     @property
-    def swept(self) -> dict[str, str]:
+    def settings(self) -> dict[str, str]:
+        """The job's overrides as key -> value (its own run.dir left out: every job has one)."""
         return dict(o.lstrip("+").split("=", 1) for o in self.record.overrides if "=" in o and not o.lstrip("+").startswith("run.dir="))
+
+    def describe(self, keys: list[str]) -> str:
+        """``key=value`` for each of ``keys`` this job set, e.g. the keys a sweep varied."""
+        return " ".join(f"{k}={self.settings[k]}" for k in keys if k in self.settings)
 
 
 @dataclass
@@ -59,8 +64,8 @@ class SweepReport:
         """Override keys whose value differs between jobs (what the sweep swept), in order."""
         keys: list[str] = []
         for row in self.rows:
-            keys += [k for k in row.swept if k not in keys]
-        return [k for k in keys if len({row.swept.get(k) for row in self.rows}) > 1]
+            keys += [k for k in row.settings if k not in keys]
+        return [k for k in keys if len({row.settings.get(k) for row in self.rows}) > 1]
 
     def best(self) -> Optional[JobRow]:
         scored = [r for r in self.rows if r.record.objective is not None]
@@ -126,9 +131,8 @@ def jobs_table(report: SweepReport) -> str:
     header += ["val loss", "wall", "status", "objective"]
     rows = []
     for row in report.rows:
-        swept = " ".join(f"{k}={row.swept[k]}" for k in varying if k in row.swept)
         rows.append(
-            [str(row.record.job), swept or "–"]
+            [str(row.record.job), row.describe(varying) or "–"]
             + [recall_cell(row.gates.get(s)) for s in stages]
             + [short_loss_cell(row.gates.get(s)) for s in stages]
             + [_num(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, _num(row.record.objective)]
@@ -151,7 +155,7 @@ def seeds_table(report: SweepReport) -> Optional[str]:
         return None
     recipes: dict[str, list[JobRow]] = {}
     for row in report.rows:
-        recipe = " ".join(f"{k}={row.swept[k]}" for k in varying if k != SEED_KEY and k in row.swept) or "all jobs"
+        recipe = row.describe([k for k in varying if k != SEED_KEY]) or "all jobs"
         recipes.setdefault(recipe, []).append(row)
     stages = report.stages
     header = ["recipe", "seeds"] + [f"{s} recall" for s in stages] + [f"{s} short loss" for s in stages]
@@ -167,17 +171,16 @@ def seeds_table(report: SweepReport) -> Optional[str]:
 
 
 def markdown(report: SweepReport) -> str:
-    common = [o for o in report.rows[0].record.overrides if o.lstrip("+").split("=", 1)[0] not in report.varying()
-              and not o.lstrip("+").startswith("run.dir=")]
-    parts = [f"# Sweep {report.folder}", "", f"common overrides: {' '.join(common) or '–'}", "", jobs_table(report)]
+    varying, first = report.varying(), report.rows[0]
+    common = first.describe([k for k in first.settings if k not in varying]) or "–"
+    parts = [f"# Sweep {report.folder}", "", f"common overrides: {common}", "", jobs_table(report)]
     seeds = seeds_table(report)
     if seeds is not None:
         parts += ["", "Mean ± standard deviation over seeds:", "", seeds]
     best = report.best()
     if best is not None:
-        swept = " ".join(f"{k}={best.swept[k]}" for k in report.varying() if k in best.swept)
-        parts += ["", f"best: job {best.record.job} ({swept or 'the only setting'}), objective {best.record.objective:.4f} "
-                      "(last gated stage's recall, minus 1 if its short loss broke the limit)"]
+        parts += ["", f"best: job {best.record.job} ({best.describe(varying) or 'the only setting'}), "
+                      f"objective {best.record.objective:.4f} (last gated stage's recall, minus 1 if its short loss broke the limit)"]
     return "\n".join(parts) + "\n"
 
 

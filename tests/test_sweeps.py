@@ -55,6 +55,17 @@ def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_path):
+    proc = train("-m", *SHORT, "gate.min_recall=0.0", "optim.lr=-1,1e-3", f"run.dir={tmp_path / 'lr'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr  # the worst job's code
+    assert "config error: optim.lr: must be > 0, got -1" in proc.stderr
+    rows = report_rows(tmp_path / "lr")
+    assert [(r["status"], r["exit_code"], r["objective"]) for r in rows][0] == ("config error", "2", "")
+    assert rows[1]["status"] == "passed" and float(rows[1]["induction_recall"]) >= 0
+    assert not (tmp_path / "lr" / "0" / "induction").exists()  # nothing computed for the bad job
+
+
+@pytest.mark.slow
 def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
     proc = train("-m", "+sweep=seeds", *SHORT, "gate.min_recall=0.0", "rope=abf,yarn", f"run.dir={tmp_path / 'seeds'}",
                  cwd=tmp_path)
