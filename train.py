@@ -62,6 +62,9 @@ def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None, str | N
     own folder, the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
+        sweeps = [o for o in overrides if o.lstrip("+").startswith("sweep=")]
+        if sweeps:  # without -m Hydra would run the recipe's defaults once, as if one job
+            raise ConfigError(f"sweep: {sweeps[0]} is a sweep (one job per setting); add -m: python train.py -m {sweeps[0]} ...")
         return overrides, None, None
     job = int(hydra_cfg.job.num)
     given = any(o.lstrip("+").startswith("run.dir=") for o in overrides)

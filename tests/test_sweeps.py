@@ -104,6 +104,13 @@ def test_every_sweep_file_says_what_it_answers():
         assert "?" in " ".join(ln for ln in lines if ln.startswith("#")), f"{path}: no question in its comment"
 
 
+def test_a_sweep_without_multirun_is_one_line(tmp_path):
+    proc = train("+sweep=rope_method", "preset=cpu_demo", "run.dry_run=true", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "config error: sweep: +sweep=rope_method is a sweep (one job per setting); add -m: python train.py -m +sweep=rope_method ..."
+    ), proc.stderr
+
+
 def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longtrain.sweep_report", str(tmp_path)], capture_output=True,
                           text=True, env=env(), timeout=60)
