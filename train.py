@@ -184,5 +184,5 @@ if __name__ == "__main__":
     if swept is not None and swept.failed():
         if is_rank0():
             jobs = ", ".join(str(r.record.job) for r in swept.failed())
-            print(f"sweep: job(s) {jobs} failed (their errors are above)", file=sys.stderr)
+            print(f"sweep: job(s) {jobs} failed (their errors are {ReportCallback.errors_at})", file=sys.stderr)
         sys.exit(max(r.record.code for r in swept.failed()))

@@ -223,12 +223,15 @@ class ReportCallback(Callback):
     """
 
     last: Optional[SweepReport] = None
+    errors_at = "above"  # where the failed jobs' error lines are: this output, or submitit's logs
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from longtrain.cli import sweep_root
 
         if os.environ.get("RANK", "0") != "0":
             return
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):  # jobs ran in processes of their own
+            ReportCallback.errors_at = f"in {Path(config.hydra.sweep.dir) / '.submitit'}/*/*_log.err"
         folder = Path(sweep_root(list(config.hydra.overrides.task), config.hydra.sweep.dir))
         if folder.is_dir():
             ReportCallback.last = write_report(folder)

@@ -125,6 +125,8 @@ def test_optuna_search_runs_trials_through_submitit_local_and_prints_the_best(tm
     assert proc.returncode == 1, proc.stderr  # the worst job's code: a failed gate
     (sweep,) = (tmp_path / "multirun").iterdir()
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3  # three separate processes
+    assert proc.stderr.strip().splitlines()[-1] == f"sweep: job(s) 0, 1, 2 failed (their errors are in {sweep.relative_to(tmp_path) / '.submitit'}/*/*_log.err)"
+    assert "stage error: stage induction failed its gate" in "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
     rows = report_rows(sweep)
     assert [r["status"] for r in rows] == ["gate failed"] * 3
     trials = []
