@@ -13,6 +13,9 @@ jobs after it; the sweep exits with the worst job's code.
 
 import os
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 # Everything runs offline: datasets/transformers must never try the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,70 +28,102 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longtrain.cli import hydra_error_line, plan_table, preflight  # noqa: E402
+from longtrain.cli import hydra_error_line, plan_table, preflight, sweep_root, torchrun_env_from_submitit  # noqa: E402
 from longtrain.config import ConfigError, validate  # noqa: E402
 from longtrain.hardware import check_device  # noqa: E402
 from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
+from longtrain.sweep_report import ReportCallback  # noqa: E402
 
 
-class JobFailed(Exception):
-    """One multirun job failed; Hydra records it and goes on with the next."""
+class Stop(Exception):
+    """Ends a single run with its exit code, or a multirun job with its status (the sweep goes on)."""
 
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+    def __init__(self, kind: str, message: str, code: int, status: str | None = None):
+        super().__init__(message)
+        self.kind, self.code, self.status = kind, code, status or kind
 
 
-failed_jobs: list[tuple[int, int]] = []  # (job number, exit code) of this sweep
+@dataclass
+class Job:
+    """What the job record needs, filled in as the command goes."""
+
+    overrides: list[str]
+    run_dir: str  # where its stages' folders are (and, in a multirun, its job.json)
+    stages: list[str] = field(default_factory=list)  # stage folder names this command runs
+    dry_run: bool = False
 
 
 def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def fail(kind: str, message: str, code: int, job: int | None = None) -> None:
-    if is_rank0():  # every rank fails the same way; one line is enough
-        print(f"{kind}: {message}", file=sys.stderr, flush=True)
-    if job is not None:
-        failed_jobs.append((job, code))
-        raise JobFailed(code)
-    sys.exit(code)
-
-
-def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None]:
-    """The command line's overrides and, in a multirun, the job's number; a multirun job's
-    run.dir is its own folder: the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
+def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None, str | None]:
+    """The command line's overrides and, in a multirun, the job's number and run.dir: its
+    own folder, the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return overrides, None
+        sweeps = [o for o in overrides if o.lstrip("+").startswith("sweep=")]
+        if sweeps:  # without -m Hydra would run the recipe's defaults once, as if one job
+            raise ConfigError(f"sweep: {sweeps[0]} is a sweep (one job per setting); add -m: python train.py -m {sweeps[0]} ...")
+        return overrides, None, None
     job = int(hydra_cfg.job.num)
-    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("run.dir=")]
-    if not given and world_size_from_env() > 1:  # each rank would date the sweep folder by its own clock
+    given = any(o.lstrip("+").startswith("run.dir=") for o in overrides)
+    # Under torchrun each rank would date the sweep folder by its own clock; a submitit
+    # job's folder was named once, by the process that launched the sweep.
+    if not given and world_size_from_env() > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
         raise ConfigError("run.dir: a multirun under torchrun needs run.dir=FOLDER (jobs go to FOLDER/<job>)")
-    run_dir = os.path.join(given[-1], str(job)) if given else hydra_cfg.runtime.output_dir
-    return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job
+    run_dir = os.path.join(sweep_root(overrides, hydra_cfg.runtime.output_dir), str(job)) if given else hydra_cfg.runtime.output_dir
+    return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job, run_dir
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
-def main(raw: DictConfig) -> None:
+def main(raw: DictConfig) -> float | None:
+    """Run the command; return its objective (longtrain/sweep_job.py), which a sweeper
+    maximises. A multirun job that fails prints its one line, records it in job.json and
+    returns, so the sweep goes on; a single run exits with the failure's code."""
+    from longtrain.sweep_job import JobRecord, job_objective, write_job_record
+
+    torchrun_env_from_submitit()
+    hydra_cfg = HydraConfig.get()
+    started = time.monotonic()
+    job_number = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    job = Job(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+    try:
+        run_command(hydra_cfg, job)
+        status, code = "passed", 0
+    except Stop as stop:
+        if is_rank0():  # every rank fails the same way; one line is enough
+            print(f"{stop.kind}: {stop}", file=sys.stderr, flush=True)
+        if job_number is None:
+            sys.exit(stop.code)
+        status, code = stop.status, stop.code
+    objective = job_objective(Path(job.run_dir), job.stages)
+    if job_number is not None and not job.dry_run and is_rank0():
+        record = JobRecord(job_number, job.overrides, status, code, round(time.monotonic() - started, 1), job.stages, objective)
+        write_job_record(Path(job.run_dir), record)
+    return objective
+
+
+def run_command(hydra_cfg: DictConfig, job: Job) -> None:
+    """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
     from longtrain import preemption
-    from longtrain.curriculum import StageError, compose_stage_configs, run_curriculum, summary_table
+    from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, summary_table
     from longtrain.trainer import Diverged
 
-    hydra_cfg = HydraConfig.get()
     chosen = hydra_cfg.runtime.choices.get("stage")
     try:
-        overrides, job = job_overrides(hydra_cfg)
-    except ConfigError as e:
-        return fail("config error", str(e), 2, int(hydra_cfg.job.num))
-    if job is not None and is_rank0():
-        print(f"=== job {job}: {' '.join(overrides)}", flush=True)
-    try:
-        stages = compose_stage_configs(overrides, only=chosen)
+        job.overrides, job_number, run_dir = job_overrides(hydra_cfg)
+        if run_dir is not None:  # a multirun job: its record goes there even if its config is bad
+            job.run_dir = run_dir
+        if job_number is not None and is_rank0():
+            print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
+        stages = compose_stage_configs(job.overrides, only=chosen)
+        job.run_dir = stages[0].run.dir
         names = stages[0].curriculum.stages
         if chosen is not None and chosen not in names:
             raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
         to_run = [stages[names.index(chosen)]] if chosen is not None else stages
+        job.stages = [cfg.stage.name for cfg in to_run]
         for cfg in to_run:
             validate(cfg, world_size=world_size_from_env())
         preflight(to_run)
@@ -96,8 +131,9 @@ def main(raw: DictConfig) -> None:
         for cfg in to_run:  # the attention kernel this device runs, and what it needs
             check_device(cfg, device)
     except ConfigError as e:
-        return fail("config error", str(e), 2, job)
+        raise Stop("config error", str(e), 2) from None
     if stages[0].run.dry_run:
+        job.dry_run = True
         if is_rank0():
             print(plan_table(to_run, world_size_from_env()))
         return
@@ -119,15 +155,17 @@ def main(raw: DictConfig) -> None:
         with collective_timeouts(pd):
             records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
     except ConfigError as e:  # found only once a stage reads its data (a file it cannot use)
-        return fail("config error", str(e), 2, job)
+        raise Stop("config error", str(e), 2) from None
+    except GateFailed as e:
+        raise Stop("stage error", str(e), 1, status="gate failed") from None
     except StageError as e:
-        return fail("stage error", str(e), 1, job)
+        raise Stop("stage error", str(e), 1) from None
     except Diverged as e:
-        return fail("diverged", str(e), 1, job)
+        raise Stop("diverged", str(e), 1) from None
     except preemption.Preempted as e:
-        return fail("preempted", str(e), preemption.PREEMPTED_EXIT_CODE, job)
+        raise Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE) from None
     except CollectiveTimeout as e:
-        return fail("parallel error", str(e), 1, job)
+        raise Stop("parallel error", str(e), 1) from None
     if pd.is_rank0:
         print(summary_table(records))
 
@@ -135,11 +173,6 @@ def main(raw: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except JobFailed:  # the sweep ran every job; Hydra re-raises the first failure at its end
-        jobs = ", ".join(str(n) for n, _ in failed_jobs)
-        if is_rank0():
-            print(f"sweep: job(s) {jobs} failed (their errors are above)", file=sys.stderr)
-        sys.exit(max(code for _, code in failed_jobs))
     except Exception as e:  # Hydra's own errors: an unknown key or option, a parse error
         line = hydra_error_line(e)
         if line is None:
@@ -147,3 +180,9 @@ if __name__ == "__main__":
         if is_rank0():
             print(f"config error: {line}", file=sys.stderr)
         sys.exit(2)
+    swept = ReportCallback.last  # a multirun: every job ran; the worst one decides the exit code
+    if swept is not None and swept.failed():
+        if is_rank0():
+            jobs = ", ".join(str(r.record.job) for r in swept.failed())
+            print(f"sweep: job(s) {jobs} failed (their errors are {ReportCallback.errors_at})", file=sys.stderr)
+        sys.exit(max(r.record.code for r in swept.failed()))

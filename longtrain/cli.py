@@ -11,6 +11,7 @@ the process group starts or anything is written.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,11 @@ from typing import Optional
 from longtrain.config import Config, ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Hydra plugins (and the packages they import) that the optional extra "sweep" installs.
+SWEEP_EXTRA_OPTIONS = {"hydra/sweeper": ("optuna",), "hydra/launcher": ("submitit_local", "submitit_slurm")}
+SWEEP_EXTRA_MODULES = ("optuna", "submitit")
+SWEEP_EXTRA_HINT = 'needs the optional extra "sweep": pip install -e ".[sweep]"'
 
 
 def group_options(group: str) -> list[str]:
@@ -31,8 +37,13 @@ def hydra_error_line(error: Exception) -> Optional[str]:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     text = str(error)
+    missing = _missing_module(error)
+    if missing in SWEEP_EXTRA_MODULES:
+        return f"{missing}: not installed; the sweeper or launcher chosen {SWEEP_EXTRA_HINT}"
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
+        if option in SWEEP_EXTRA_OPTIONS.get(group, ()):
+            return f"{group}: {option} {SWEEP_EXTRA_HINT}"
         valid = group_options(group) if (CONFIG_DIR / group).is_dir() else list(error.options or [])
         return f"{group}: unknown option {option!r}; valid: {', '.join(valid)}"
     if isinstance(error, OverrideParseException):
@@ -47,6 +58,27 @@ def hydra_error_line(error: Exception) -> Optional[str]:
             return f"{m.group(1)}: already set; override it without the leading +"
         return f"config: {text.splitlines()[0]}"
     return None
+
+
+def _missing_module(error: BaseException) -> Optional[str]:
+    """The top-level package a ModuleNotFoundError names, also when Hydra wrapped it."""
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            return seen.name.split(".")[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def torchrun_env_from_submitit() -> None:
+    """A sweep job that hydra/launcher=slurm started runs one task per GPU on each node;
+    give every task the variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT), so the job is one torch distributed world like a torchrun job."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Every task keeps every GPU in sight and takes cuda:LOCAL_RANK, as under torchrun.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _unknown_key(key: str) -> str:
@@ -103,3 +135,10 @@ def plan_table(stages: list[Config], world_size: int) -> str:
     p = stages[0].parallel
     rows.append(f"world size {world_size}: dp={p.dp} × cp={p.cp}; batch = global/micro per rank; nothing written (run.dry_run)")
     return "\n".join(rows)
+
+
+def sweep_root(task_overrides: list[str], sweep_dir: str) -> str:
+    """The folder holding a multirun's job folders: the ``run.dir`` given on the command
+    line (jobs go to run.dir/<job>), else Hydra's sweep folder (multirun/<date>/<job>)."""
+    given = [o.split("=", 1)[1] for o in task_overrides if o.lstrip("+").startswith("run.dir=")]
+    return given[-1] if given else sweep_dir

@@ -26,13 +26,17 @@ from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
+from longtrain.run_dir import GATE_FILE, read_gate
 from longtrain.trainer import Trainer, prepare_trainer
 
-GATE_FILE = "gate.json"
 
 
 class StageError(RuntimeError):
     """A stage cannot start or did not pass its gate; the message says why, in one line."""
+
+
+class GateFailed(StageError):
+    """A stage trained and was gated, and did not pass (its gate.json says by how much)."""
 
 
 @dataclass
@@ -55,11 +59,6 @@ class GateRecord:
 
 def stage_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.stage.name
-
-
-def read_gate(directory: Path) -> Optional[dict]:
-    path = directory / GATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def gate_passes(recall: float, short_loss: float, reference: Optional[float], cfg: Config) -> bool:
@@ -223,7 +222,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         trainer.logger.log_images(result.step, images)
     ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
     if not passed:
-        raise StageError(
+        raise GateFailed(
             f"stage {cfg.stage.name} failed its gate after {extra} extra steps: recall {recall:.2f} "
             f"(need ≥ {cfg.gate.min_recall}), short loss {short:.4f}"
             + (f" (need ≤ {(1 + cfg.gate.max_short_loss_increase) * reference:.4f})" if reference else "")

@@ -19,7 +19,8 @@ from longtrain.config import Config, ConfigError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-_STATE_FILES = (METRICS_FILE, "gate.json", "recall_before.json")
+GATE_FILE = "gate.json"  # a stage's gate record (longtrain/curriculum.py)
+_STATE_FILES = (METRICS_FILE, GATE_FILE, "recall_before.json")
 
 
 def stage_state(stage_dir: Path) -> list[str]:
@@ -44,6 +45,11 @@ def check_stage_folders(stages: list[Config]) -> None:
                 f"run.dir: {directory} holds an earlier run ({', '.join(found)}); continue it with "
                 "run.resume=auto, delete it with run.overwrite=true, or choose another run.dir"
             )
+
+
+def read_gate(stage_dir: Path) -> Optional[dict]:
+    path = stage_dir / GATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def clear_stage_folders(stages: list[Config]) -> None:

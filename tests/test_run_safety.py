@@ -68,7 +68,7 @@ def test_sweep_jobs_get_their_own_folders_and_a_failed_gate_does_not_stop_the_sw
     named = train("-m", *QUICK, "stage.steps=2", "gate.min_recall=0.0", "optim.lr=1e-3,2e-3",
                   f"run.dir={tmp_path / 'lr'}", cwd=tmp_path)
     assert named.returncode == 0, named.stderr
-    assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["0", "1"]  # run.dir/<job>
+    assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["0", "1", "report.csv", "report.md"]  # run.dir/<job>
 
 
 def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:

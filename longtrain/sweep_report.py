@@ -1,0 +1,252 @@
+"""One table for a sweep: a row per job, read from the job folders.
+
+``train.py -m`` prints it and writes it as ``report.md`` and ``report.csv`` into the sweep
+folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml);
+``python -m longtrain.sweep_report SWEEP_DIR`` does the same for any sweep folder, finished
+or not. A row holds the job's swept overrides, per stage the needle recall before → after
+and the short-context loss against its limit, the last validation loss, wall time, status
+and objective (longtrain/sweep_job.py). Jobs that differ only in ``run.seed`` are also
+summarised per recipe: mean ± standard deviation of each stage's recall and short loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+
+from longtrain.run_dir import METRICS_FILE, read_gate
+from longtrain.sweep_job import JobRecord, read_job_record, short_loss_limit
+
+REPORT_MD = "report.md"
+REPORT_CSV = "report.csv"
+SEED_KEY = "run.seed"
+
+
+@dataclass
+class JobRow:
+    record: JobRecord
+    folder: Path
+    gates: dict[str, dict]  # stage name -> its gate.json, for the stages that wrote one
+    val_loss: Optional[float]  # the last val/loss logged by the last stage that logged one
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The job's overrides as key -> value (its own run.dir left out: every job has one)."""
+        return dict(o.lstrip("+").split("=", 1) for o in self.record.overrides if "=" in o and not o.lstrip("+").startswith("run.dir="))
+
+    def describe(self, keys: list[str]) -> str:
+        """``key=value`` for each of ``keys`` this job set, e.g. the keys a sweep varied."""
+        return " ".join(f"{k}={self.settings[k]}" for k in keys if k in self.settings)
+
+
+@dataclass
+class SweepReport:
+    folder: Path
+    rows: list[JobRow]
+
+    @property
+    def stages(self) -> list[str]:
+        names: list[str] = []
+        for row in self.rows:
+            names += [s for s in row.record.stages if s not in names]
+        return names
+
+    def varying(self) -> list[str]:
+        """Override keys whose value differs between jobs (what the sweep swept), in order."""
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row.settings if k not in keys]
+        return [k for k in keys if len({row.settings.get(k) for row in self.rows}) > 1]
+
+    def best(self) -> Optional[JobRow]:
+        scored = [r for r in self.rows if r.record.objective is not None]
+        return max(scored, key=lambda r: r.record.objective) if scored else None  # type: ignore[arg-type, return-value]
+
+    def failed(self) -> list[JobRow]:
+        return [r for r in self.rows if r.record.code != 0]
+
+
+def last_val_loss(metrics: Path) -> Optional[float]:
+    if not metrics.is_file():
+        return None
+    values = []
+    for line in metrics.read_text().splitlines():
+        try:
+            values.append(json.loads(line)["val/loss"])
+        except (ValueError, KeyError, TypeError):  # other metrics, or a line cut short by a kill
+            continue
+    return values[-1] if values else None
+
+
+def read_sweep(folder: Path) -> SweepReport:
+    """Every job folder (``folder/<job number>/job.json``) of a sweep, by job number."""
+    rows = []
+    for sub in sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+        record = read_job_record(sub)
+        if record is None:
+            continue
+        gates = {s: gate for s in record.stages if (gate := read_gate(sub / s)) is not None}
+        losses = [last_val_loss(sub / s / METRICS_FILE) for s in record.stages]
+        val = next((v for v in reversed(losses) if v is not None), None)
+        rows.append(JobRow(record, sub, gates, val))
+    return SweepReport(folder, rows)
+
+
+def _num(value: Optional[float], digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def recall_cell(gate: Optional[dict]) -> str:
+    if gate is None:
+        return ""
+    return f"{_num(gate['recall_before'])} → {_num(gate['recall'])}"
+
+
+def short_loss_cell(gate: Optional[dict]) -> str:
+    if gate is None:
+        return ""
+    limit = short_loss_limit(gate)
+    if limit is None:
+        return _num(gate["short_loss"], 3)
+    return f"{_num(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {_num(limit, 3)}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def jobs_table(report: SweepReport) -> str:
+    varying, stages = report.varying(), report.stages
+    header = ["job", "overrides"] + [f"{s} recall" for s in stages] + [f"{s} short loss" for s in stages]
+    header += ["val loss", "wall", "status", "objective"]
+    rows = []
+    for row in report.rows:
+        rows.append(
+            [str(row.record.job), row.describe(varying) or "–"]
+            + [recall_cell(row.gates.get(s)) for s in stages]
+            + [short_loss_cell(row.gates.get(s)) for s in stages]
+            + [_num(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, _num(row.record.objective)]
+        )
+    return markdown_table(header, rows)
+
+
+def _mean_sd(values: list[float], group_size: int, digits: int) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    cell = f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
+    return cell if len(values) == group_size else f"{cell} (n={len(values)})"
+
+
+def seeds_table(report: SweepReport) -> Optional[str]:
+    """Mean ± sample standard deviation over seeds, per recipe (the other swept keys)."""
+    varying = report.varying()
+    if SEED_KEY not in varying:
+        return None
+    recipes: dict[str, list[JobRow]] = {}
+    for row in report.rows:
+        recipe = row.describe([k for k in varying if k != SEED_KEY]) or "all jobs"
+        recipes.setdefault(recipe, []).append(row)
+    stages = report.stages
+    header = ["recipe", "seeds"] + [f"{s} recall" for s in stages] + [f"{s} short loss" for s in stages]
+    rows = []
+    for recipe, group in recipes.items():
+        per_stage = [[r.gates[s] for r in group if s in r.gates] for s in stages]
+        rows.append(
+            [recipe, str(len(group))]
+            + [_mean_sd([g["recall"] for g in gates], len(group), 2) for gates in per_stage]
+            + [_mean_sd([g["short_loss"] for g in gates], len(group), 3) for gates in per_stage]
+        )
+    return markdown_table(header, rows)
+
+
+def markdown(report: SweepReport) -> str:
+    varying, first = report.varying(), report.rows[0]
+    common = first.describe([k for k in first.settings if k not in varying]) or "–"
+    parts = [f"# Sweep {report.folder}", "", f"common overrides: {common}", "", jobs_table(report)]
+    seeds = seeds_table(report)
+    if seeds is not None:
+        parts += ["", "Mean ± standard deviation over seeds:", "", seeds]
+    best = report.best()
+    if best is not None:
+        parts += ["", f"best: job {best.record.job} ({best.describe(varying) or 'the only setting'}), "
+                      f"objective {best.record.objective:.4f} (last gated stage's recall, minus 1 if its short loss broke the limit)"]
+    return "\n".join(parts) + "\n"
+
+
+def csv_text(report: SweepReport) -> str:
+    stages = report.stages
+    out = io.StringIO()
+    writer = csv.writer(out)
+    fields = ["recall_before", "recall", "short_loss", "short_loss_limit", "passed"]  # per stage, as below
+    writer.writerow(["job", "folder", "overrides", "status", "exit_code", "wall_s", "objective", "val_loss"]
+                    + [f"{s}_{f}" for s in stages for f in fields])
+    for row in report.rows:
+        r = row.record
+        cells: list[Any] = [r.job, row.folder, " ".join(r.overrides), r.status, r.code, f"{r.wall_s:.1f}", r.objective, row.val_loss]
+        for s in stages:
+            gate = row.gates.get(s)
+            cells += [None] * 5 if gate is None else [
+                gate["recall_before"], gate["recall"], gate["short_loss"], short_loss_limit(gate), gate["passed"]]
+        writer.writerow(["" if c is None else c for c in cells])
+    return out.getvalue()
+
+
+def write_report(folder: Path) -> Optional[SweepReport]:
+    """Read the sweep, write report.md and report.csv, print the Markdown; None: no jobs."""
+    report = read_sweep(folder)
+    if not report.rows:
+        return None
+    text = markdown(report)
+    (folder / REPORT_MD).write_text(text)
+    (folder / REPORT_CSV).write_text(csv_text(report))
+    print(f"\n{text}\n(written to {folder / REPORT_MD} and {REPORT_CSV})", flush=True)
+    return report
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the sweep's table when the multirun ends (rank 0).
+
+    ``last`` keeps the report for train.py, which exits with the worst job's code: jobs
+    return normally (so that every job runs and a sweeper sees each value), and with
+    submitit they run in other processes, so their job.json files are what says how each ended.
+    """
+
+    last: Optional[SweepReport] = None
+    errors_at = "above"  # where the failed jobs' error lines are: this output, or submitit's logs
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from longtrain.cli import sweep_root
+
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):  # jobs ran in processes of their own
+            ReportCallback.errors_at = f"in {Path(config.hydra.sweep.dir) / '.submitit'}/*/*_log.err"
+        folder = Path(sweep_root(list(config.hydra.overrides.task), config.hydra.sweep.dir))
+        if folder.is_dir():
+            ReportCallback.last = write_report(folder)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m longtrain.sweep_report SWEEP_DIR (a folder of train.py -m jobs: multirun/<date> or the run.dir given)",
+              file=sys.stderr)
+        return 2
+    if write_report(Path(argv[0])) is None:
+        print(f"sweep_report: {argv[0]} holds no job folders with job.json (written by each job of train.py -m)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
