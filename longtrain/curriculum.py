@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from longtrain import checkpoint as ckpt
 from longtrain import preemption
 from longtrain.config import Config, ConfigError, load_config

@@ -14,6 +14,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from longtrain.config import Config, ConfigError
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from longtrain.config import load_config
-from longtrain.parallel.mesh import ParallelDims, init_parallel
+from longtrain.parallel.mesh import init_parallel
 from longtrain.trainer import Trainer, run_stage
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
