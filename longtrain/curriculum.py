@@ -24,9 +24,8 @@ from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
-from longtrain.run_dir import GATE_FILE, read_gate
+from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
 from longtrain.trainer import Trainer, prepare_trainer
-
 
 
 class StageError(RuntimeError):
@@ -60,7 +59,7 @@ def stage_dir(cfg: Config) -> Path:
 
 
 def gate_passes(recall: float, short_loss: float, reference: Optional[float], cfg: Config) -> bool:
-    short_ok = reference is None or short_loss <= (1 + cfg.gate.max_short_loss_increase) * reference
+    short_ok = reference is None or short_loss <= short_loss_limit(reference, cfg.gate.max_short_loss_increase)
     return recall >= cfg.gate.min_recall and short_ok
 
 
@@ -182,7 +181,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         recall, short = grid.recall_at(cfg.stage.seq_len), gate.short_loss()
         passed = gate_passes(recall, short, reference, cfg)
         log(f"gate {cfg.stage.name}: recall {recall:.2f} (≥ {cfg.gate.min_recall}), short loss {short:.4f}"
-            + (f" (≤ {(1 + cfg.gate.max_short_loss_increase) * reference:.4f})" if reference else "")
+            + (f" (≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})" if reference else "")
             + f" → {'pass' if passed else 'fail'}")
         if passed or extra >= cfg.gate.max_extra_steps:
             break
@@ -223,7 +222,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         raise GateFailed(
             f"stage {cfg.stage.name} failed its gate after {extra} extra steps: recall {recall:.2f} "
             f"(need ≥ {cfg.gate.min_recall}), short loss {short:.4f}"
-            + (f" (need ≤ {(1 + cfg.gate.max_short_loss_increase) * reference:.4f})" if reference else "")
+            + (f" (need ≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})" if reference else "")
             + f"; see {directory / GATE_FILE}"
         )
     return record
@@ -235,7 +234,7 @@ def gate_metrics(record: GateRecord) -> dict[str, float]:
     if record.recall_before is not None:
         metrics["recall_before"] = record.recall_before
     if record.reference_short_loss is not None:
-        metrics["short_loss_limit"] = (1 + record.max_short_loss_increase) * record.reference_short_loss
+        metrics["short_loss_limit"] = short_loss_limit(record.reference_short_loss, record.max_short_loss_increase)
     return metrics
 
 

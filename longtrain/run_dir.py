@@ -48,6 +48,11 @@ def check_stage_folders(stages: list[Config]) -> None:
             )
 
 
+def short_loss_limit(reference: float, max_increase: float) -> float:
+    """The highest short-context loss a gate accepts, given the stage before's."""
+    return (1 + max_increase) * reference
+
+
 def read_gate(stage_dir: Path) -> Optional[dict]:
     path = stage_dir / GATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from longtrain.run_dir import read_gate
+from longtrain.run_dir import read_gate, short_loss_limit
 
 JOB_FILE = "job.json"
 
@@ -33,14 +33,14 @@ class JobRecord:
     objective: Optional[float]
 
 
-def short_loss_limit(gate: dict) -> Optional[float]:
+def gate_limit(gate: dict) -> Optional[float]:
     """The short-context loss a stage's gate allowed (None: the first stage has no reference)."""
     reference = gate["reference_short_loss"]
-    return None if reference is None else (1 + gate["max_short_loss_increase"]) * reference
+    return None if reference is None else short_loss_limit(reference, gate["max_short_loss_increase"])
 
 
 def gate_objective(gate: dict) -> float:
-    limit = short_loss_limit(gate)
+    limit = gate_limit(gate)
     return gate["recall"] - (1.0 if limit is not None and gate["short_loss"] > limit else 0.0)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 
 from longtrain.run_dir import METRICS_FILE, read_gate
-from longtrain.sweep_job import JobRecord, read_job_record, short_loss_limit
+from longtrain.sweep_job import JobRecord, gate_limit, read_job_record
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -114,7 +114,7 @@ def recall_cell(gate: Optional[dict]) -> str:
 def short_loss_cell(gate: Optional[dict]) -> str:
     if gate is None:
         return ""
-    limit = short_loss_limit(gate)
+    limit = gate_limit(gate)
     if limit is None:
         return _num(gate["short_loss"], 3)
     return f"{_num(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {_num(limit, 3)}"
@@ -197,7 +197,7 @@ def csv_text(report: SweepReport) -> str:
         for s in stages:
             gate = row.gates.get(s)
             cells += [None] * 5 if gate is None else [
-                gate["recall_before"], gate["recall"], gate["short_loss"], short_loss_limit(gate), gate["passed"]]
+                gate["recall_before"], gate["recall"], gate["short_loss"], gate_limit(gate), gate["passed"]]
         writer.writerow(["" if c is None else c for c in cells])
     return out.getvalue()
 
