@@ -1,0 +1,376 @@
+"""Memory planner: the per-rank memory of a training step, before launching it.
+
+    python -m longtrain.plan stage=extend_128k model=1b parallel.cp=8 [--device-memory 80GB] [--suggest]
+
+Takes the same Hydra overrides as train.py, composes and validates the config the same
+way (a bad override is the same one-line ``config error``, exit 2), and prints for every
+stage the command would run, per rank:
+
+- parameters, gradients and AdamW state (m and v, fp32), sharded by FSDP2 over all dp×cp
+  ranks, plus the unsharded parameters FSDP2 holds while it computes (the root module for
+  the whole step, a block and the one it prefetches);
+- the activations each block saves for backward, by component, for this rank's tokens
+  (seq_len × micro-batch / cp) and the checkpointing mode; those outside the blocks;
+- what lives only for a moment on top of them: the attention kernel's and ring's buffers
+  (the K/V blocks in flight), the loss chunk ([chunk, vocab] fp32 logits and their
+  gradient) and the gradients of the block in backward;
+- the predicted peak, and whether it fits ``--device-memory``.
+
+The activation accounting is what the code saves, not a textbook estimate: each entry
+below names the op that saves it, and tests/test_plan.py checks the sum against every
+tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``) to the byte. Under
+bf16 autocast (CUDA, run.dtype auto) linear layers save bf16 copies of their inputs and
+weights while the norms, RoPE and lse stay fp32; that accounting is checked against CPU
+autocast, which runs the same ops (CUDA itself is not measured here: no GPU).
+
+The transient terms and the CUDA allocator's reserve are a model, not an exact count;
+bench/plan_accuracy.py measures the whole prediction against peak RSS on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from longtrain.config import Config, ConfigError, load_config, validate
+
+MODES = ("none",)  # activation checkpointing modes the planner models
+GiB = 1024**3
+MiB = 1024**2
+# CUDA: the context (kernels, cuBLAS workspaces, NCCL buffers) and the caching allocator's
+# slack over the live tensors; neither exists for the CPU allocator, which gives freed
+# memory back. Assumed, not measured (no GPU has been lent to this project yet).
+CUDA_CONTEXT_BYTES = 1 * GiB
+CUDA_ALLOCATOR_RESERVE = 0.10
+
+
+@dataclass
+class Row:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """One stage on one rank: static state, activations, transients and the peak."""
+
+    stage: str
+    seq_len: int
+    micro_batch: int
+    dp: int
+    cp: int
+    checkpointing: str
+    device: str
+    dtype: str
+    tokens: int  # this rank's tokens per micro-batch
+    n_layers: int
+    state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
+    per_block: list[Row] = field(default_factory=list)  # saved by one block (the largest)
+    outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
+    transients: list[Row] = field(default_factory=list)  # the largest of these adds to the peak
+    overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
+    optimizer_step_extra: int = 0  # temporaries of the optimizer step (activations freed by then)
+
+    @property
+    def activations(self) -> int:
+        return self.n_layers * sum(r.bytes for r in self.per_block) + sum(r.bytes for r in self.outside_blocks)
+
+    @property
+    def transient(self) -> Row:
+        return max(self.transients, key=lambda r: r.bytes)
+
+    @property
+    def live_peak(self) -> int:
+        """The largest live tensor memory of the step: forward/backward or the optimizer step."""
+        state = sum(r.bytes for r in self.state)
+        return max(state + self.activations + self.transient.bytes, state + self.optimizer_step_extra)
+
+    @property
+    def peak(self) -> int:
+        return self.live_peak + sum(r.bytes for r in self.overhead)
+
+
+def _bytes_per(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else 4
+
+
+def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
+    m = cfg.model
+    hd = m.resolved_head_dim()
+    d, f = m.dim, m.resolved_ffn_dim()
+    attn = d * (m.n_heads + 2 * m.n_kv_heads) * hd + m.n_heads * hd * d
+    norms = 2 * d + (2 * hd if m.qk_norm else 0)
+    block = attn + 3 * d * f + norms
+    embed = vocab_size * d
+    root = embed + d + (0 if m.tie_embeddings else vocab_size * d)
+    return {"block": block, "block_linear": attn + 3 * d * f, "root": root, "total": root + m.n_layers * block}
+
+
+def block_saved(cfg: Config, tokens: int, act: int, use_rope: bool = True) -> list[Row]:
+    """Bytes one block saves for backward with no checkpointing, by component.
+
+    ``act`` is the compute dtype's width (4 fp32, 2 under bf16 autocast). Norms and
+    QK-norm upcast to fp32 (torch's composite rms_norm saves its fp32 input, its
+    normalised output before the gain, and 1/rms); each linear saves its input (under
+    autocast each one its own bf16 cast of it, and its bf16 weight copy); SiLU saves its
+    input, the product both factors.
+    """
+    m = cfg.model
+    d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
+    hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
+    t = tokens
+    bf16 = act == 2
+    norm = (2 * d + 1) * 4  # fp32 input (the residual stream), x/rms, 1/rms
+    rows = [
+        Row("residual + attention norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
+        Row("q/k/v projection input", t * d * act * (3 if bf16 else 1), "one bf16 cast per linear" if bf16 else "shared by wq, wk, wv"),
+    ]
+    if m.qk_norm:
+        rows.append(Row("q/k norm", t * (2 * (hq + hkv) + m.n_heads + m.n_kv_heads) * 4, "fp32 input, x/rms, 1/rms per head"))
+    # RoPE multiplies by cos/sin tables (saved once per model, outside the blocks); the
+    # rotated q and k are new tensors the kernel saves, cast to the compute dtype.
+    rows += [
+        Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs after QK-norm and RoPE" if use_rope else "kernel inputs"),
+        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype, lse fp32"),
+        Row("wo input", t * hq * act, "out transposed to [T, heads·head_dim]"),
+        Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
+        Row("MLP w1/w3 input", t * d * act * (2 if bf16 else 1), "one bf16 cast per linear" if bf16 else "shared by w1, w3"),
+        Row("MLP w1 out, silu, w3 out, product", t * 4 * f * act, "SiLU input; both factors; w2 input"),
+    ]
+    if bf16:
+        rows.append(Row("bf16 weight copies", model_shapes(cfg, 0)["block_linear"] * 2, "autocast's casts, saved by each linear"))
+    return rows
+
+
+def outside_saved(cfg: Config, tokens: int, micro_batch: int) -> list[Row]:
+    """Saved outside the blocks: token ids, RoPE tables, final norm, the loss's input."""
+    m = cfg.model
+    t = tokens
+    rows = [Row("token ids", t * 8, "int64, saved by the embedding")]
+    uses_rope = not m.nope_every or m.nope_every > 1
+    if uses_rope:
+        rows.append(Row("RoPE cos/sin", t * 2 * m.resolved_head_dim() * 4, "fp32, shared by every block"))
+    if cfg.rope.logn_attention:
+        rows.append(Row("logn query scale", t * 4, "fp32, shared by every block"))
+    rows += [
+        Row("final norm", t * (2 * m.dim + 1) * 4, "RMSNorm: fp32 input, x/rms, 1/rms"),
+        # The loss checkpoints each chunk: it keeps the final hidden states and the labels.
+        Row("loss input + labels", t * (m.dim * 4 + 8), "final hidden states fp32, labels int64"),
+    ]
+    return rows
+
+
+def transients(cfg: Config, tokens: int, act: int, cp: int, vocab_size: int) -> list[Row]:
+    """What lives only during one op or one block's backward, on top of the saved set."""
+    m = cfg.model
+    d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
+    hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
+    t = tokens
+    chunk = min(cfg.optim.loss_chunk_size, t)
+    rows = [
+        # logits (compute dtype), fp32 logits, their gradient; the gradient of the hidden
+        # states accumulates over chunks into one [T, dim] fp32 buffer.
+        Row("loss chunk", chunk * vocab_size * (act + 2 * 4) + t * d * 4, f"[{chunk}, {vocab_size}] logits fp32 + grad, dh [T, dim]"),
+        # SwiGLU backward: d(product), d(silu), d(w3 out) and d(w1 out) overlap while the
+        # block's saved tensors are still held; dx and the residual gradient [T, dim].
+        Row("MLP backward", t * (3 * f * act + 2 * d * 4), "[T, ffn] gradients ×3, residual gradients"),
+    ]
+    if cp == 1:
+        rows.append(Row("attention backward", t * ((2 * hq + 2 * hkv) * act + 2 * d * 4), "dq, dk, dv, dout; residual gradients"))
+    else:
+        # Ring: own K/V stacked + the block arriving (compute dtype); backward adds dq fp32
+        # and the dK/dV accumulator travelling with its block (fp32, send + receive + own).
+        kv = 2 * hkv * t
+        rows.append(Row("ring attention buffers", t * hq * act + 2 * kv * act + t * hq * 4 + 3 * kv * 4 + 2 * t * d * 4,
+                        "K/V send + receive, dq fp32, dK/dV fp32 in flight ×3, dout"))
+    return rows
+
+
+def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:
+    """The per-rank memory plan of one validated stage config."""
+    from longtrain.hardware import autocast_dtype
+
+    import torch
+
+    mode = checkpointing or getattr(cfg.model, "activation_checkpointing", "none")
+    if mode not in MODES:
+        raise ConfigError(f"model.activation_checkpointing: the planner does not model {mode!r}; valid: {', '.join(MODES)}")
+    p = cfg.parallel
+    world = p.dp * p.cp
+    micro = cfg.stage.micro_batch_size
+    tokens = cfg.stage.seq_len * micro // p.cp
+    dtype = "bfloat16" if autocast_dtype(cfg.run.dtype, device) == torch.bfloat16 else "float32"
+    act = _bytes_per(dtype)
+    shapes = model_shapes(cfg, vocab_size)
+    n = shapes["total"]
+    shard = -(-n // world)  # FSDP2 pads every parameter's dim 0 to a multiple of the world size
+    plan = MemoryPlan(cfg.stage.name, cfg.stage.seq_len, micro, p.dp, p.cp, mode, device, dtype, tokens, cfg.model.n_layers)
+    plan.state = [
+        Row("parameters", shard * 4, f"fp32, {n / 1e6:.1f}M" + (f" sharded over {world}" if world > 1 else "")),
+        Row("gradients", shard * 4, "fp32" + (", sharded" if world > 1 else "")),
+        Row("optimizer state", 2 * shard * 4, "AdamW m + v, fp32" + (", sharded" if world > 1 else "")),
+    ]
+    if world > 1:
+        # FSDP2 keeps the root (embeddings, final norm, head) unsharded for the whole step and
+        # all-gathers a block while the one before computes (forward and backward prefetch);
+        # the block's unsharded gradients wait for their reduce-scatter.
+        plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
+                              "root + 2 blocks' parameters + 1 block's gradients, fp32"))
+    plan.per_block = block_saved(cfg, tokens, act)
+    plan.outside_blocks = outside_saved(cfg, tokens, micro)
+    plan.transients = transients(cfg, tokens, act, p.cp, vocab_size)
+    # foreach AdamW: a temporary the size of the (local) parameters next to the state.
+    plan.optimizer_step_extra = 2 * shard * 4
+    if device == "cuda":
+        plan.overhead = [
+            Row("CUDA context", CUDA_CONTEXT_BYTES, "kernels, cuBLAS, NCCL (assumed)"),
+            Row("allocator reserve", int(CUDA_ALLOCATOR_RESERVE * plan.live_peak), f"{CUDA_ALLOCATOR_RESERVE:.0%} caching slack (assumed)"),
+        ]
+    return plan
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
+
+
+def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
+    lines = [
+        f"stage {plan.stage}: {plan.seq_len} tokens × micro-batch {plan.micro_batch}, dp={plan.dp} × cp={plan.cp}, "
+        f"{plan.tokens} tokens per rank, checkpointing {plan.checkpointing}, {plan.dtype} on {plan.device}",
+    ]
+
+    def rows(title: str, items: list[Row], indent: str = "  ") -> None:
+        lines.append(f"  {title}")
+        for r in items:
+            lines.append(f"{indent}  {r.name:<34}{_size(r.bytes)}   {r.note}")
+
+    rows("state (per rank)", plan.state)
+    rows(f"activations saved by each block (× {plan.n_layers})", plan.per_block)
+    per_block = sum(r.bytes for r in plan.per_block)
+    lines.append(f"    {'per block':<34}{_size(per_block)}   × {plan.n_layers} = {_size(per_block * plan.n_layers).strip()}")
+    rows("activations saved outside the blocks", plan.outside_blocks)
+    lines.append(f"    {'all activations':<34}{_size(plan.activations)}")
+    rows("transient (the largest adds to the peak)", plan.transients)
+    if plan.overhead:
+        rows("device overhead", plan.overhead)
+    verdict = ""
+    if device_memory is not None:
+        verdict = f"  → {'fits' if plan.peak <= device_memory else 'does NOT fit'} {device_memory / 1e9:g} GB"
+    lines.append(f"  predicted peak per rank{'':<11}{_size(plan.peak)}{verdict}")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', plain bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--device-memory: {text!r} is not a size; valid: e.g. 80GB, 141GB, 24GiB")
+    unit = (m.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
+
+
+def suggest(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int) -> Optional[tuple[int, str, MemoryPlan]]:
+    """The smallest cp (a power of 2 dividing ``world``), then the cheapest checkpointing
+    mode (in MODES order), whose plan fits ``device_memory``; None if nothing does."""
+    from dataclasses import replace
+
+    from longtrain.config import stage_micro_batch
+
+    cp = 1
+    while cp <= world:
+        if world % cp == 0 and cfg.stage.seq_len % (2 * cp if cp > 1 else 1) == 0:
+            trial = replace(cfg, parallel=replace(cfg.parallel, dp=world // cp, cp=cp))
+            trial = replace(trial, stage=stage_micro_batch(trial))
+            try:
+                validate(trial)
+            except ConfigError:
+                cp *= 2
+                continue
+            for mode in MODES:
+                plan = plan_stage(trial, vocab_size, device, mode)
+                if plan.peak <= device_memory:
+                    return cp, mode, plan
+        cp *= 2
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m longtrain.plan",
+        description="Per-rank memory of a training step for train.py's overrides (see longtrain/plan.py).",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB (default), 141GB")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="the device to plan for (default: run.device, and cuda for auto)")
+    parser.add_argument("--world-size", type=int, default=None, help="--suggest: devices to lay out (default dp×cp)")
+    parser.add_argument("--suggest", action="store_true", help="name the smallest cp and the checkpointing that fit")
+    args = parser.parse_args(argv)
+    try:
+        device_memory = parse_size(args.device_memory)
+        stages = compose(args.overrides)
+        vocab = vocab_size(stages[0])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    for cfg in stages:
+        device = args.device or ("cpu" if cfg.run.device == "cpu" else "cuda")
+        plan = plan_stage(cfg, cfg.model.vocab_size or vocab, device)
+        print(format_plan(plan, device_memory))
+        if args.suggest:
+            world = args.world_size or cfg.parallel.dp * cfg.parallel.cp
+            found = suggest(cfg, cfg.model.vocab_size or vocab, device, device_memory, world)
+            if found is None:
+                print(f"  suggest: nothing fits {device_memory / 1e9:g} GB on {world} devices (cp ≤ {world}, modes {', '.join(MODES)})")
+            else:
+                cp, mode, best = found
+                print(f"  suggest: parallel.cp={cp} parallel.dp={world // cp} model.activation_checkpointing={mode} "
+                      f"(peak {_size(best.peak).strip()} of {device_memory / 1e9:g} GB on {world} devices)")
+        print()
+    return 0
+
+
+def compose(overrides: list[str]) -> list[Config]:
+    """The stages train.py would run for these overrides (all, or the one ``stage=``
+    names), validated as train.py validates them; Hydra's errors as one ConfigError line."""
+    from hydra import initialize_config_dir
+
+    from longtrain.cli import CONFIG_DIR, hydra_error_line
+    from longtrain.curriculum import compose_stage_configs
+
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), None)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            stages = compose_stage_configs(overrides, only=chosen)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's composition and parse errors
+        line = hydra_error_line(e)
+        if line is None:
+            raise
+        raise ConfigError(line) from None
+    names = stages[0].curriculum.stages
+    if chosen is not None:
+        if chosen not in names:
+            raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
+        stages = [stages[names.index(chosen)]]
+    for cfg in stages:
+        validate(cfg)
+    return stages
+
+
+def vocab_size(cfg: Config) -> int:
+    from longtrain.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg.tokenizer).vocab_size
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

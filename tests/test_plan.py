@@ -1,0 +1,115 @@
+"""The memory planner (longtrain/plan.py): its activation accounting against what autograd
+really saves, --suggest, its error line and the README's plan commands."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from longtrain.config import Config, ModelConfig, RopeConfig
+from longtrain.model.transformer import Transformer
+from longtrain.plan import block_saved, outside_saved, plan_stage, suggest
+from tests.cli_utils import ROOT, env
+
+
+def saved_bytes(model: torch.nn.Module, run) -> int:
+    """Bytes of every distinct storage autograd saves while ``run()`` executes, parameters
+    excluded (the independent reference: torch's saved-tensor hooks see each one)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def _model(qk_norm: bool = True, nope_every: int = 0) -> tuple[Config, Transformer]:
+    cfg = Config(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=qk_norm,
+                                   nope_every=nope_every))
+    torch.manual_seed(0)
+    return cfg, Transformer(cfg.model, RopeConfig(), vocab_size=300)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_block_accounting_equals_what_autograd_saves(dtype, qk_norm):
+    cfg, model = _model(qk_norm)
+    B, T = 2, 48
+    ids = torch.randint(0, 256, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    act = 2 if dtype == "bfloat16" else 4
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    h = model.tok_embeddings(ids).detach().requires_grad_()
+    cos, sin = model.rotary(pos)
+
+    def one_block():
+        with autocast:
+            model.layers[0](h, cos, sin, model.attention_fn)
+
+    # cos/sin are the model's (shared by blocks), counted outside: exclude them here.
+    shared = cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes()
+    assert saved_bytes(model, one_block) - shared == sum(r.bytes for r in block_saved(cfg, B * T, act))
+
+    def whole_model():
+        with autocast:
+            model.hidden_states(ids, pos)
+
+    outside = [r for r in outside_saved(cfg, B * T, B) if r.name != "loss input + labels"]  # held by the loss's checkpoint, not saved
+    expected = cfg.model.n_layers * sum(r.bytes for r in block_saved(cfg, B * T, act)) + sum(r.bytes for r in outside)
+    assert saved_bytes(model, whole_model) == expected
+
+
+def test_suggest_takes_the_smallest_cp_that_fits(compose_config):
+    from longtrain.config import load_config
+
+    cfg = load_config(compose_config("model=125m", "stage=extend_32k", "parallel.dp=8"))
+    peaks = {cp: plan_stage(replace(cfg, parallel=replace(cfg.parallel, dp=8 // cp, cp=cp)), 259, "cuda").peak
+             for cp in (1, 2, 4)}
+    assert peaks[1] > peaks[2] > peaks[4]  # activations per rank fall with cp
+    assert suggest(cfg, 259, "cuda", (peaks[1] + peaks[2]) // 2, world=8)[:2] == (2, "none")
+    assert suggest(cfg, 259, "cuda", (peaks[2] + peaks[4]) // 2, world=8)[:2] == (4, "none")
+    assert suggest(cfg, 259, "cuda", peaks[1], world=8)[:2] == (1, "none")
+    assert suggest(cfg, 259, "cuda", 1, world=8) is None
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longtrain.plan", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env(), timeout=120)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["model=bogus"], "config error: model: unknown option 'bogus'; valid: 125m, 1b, 350m, hf, tiny"),
+    (["stage=extend_32k", "parallel.cp=3"], "config error: stage.seq_len: 32768 is not divisible by 2*parallel.cp=6"),
+    (["--device-memory", "lots"], "config error: --device-memory: 'lots' is not a size; valid: e.g. 80GB, 141GB, 24GiB"),
+])
+def test_bad_input_is_one_config_error_line(args, line):
+    proc = plan_cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith(line) and len(proc.stderr.strip().splitlines()) == 1
+
+
+def readme_plan_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    return [line.split("#")[0].split()[3:] for line in re.findall(r"^python -m longtrain\.plan.*$", text, re.MULTILINE)]
+
+
+def test_readme_plan_commands_run():
+    commands = readme_plan_commands()
+    assert commands, "the README shows no python -m longtrain.plan command"
+    for args in commands:
+        proc = plan_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert "predicted peak per rank" in proc.stdout
+        if "--suggest" in args:
+            assert "suggest: parallel.cp=" in proc.stdout
