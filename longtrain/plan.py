@@ -23,7 +23,7 @@ bf16 autocast (CUDA, run.dtype auto) linear layers save bf16 copies of their inp
 weights while the norms, RoPE and lse stay fp32; that accounting is checked against CPU
 autocast, which runs the same ops (CUDA itself is not measured here: no GPU).
 
-The transient terms and the CUDA allocator's reserve are a model, not an exact count;
+The backward phases and the CUDA allocator's reserve are a model, not an exact count;
 bench/plan_accuracy.py measures the whole prediction against peak RSS on the CPU.
 """
 
@@ -38,7 +38,8 @@ from typing import Optional
 
 from longtrain.config import Config, ConfigError, load_config, validate
 
-MODES = ("none",)  # activation checkpointing modes the planner models
+# model.activation_checkpointing, cheapest in compute first (the order --suggest tries).
+MODES = ("none", "selective", "full")
 GiB = 1024**3
 MiB = 1024**2
 # CUDA: the context (kernels, cuBLAS workspaces, NCCL buffers) and the caching allocator's
@@ -57,7 +58,7 @@ class Row:
 
 @dataclass
 class MemoryPlan:
-    """One stage on one rank: static state, activations, transients and the peak."""
+    """One stage on one rank: static state, activations, backward phases and the peak."""
 
     stage: str
     seq_len: int
@@ -72,7 +73,7 @@ class MemoryPlan:
     state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
     per_block: list[Row] = field(default_factory=list)  # saved by one block (the largest)
     outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
-    transients: list[Row] = field(default_factory=list)  # the largest of these adds to the peak
+    phases: list[Row] = field(default_factory=list)  # activation memory live at each backward phase's peak
     overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
     optimizer_step_extra: int = 0  # temporaries of the optimizer step (activations freed by then)
 
@@ -81,14 +82,14 @@ class MemoryPlan:
         return self.n_layers * sum(r.bytes for r in self.per_block) + sum(r.bytes for r in self.outside_blocks)
 
     @property
-    def transient(self) -> Row:
-        return max(self.transients, key=lambda r: r.bytes)
+    def peak_phase(self) -> Row:
+        return max(self.phases, key=lambda r: r.bytes)
 
     @property
     def live_peak(self) -> int:
         """The largest live tensor memory of the step: forward/backward or the optimizer step."""
         state = sum(r.bytes for r in self.state)
-        return max(state + self.activations + self.transient.bytes, state + self.optimizer_step_extra)
+        return max(state + self.peak_phase.bytes, state + self.optimizer_step_extra)
 
     @property
     def peak(self) -> int:
@@ -112,7 +113,8 @@ def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
 
 
 def block_saved(cfg: Config, tokens: int, act: int, use_rope: bool = True) -> list[Row]:
-    """Bytes one block saves for backward with no checkpointing, by component.
+    """Bytes one block saves for backward with no checkpointing, by component (also what a
+    checkpointed block rebuilds while its backward runs).
 
     ``act`` is the compute dtype's width (4 fp32, 2 under bf16 autocast). Norms and
     QK-norm upcast to fp32 (torch's composite rms_norm saves its fp32 input, its
@@ -147,6 +149,40 @@ def block_saved(cfg: Config, tokens: int, act: int, use_rope: bool = True) -> li
     return rows
 
 
+def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Row]:
+    """Bytes one checkpointed block keeps through the forward (model/checkpointing.py):
+    the block's input, held by the checkpoint, and the outputs its op-level policy saves:
+    the attention op's out and lse (full), and every matmul's output too (selective)."""
+    m = cfg.model
+    d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
+    hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
+    t = tokens
+    rows = [
+        Row("block input", t * d * 4, "fp32 residual stream, held by the checkpoint"),
+        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "saved by the policy: the ring is never rerun"),
+    ]
+    if mode == "selective":
+        rows.append(Row("matmul outputs", t * (hq + 2 * hkv + d + 2 * f + d) * act, "wq, wk, wv, wo, w1, w3, w2 outputs"))
+    return rows
+
+
+def recompute_extra(cfg: Config, tokens: int, act: int, mode: str) -> int:
+    """What a checkpointed block adds while its backward runs: its no-checkpointing saved
+    set rebuilt, less what it kept, plus the kept matmul outputs that set does not hold."""
+    if mode == "none":
+        return 0
+    m = cfg.model
+    hq, hkv = m.n_heads * m.resolved_head_dim(), m.n_kv_heads * m.resolved_head_dim()
+    full = sum(r.bytes for r in block_saved(cfg, tokens, act))
+    kept = sum(r.bytes for r in checkpointed_saved(cfg, tokens, act, mode))
+    if mode == "full":  # input, out and lse are tensors of the plain saved set too
+        return full - kept
+    # Of the matmul outputs the plain set holds w1's and w3's, v, and (fp32 with QK-norm)
+    # q and k, which the norms save; never wo's and w2's (they only enter a residual sum).
+    not_in_plain = 2 * m.dim + (0 if (m.qk_norm and act == 4) else hq + hkv)
+    return full - kept + tokens * not_in_plain * act
+
+
 def outside_saved(cfg: Config, tokens: int, micro_batch: int) -> list[Row]:
     """Saved outside the blocks: token ids, RoPE tables, final norm, the loss's input."""
     m = cfg.model
@@ -165,29 +201,40 @@ def outside_saved(cfg: Config, tokens: int, micro_batch: int) -> list[Row]:
     return rows
 
 
-def transients(cfg: Config, tokens: int, act: int, cp: int, vocab_size: int) -> list[Row]:
-    """What lives only during one op or one block's backward, on top of the saved set."""
+def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[Row]:
+    """Activation memory live at the peak of each phase of the backward: the saved set,
+    less what earlier backward nodes released, plus that phase's temporaries."""
     m = cfg.model
     d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
     hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
-    t = tokens
+    t, saved = plan.tokens, plan.activations
     chunk = min(cfg.optim.loss_chunk_size, t)
-    rows = [
-        # logits (compute dtype), fp32 logits, their gradient; the gradient of the hidden
-        # states accumulates over chunks into one [T, dim] fp32 buffer.
-        Row("loss chunk", chunk * vocab_size * (act + 2 * 4) + t * d * 4, f"[{chunk}, {vocab_size}] logits fp32 + grad, dh [T, dim]"),
-        # SwiGLU backward: d(product), d(silu), d(w3 out) and d(w1 out) overlap while the
-        # block's saved tensors are still held; dx and the residual gradient [T, dim].
-        Row("MLP backward", t * (3 * f * act + 2 * d * 4), "[T, ffn] gradients ×3, residual gradients"),
-    ]
-    if cp == 1:
-        rows.append(Row("attention backward", t * ((2 * hq + 2 * hkv) * act + 2 * d * 4), "dq, dk, dv, dout; residual gradients"))
+    residual_grads = 2 * t * d * 4  # the gradient flowing down the residual stream, and its sum
+    # The loss backward replays one chunk at a time: logits (compute dtype), fp32 logits and
+    # their gradient; the hidden states' gradient accumulates into a [T, dim] fp32 buffer.
+    rows = [Row("loss backward", saved + chunk * vocab_size * (act + 2 * 4) + residual_grads,
+                f"all saved + [{chunk}, {vocab_size}] logits fp32 and grad + dh")]
+    # By the last block's backward the final norm and the loss input are released.
+    released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss input + labels"))
+    released -= t * 8  # the labels stay with the batch
+    # A checkpointed block first rebuilds its plain saved set (model/checkpointing.py).
+    block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing)
+    # SwiGLU backward peaks in the product's node: d(product) with d(silu) and d(w3 out)
+    # while the product itself is already released (its w2 node ran): +2 [T, ffn].
+    rows.append(Row("last block, MLP backward", block + t * 2 * f * act + residual_grads,
+                    "+ 2 [T, ffn] gradients + residual gradients"))
+    mlp = sum(r.bytes for r in block_saved(cfg, t, act) if r.name.startswith(("residual + MLP", "MLP")))
+    after_mlp = block - mlp
+    if plan.cp == 1:
+        rows.append(Row("last block, attention backward", after_mlp + t * (2 * hq + 2 * hkv) * act + residual_grads,
+                        "+ dout, dq, dk, dv + residual gradients"))
     else:
-        # Ring: own K/V stacked + the block arriving (compute dtype); backward adds dq fp32
-        # and the dK/dV accumulator travelling with its block (fp32, send + receive + own).
+        # Ring backward: own K/V stacked and the block arriving (compute dtype), dq fp32, this
+        # block's dK/dV and the accumulator travelling with its block (fp32, send + receive).
         kv = 2 * hkv * t
-        rows.append(Row("ring attention buffers", t * hq * act + 2 * kv * act + t * hq * 4 + 3 * kv * 4 + 2 * t * d * 4,
-                        "K/V send + receive, dq fp32, dK/dV fp32 in flight ×3, dout"))
+        rows.append(Row("last block, ring attention backward",
+                        after_mlp + t * hq * act + 2 * kv * act + t * hq * 4 + 3 * kv * 4 + residual_grads,
+                        "+ dout, K/V send + receive, dq fp32, dK/dV fp32 ×3 + residual gradients"))
     return rows
 
 
@@ -221,9 +268,9 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
         # the block's unsharded gradients wait for their reduce-scatter.
         plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
                               "root + 2 blocks' parameters + 1 block's gradients, fp32"))
-    plan.per_block = block_saved(cfg, tokens, act)
+    plan.per_block = block_saved(cfg, tokens, act) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
     plan.outside_blocks = outside_saved(cfg, tokens, micro)
-    plan.transients = transients(cfg, tokens, act, p.cp, vocab_size)
+    plan.phases = phases(cfg, plan, act, vocab_size)
     # foreach AdamW: a temporary the size of the (local) parameters next to the state.
     plan.optimizer_step_extra = 2 * shard * 4
     if device == "cuda":
@@ -247,21 +294,21 @@ def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
     def rows(title: str, items: list[Row], indent: str = "  ") -> None:
         lines.append(f"  {title}")
         for r in items:
-            lines.append(f"{indent}  {r.name:<34}{_size(r.bytes)}   {r.note}")
+            lines.append(f"{indent}  {r.name:<38}{_size(r.bytes)}   {r.note}")
 
     rows("state (per rank)", plan.state)
     rows(f"activations saved by each block (× {plan.n_layers})", plan.per_block)
     per_block = sum(r.bytes for r in plan.per_block)
-    lines.append(f"    {'per block':<34}{_size(per_block)}   × {plan.n_layers} = {_size(per_block * plan.n_layers).strip()}")
+    lines.append(f"    {'per block':<38}{_size(per_block)}   × {plan.n_layers} = {_size(per_block * plan.n_layers).strip()}")
     rows("activations saved outside the blocks", plan.outside_blocks)
-    lines.append(f"    {'all activations':<34}{_size(plan.activations)}")
-    rows("transient (the largest adds to the peak)", plan.transients)
+    lines.append(f"    {'all activations':<38}{_size(plan.activations)}")
+    rows("activations live at each backward phase's peak (the largest sets the peak)", plan.phases)
     if plan.overhead:
         rows("device overhead", plan.overhead)
     verdict = ""
     if device_memory is not None:
         verdict = f"  → {'fits' if plan.peak <= device_memory else 'does NOT fit'} {device_memory / 1e9:g} GB"
-    lines.append(f"  predicted peak per rank{'':<11}{_size(plan.peak)}{verdict}")
+    lines.append(f"  predicted peak per rank{'':<15}{_size(plan.peak)}{verdict}")
     return "\n".join(lines)
 
 

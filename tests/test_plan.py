@@ -3,9 +3,11 @@ really saves, --suggest, its error line and the README's plan commands."""
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -13,7 +15,10 @@ import torch
 
 from longtrain.config import Config, ModelConfig, RopeConfig
 from longtrain.model.transformer import Transformer
-from longtrain.plan import block_saved, outside_saved, plan_stage, suggest
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from longtrain.plan import block_saved, checkpointed_saved, outside_saved, plan_stage, suggest
 from tests.cli_utils import ROOT, env
 
 
@@ -34,9 +39,36 @@ def saved_bytes(model: torch.nn.Module, run) -> int:
     return sum(storages.values())
 
 
-def _model(qk_norm: bool = True, nope_every: int = 0) -> tuple[Config, Transformer]:
+class _OpOutputs(TorchDispatchMode):
+    """Every storage an op creates, by weak reference (alive exactly while anything holds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                self.storages[s.data_ptr()] = (weakref.ref(s), s.nbytes())
+        return out
+
+
+def bytes_left_alive(run) -> int:
+    """Bytes of the storages created while ``run()`` executes that are still alive after it,
+    less its result's: what the forward leaves for the backward however it is held (autograd's
+    saved tensors, a checkpoint's inputs, a checkpoint policy's cache)."""
+    with _OpOutputs() as mode:
+        result = run()
+    gc.collect()
+    alive = sum(n for ref, n in mode.storages.values() if ref() is not None)
+    return alive - result.untyped_storage().nbytes()
+
+
+def _model(qk_norm: bool = True, nope_every: int = 0, checkpointing: str = "none") -> tuple[Config, Transformer]:
     cfg = Config(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=qk_norm,
-                                   nope_every=nope_every))
+                                   nope_every=nope_every, activation_checkpointing=checkpointing))
     torch.manual_seed(0)
     return cfg, Transformer(cfg.model, RopeConfig(), vocab_size=300)
 
@@ -68,6 +100,25 @@ def test_block_accounting_equals_what_autograd_saves(dtype, qk_norm):
     outside = [r for r in outside_saved(cfg, B * T, B) if r.name != "loss input + labels"]  # held by the loss's checkpoint, not saved
     expected = cfg.model.n_layers * sum(r.bytes for r in block_saved(cfg, B * T, act)) + sum(r.bytes for r in outside)
     assert saved_bytes(model, whole_model) == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, dtype):
+    cfg, model = _model(checkpointing=mode)
+    B, T = 2, 48
+    ids = torch.randint(0, 256, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    act = 2 if dtype == "bfloat16" else 4
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            return model.hidden_states(ids, pos)
+
+    per_block = block_saved(cfg, B * T, act) if mode == "none" else checkpointed_saved(cfg, B * T, act, mode)
+    outside = [r for r in outside_saved(cfg, B * T, B) if r.name != "loss input + labels"]  # the loss is not run
+    expected = cfg.model.n_layers * sum(r.bytes for r in per_block) + sum(r.bytes for r in outside)
+    assert bytes_left_alive(forward) == expected
 
 
 def test_suggest_takes_the_smallest_cp_that_fits(compose_config):
