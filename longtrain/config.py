@@ -25,6 +25,7 @@ ROPE_TYPES = ("default", "abf", "linear", "dynamic", "yarn", "llama3")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 SOURCES = ("stdlib_code", "local", "hf")
 TOKENIZERS = ("byte", "hf")
+AC_MODES = ("none", "full", "selective")  # model.activation_checkpointing
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -44,6 +45,10 @@ class ModelConfig:
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # default: the tokenizer's
     hf_path: Optional[str] = None  # model=hf: every field above (and rope.theta) from this local HF folder
+    # Activation checkpointing per block (model/checkpointing.py): none keeps every
+    # activation; full recomputes all but the attention output (never the ring's P2P);
+    # selective also keeps matmul outputs and recomputes only norms, RoPE and pointwise ops.
+    activation_checkpointing: str = "none"
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
@@ -315,6 +320,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(m.init_std, "model.init_std")
     if m.vocab_size is not None:
         _positive(m.vocab_size, "model.vocab_size")
+    _one_of(m.activation_checkpointing, "model.activation_checkpointing", AC_MODES)
 
     r = cfg.rope
     _one_of(r.type, "rope.type", ROPE_TYPES)

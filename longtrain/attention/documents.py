@@ -202,9 +202,14 @@ class _DocumentAttention(torch.autograd.Function):
         return *document_backward(dout, q, k, v, out, lse, doc_ids, ctx.scale), None, None
 
 
+def check_doc_ids(q: Tensor, doc_ids: Tensor) -> None:
+    """``doc_ids`` must number q's [B, T] tokens."""
+    if doc_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"doc_ids must be [B, T] = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
+
+
 def document_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Differentiable causal attention within documents: (out, lse) of q [B, Hq, T, D] over
     k/v [B, Hkv, T, D], ``doc_ids`` [B, T] nondecreasing per row."""
-    if doc_ids.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"doc_ids must be [B, T] = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
+    check_doc_ids(q, doc_ids)
     return _DocumentAttention.apply(q, k, v, doc_ids, scale)

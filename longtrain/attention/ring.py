@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
-from longtrain.attention.documents import document_backward, document_backward_into, document_forward
+from longtrain.attention.documents import check_doc_ids, document_backward, document_backward_into, document_forward
 from longtrain.attention.kernels import accum_dtype, check_inputs, kernel_backward, kernel_forward
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
@@ -154,14 +155,17 @@ def _block_backward(
 
 
 def ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor] = None
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: Optional[dist.ProcessGroup], doc_ids: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of the local zigzag shard over the whole sequence: (out, lse).
 
     q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D]; out in q's dtype, lse [B, Hq, 2c] fp32 (fp64
     for fp64 inputs). With ``doc_ids`` (this shard's [B, 2c]) attention stays within
-    documents (``documents.py``). No autograd; see ``ring_attention``.
+    documents (``documents.py``). ``group`` None: the whole sequence is local, one kernel
+    call. No autograd; see ``ring_attention``.
     """
+    if group is None:  # the kernels check their own inputs; no even-length rule here
+        return _block_forward(q, k, v, True, scale, doc_ids, doc_ids)
     _check(q=q, k=k, v=v)
     ring = _Ring(group)
     all_docs = _all_doc_ids(doc_ids, ring)
@@ -194,20 +198,20 @@ def ring_backward(
     out: Tensor,
     lse: Tensor,
     scale: float,
-    group: dist.ProcessGroup,
+    group: Optional[dist.ProcessGroup],
     doc_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``ring_forward`` for this rank's shard, from its global out/lse.
 
     k, v must be this rank's own (un-rotated) K/V: the ring replays from them.
     """
-    _check(q=q, k=k, v=v, dout=dout, out=out)
-    ring = _Ring(group)
-    all_docs = _all_doc_ids(doc_ids, ring)
-    if ring.size == 1:
+    if group is None or dist.get_world_size(group) == 1:
         if doc_ids is not None:
             return document_backward(dout, q, k, v, out, lse, doc_ids, scale)
         return kernel_backward(dout, q, k, v, out, lse, True, scale)
+    _check(q=q, k=k, v=v, dout=dout, out=out)
+    ring = _Ring(group)
+    all_docs = _all_doc_ids(doc_ids, ring)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack((k, v))
@@ -238,31 +242,52 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor]
-    ) -> Tensor:
-        out, lse = ring_forward(q, k, v, scale, group, doc_ids)
-        # The original local k, v: replaying the ring from the last rotated block instead
-        # gives wrong gradients under a correct forward.
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group, ctx.doc_ids = scale, group, doc_ids
-        return out
+# A custom op rather than an autograd.Function so that activation checkpointing's op-level
+# policy (``model/checkpointing.py``) sees the whole ring as one op and saves its outputs:
+# recomputing a checkpointed block then reuses out/lse instead of running the ring (and its
+# P2P exchanges) again. A process group is not an op argument type; its name is.
+@torch.library.custom_op("longtrain::ring_attention", mutates_args=())
+def _ring_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    out, lse = ring_forward(q, k, v, scale, _group(group_name), doc_ids)
+    # Op outputs must not alias its inputs; a fp32 out is already a fresh tensor.
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        return *ring_backward(dout, q, k, v, out, lse, ctx.scale, ctx.group, ctx.doc_ids), None, None, None
+
+def _group(name: Optional[str]) -> Optional[dist.ProcessGroup]:
+    return None if name is None else _resolve_process_group(name)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, scale, group_name, doc_ids = inputs
+    # The original local k, v: replaying the ring from the last rotated block instead
+    # gives wrong gradients under a correct forward.
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.group_name, ctx.doc_ids = scale, group_name, doc_ids
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dout: Tensor, _dlse: Optional[Tensor]) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    grads = ring_backward(dout, q, k, v, out, lse, ctx.scale, _group(ctx.group_name), ctx.doc_ids)
+    return *grads, None, None, None
+
+
+_ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+RING_ATTENTION_OP = torch.ops.longtrain.ring_attention.default
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, group: dist.ProcessGroup, doc_ids: Optional[Tensor] = None
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: Optional[dist.ProcessGroup], doc_ids: Optional[Tensor] = None
 ) -> Tensor:
     """Differentiable causal attention over a zigzag-sharded sequence (see module doc).
 
     q [B, Hq, 2c, D] and k/v [B, Hkv, 2c, D] are this rank's shard (``zigzag_shard``);
     returns this rank's rows of the output, [B, Hq, 2c, D]. ``doc_ids`` [B, 2c] (the
-    shard's, zigzag-sharded like the tokens) keeps attention within documents.
+    shard's, zigzag-sharded like the tokens) keeps attention within documents. ``group``
+    None: the whole sequence is local (the model's attention at cp = 1).
     """
-    return _RingAttention.apply(q, k, v, scale, group, doc_ids)
+    if doc_ids is not None:
+        check_doc_ids(q, doc_ids)
+    return _ring_attention_op(q, k, v, scale, None if group is None else group.group_name, doc_ids)[0]

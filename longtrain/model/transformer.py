@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longtrain.attention.documents import document_attention
-from longtrain.attention.kernels import attention, compute_dtype
+from longtrain.attention.kernels import compute_dtype
+from longtrain.attention.ring import ring_attention
 from longtrain.config import ModelConfig, RopeConfig
+from longtrain.model.checkpointing import run_checkpointed
 from longtrain.model.rope import RotaryEmbedding, apply_rope
 from longtrain.optim.loss import LossSums, chunked_cross_entropy
 
@@ -26,10 +27,11 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor, float, Optional[Tensor]], Tensor
 
 
 def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Optional[Tensor] = None) -> Tensor:
-    """Whole sequence on one rank: the local kernel, causal (within documents given ``doc_ids``)."""
-    if doc_ids is not None:
-        return document_attention(q, k, v, doc_ids, scale)[0]
-    return attention(q, k, v, True, scale)[0]
+    """Whole sequence on one rank: the local kernel, causal (within documents given ``doc_ids``).
+
+    The ring's op with no group, so activation checkpointing saves its output as it does
+    the ring's (``checkpointing.py``)."""
+    return ring_attention(q, k, v, scale, None, doc_ids)
 
 
 class Attention(nn.Module):
@@ -94,10 +96,17 @@ class Block(nn.Module):
         self.attention = Attention(cfg, use_rope)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
         q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
+    ) -> Tensor:
+        return run_checkpointed(self.activation_checkpointing, self._forward, x, cos, sin, attention_fn, q_scale, doc_ids)
+
+    def _forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
+        q_scale: Optional[Tensor], doc_ids: Optional[Tensor],
     ) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))

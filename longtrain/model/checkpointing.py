@@ -1,0 +1,48 @@
+"""Activation checkpointing of transformer blocks (``model.activation_checkpointing``).
+
+A checkpointed block keeps only its input (and what its policy saves) through the forward
+and recomputes the rest in the backward, through torch's own machinery: non-reentrant
+``torch.utils.checkpoint`` with an op-level policy (``create_selective_checkpoint_contexts``,
+as torchtitan's ``apply_ac``). Modes:
+
+- ``none``: every activation is kept.
+- ``full``: everything is recomputed except the attention op's outputs (out, lse). The
+  attention kernel is the one op whose recomputation costs O(T²), and under context
+  parallelism it is the ring, whose recomputation would run every P2P exchange again.
+- ``selective``: also keeps every matmul's output and recomputes only the cheap ops in
+  between (norms, RoPE, SiLU, products, casts): less memory saved, little compute added.
+
+The checkpoint runs inside ``Block.forward``, so under FSDP2 it sits inside the block's
+``fully_shard`` unit (as torchtitan's wrapper does): the recomputation sees the block's
+parameters unsharded by FSDP's pre-backward all-gather.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from longtrain.attention.ring import RING_ATTENTION_OP
+
+_SAVED_OPS = {
+    "full": frozenset({RING_ATTENTION_OP}),
+    "selective": frozenset({RING_ATTENTION_OP, torch.ops.aten.mm.default}),
+}
+
+
+def _policy(saved: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _context_fn(mode: str) -> Callable:
+    return functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, _SAVED_OPS[mode]))
+
+
+def run_checkpointed(mode: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, its activations kept as ``mode`` says (see the module doc)."""
+    if mode == "none":
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_context_fn(mode))
