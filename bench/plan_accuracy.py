@@ -36,6 +36,9 @@ CONFIGS = [  # (seq_len, cp, checkpointing)
     (16384, 2, "none"),
     (32768, 2, "none"),
     (32768, 4, "none"),
+    (32768, 1, "selective"),
+    (32768, 1, "full"),
+    (32768, 2, "full"),
 ]
 BASE = ["preset=cpu_demo", "stage=cpu/extend_8k", "run.device=cpu", "stage.global_batch_size=1"]
 WARMUP_TOKENS = 256

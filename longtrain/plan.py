@@ -307,9 +307,13 @@ def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
         rows("device overhead", plan.overhead)
     verdict = ""
     if device_memory is not None:
-        verdict = f"  → {'fits' if plan.peak <= device_memory else 'does NOT fit'} {device_memory / 1e9:g} GB"
+        verdict = f"  → {'fits' if plan.peak <= device_memory else 'does NOT fit'} {_device(device_memory)}"
     lines.append(f"  predicted peak per rank{'':<15}{_size(plan.peak)}{verdict}")
     return "\n".join(lines)
+
+
+def _device(size: int) -> str:
+    return f"{size / 1e9:g} GB ({size / GiB:.1f} GiB)"
 
 
 def parse_size(text: str) -> int:
@@ -374,11 +378,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             world = args.world_size or cfg.parallel.dp * cfg.parallel.cp
             found = suggest(cfg, cfg.model.vocab_size or vocab, device, device_memory, world)
             if found is None:
-                print(f"  suggest: nothing fits {device_memory / 1e9:g} GB on {world} devices (cp ≤ {world}, modes {', '.join(MODES)})")
+                print(f"  suggest: nothing fits {_device(device_memory)} on {world} devices (cp ≤ {world}, modes {', '.join(MODES)})")
             else:
                 cp, mode, best = found
                 print(f"  suggest: parallel.cp={cp} parallel.dp={world // cp} model.activation_checkpointing={mode} "
-                      f"(peak {_size(best.peak).strip()} of {device_memory / 1e9:g} GB on {world} devices)")
+                      f"(peak {_size(best.peak).strip()} of {_device(device_memory)} on {world} devices)")
         print()
     return 0
 

@@ -166,6 +166,7 @@ def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     assert all(p.name.endswith(f"{run_id}-induction") for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
+DEMO_8K_CHECKPOINT = "runs/cpu_demo/extend_8k/checkpoints/step_00000150"
 README_COMMANDS = [
     (1, ["preset=cpu_demo"]),
     (1, ["preset=cpu_demo", "run.overwrite=true"]),
@@ -175,6 +176,9 @@ README_COMMANDS = [
     (2, ["preset=cpu_demo", "parallel.dp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
     (4, ["preset=cpu_demo", "parallel.dp=2", "parallel.cp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
     (8, ["stage=extend_128k", "parallel.cp=8"]),
+    (8, ["stage=extend_128k", "parallel.dp=4", "parallel.cp=2"]),
+    (2, ["preset=cpu_long", "stage=extend_32k", "parallel.cp=2", f"stage.init_from={DEMO_8K_CHECKPOINT}"]),
+    (4, ["preset=cpu_long", "stage=extend_128k", "parallel.cp=4", f"stage.init_from={DEMO_8K_CHECKPOINT}"]),
     (16, ["parallel.dp=2", "parallel.cp=8"]),
 ]
 
