@@ -132,17 +132,27 @@ def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, dtyp
     assert abs(leftover("none")) < B * T * 8  # at most the token ids' size, against ~1 MB planned
 
 
-def test_suggest_takes_the_smallest_cp_that_fits(compose_config):
+def test_suggest_takes_the_smallest_cp_then_the_cheapest_checkpointing(compose_config):
     from longtrain.config import load_config
 
-    cfg = load_config(compose_config("model=125m", "stage=extend_32k", "parallel.dp=8"))
-    peaks = {cp: plan_stage(replace(cfg, parallel=replace(cfg.parallel, dp=8 // cp, cp=cp)), 259, "cuda").peak
-             for cp in (1, 2, 4)}
-    assert peaks[1] > peaks[2] > peaks[4]  # activations per rank fall with cp
-    assert suggest(cfg, 259, "cuda", (peaks[1] + peaks[2]) // 2, world=8)[:2] == (2, "none")
-    assert suggest(cfg, 259, "cuda", (peaks[2] + peaks[4]) // 2, world=8)[:2] == (4, "none")
-    assert suggest(cfg, 259, "cuda", peaks[1], world=8)[:2] == (1, "none")
+    cfg = load_config(compose_config("model=1b", "stage=extend_32k", "parallel.dp=8"))
+
+    def peak(cp: int, mode: str) -> int:
+        return plan_stage(replace(cfg, parallel=replace(cfg.parallel, dp=8 // cp, cp=cp)), 259, "cuda", mode).peak
+
+    assert peak(1, "none") > peak(1, "selective") > peak(1, "full")  # checkpointing saves memory
+    assert peak(1, "none") > peak(2, "none") > peak(4, "none")  # so does cp
+    assert suggest(cfg, 259, "cuda", peak(1, "none"), world=8)[:2] == (1, "none")
+    assert suggest(cfg, 259, "cuda", (peak(1, "none") + peak(1, "selective")) // 2, world=8)[:2] == (1, "selective")
+    assert suggest(cfg, 259, "cuda", peak(1, "full"), world=8)[:2] == (1, "full")
+    # Below cp=1's smallest: cp=2 with its first mode that fits.
+    below = peak(1, "full") - 1
+    assert peak(2, "selective") > below >= peak(2, "full")
+    assert suggest(cfg, 259, "cuda", below, world=8)[:2] == (2, "full")
     assert suggest(cfg, 259, "cuda", 1, world=8) is None
+    # The README's table: 1b at 128K on 8 × 80 GB (a global batch of 4 allows dp ≤ 4).
+    long = load_config(compose_config("model=1b", "stage=extend_128k"))
+    assert suggest(long, 259, "cuda", 80 * 10**9, world=8)[:2] == (2, "full")
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
