@@ -95,7 +95,8 @@ def main() -> None:
         seq, cp = map(int, spec.split(":"))
         r = run(seq, cp, args.init_from, args.overrides)
         loss = r["losses"][0]
-        print(f"{seq:>7} {cp:>3} {loss:>12.6f} {r['losses'][1]:>12.6f} {r['step_s']:>8.1f} "
+        second = f"{r['losses'][1]:>12.6f}" if len(r["losses"]) > 1 else f"{'-':>12}"
+        print(f"{seq:>7} {cp:>3} {loss:>12.6f} {second} {r['step_s']:>8.1f} "
               f"{r['recall_before']:>9.2f} / {r['recall']:<8.2f}  {', '.join(f'{p:.0f}' for p in r['peaks_mib'])}",
               flush=True)
         if cp == 1:
