@@ -107,7 +107,7 @@ def main(raw: DictConfig) -> float | None:
 def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
     from longtrain import preemption
-    from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, summary_table
+    from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table
     from longtrain.trainer import Diverged
 
     chosen = hydra_cfg.runtime.choices.get("stage")
@@ -120,9 +120,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
         stages = compose_stage_configs(job.overrides, only=chosen)
         job.run_dir = stages[0].run.dir
         names = stages[0].curriculum.stages
-        if chosen is not None and chosen not in names:
-            raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
-        to_run = [stages[names.index(chosen)]] if chosen is not None else stages
+        to_run = stages_to_run(stages, chosen)
         job.stages = [cfg.stage.name for cfg in to_run]
         for cfg in to_run:
             validate(cfg, world_size=world_size_from_env())

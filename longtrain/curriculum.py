@@ -270,6 +270,17 @@ def compose_stage_configs(overrides: list[str], only: Optional[str] = None) -> l
     ]
 
 
+def stages_to_run(stages: list[Config], chosen: Optional[str]) -> list[Config]:
+    """The stages a command runs: all, or the one ``stage=`` chose (which must be one of
+    curriculum.stages)."""
+    names = stages[0].curriculum.stages
+    if chosen is None:
+        return stages
+    if chosen not in names:
+        raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
+    return [stages[names.index(chosen)]]
+
+
 def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional[int] = None) -> list[GateRecord]:
     """Run the stages in order, skipping those whose gate already passed; or just stage ``only``."""
     records = []

@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from longtrain.config import Config, ConfigError, load_config, validate
+from longtrain.config import Config, ConfigError, validate
 
 # model.activation_checkpointing, cheapest in compute first (the order --suggest tries).
 MODES = ("none", "selective", "full")
@@ -71,7 +71,7 @@ class MemoryPlan:
     tokens: int  # this rank's tokens per micro-batch
     n_layers: int
     state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
-    per_block: list[Row] = field(default_factory=list)  # saved by one block (the largest)
+    per_block: list[Row] = field(default_factory=list)  # saved by each block (all alike)
     outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
     phases: list[Row] = field(default_factory=list)  # activation memory live at each backward phase's peak
     overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
@@ -96,11 +96,9 @@ class MemoryPlan:
         return self.live_peak + sum(r.bytes for r in self.overhead)
 
 
-def _bytes_per(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else 4
-
-
 def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
+    """Parameter counts: one block, its linear layers, the root (embeddings, final norm,
+    untied head) and the whole model."""
     m = cfg.model
     hd = m.resolved_head_dim()
     d, f = m.dim, m.resolved_ffn_dim()
@@ -112,7 +110,7 @@ def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
     return {"block": block, "block_linear": attn + 3 * d * f, "root": root, "total": root + m.n_layers * block}
 
 
-def block_saved(cfg: Config, tokens: int, act: int, use_rope: bool = True) -> list[Row]:
+def block_saved(cfg: Config, tokens: int, act: int) -> list[Row]:
     """Bytes one block saves for backward with no checkpointing, by component (also what a
     checkpointed block rebuilds while its backward runs).
 
@@ -137,7 +135,7 @@ def block_saved(cfg: Config, tokens: int, act: int, use_rope: bool = True) -> li
     # RoPE multiplies by cos/sin tables (saved once per model, outside the blocks); the
     # rotated q and k are new tensors the kernel saves, cast to the compute dtype.
     rows += [
-        Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs after QK-norm and RoPE" if use_rope else "kernel inputs"),
+        Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs, after QK-norm and RoPE"),
         Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype, lse fp32"),
         Row("wo input", t * hq * act, "out transposed to [T, heads·head_dim]"),
         Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
@@ -183,7 +181,7 @@ def recompute_extra(cfg: Config, tokens: int, act: int, mode: str) -> int:
     return full - kept + tokens * not_in_plain * act
 
 
-def outside_saved(cfg: Config, tokens: int, micro_batch: int) -> list[Row]:
+def outside_saved(cfg: Config, tokens: int) -> list[Row]:
     """Saved outside the blocks: token ids, RoPE tables, final norm, the loss's input."""
     m = cfg.model
     t = tokens
@@ -239,20 +237,17 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
 
 
 def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:
-    """The per-rank memory plan of one validated stage config."""
+    """The memory plan of one rank for one validated stage config (every rank holds as many
+    tokens: zigzag chunks are equal), with its checkpointing or ``checkpointing``."""
     from longtrain.hardware import autocast_dtype
 
-    import torch
-
-    mode = checkpointing or getattr(cfg.model, "activation_checkpointing", "none")
-    if mode not in MODES:
-        raise ConfigError(f"model.activation_checkpointing: the planner does not model {mode!r}; valid: {', '.join(MODES)}")
+    mode = checkpointing or cfg.model.activation_checkpointing
     p = cfg.parallel
     world = p.dp * p.cp
     micro = cfg.stage.micro_batch_size
     tokens = cfg.stage.seq_len * micro // p.cp
-    dtype = "bfloat16" if autocast_dtype(cfg.run.dtype, device) == torch.bfloat16 else "float32"
-    act = _bytes_per(dtype)
+    dtype = "float32" if autocast_dtype(cfg.run.dtype, device) is None else "bfloat16"  # bf16 is the only autocast dtype
+    act = 2 if dtype == "bfloat16" else 4
     shapes = model_shapes(cfg, vocab_size)
     n = shapes["total"]
     shard = -(-n // world)  # FSDP2 pads every parameter's dim 0 to a multiple of the world size
@@ -269,7 +264,7 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
         plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
                               "root + 2 blocks' parameters + 1 block's gradients, fp32"))
     plan.per_block = block_saved(cfg, tokens, act) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
-    plan.outside_blocks = outside_saved(cfg, tokens, micro)
+    plan.outside_blocks = outside_saved(cfg, tokens)
     plan.phases = phases(cfg, plan, act, vocab_size)
     # foreach AdamW: a temporary the size of the (local) parameters next to the state.
     plan.optimizer_step_extra = 2 * shard * 4
@@ -393,7 +388,7 @@ def compose(overrides: list[str]) -> list[Config]:
     from hydra import initialize_config_dir
 
     from longtrain.cli import CONFIG_DIR, hydra_error_line
-    from longtrain.curriculum import compose_stage_configs
+    from longtrain.curriculum import compose_stage_configs, stages_to_run
 
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), None)
     try:
@@ -406,11 +401,7 @@ def compose(overrides: list[str]) -> list[Config]:
         if line is None:
             raise
         raise ConfigError(line) from None
-    names = stages[0].curriculum.stages
-    if chosen is not None:
-        if chosen not in names:
-            raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
-        stages = [stages[names.index(chosen)]]
+    stages = stages_to_run(stages, chosen)
     for cfg in stages:
         validate(cfg)
     return stages

@@ -99,7 +99,7 @@ def test_block_accounting_equals_what_autograd_saves(dtype, qk_norm):
         with autocast:
             model.hidden_states(ids, pos)
 
-    outside = [r for r in outside_saved(cfg, B * T, B) if r.name != "loss input + labels"]  # held by the loss's checkpoint, not saved
+    outside = [r for r in outside_saved(cfg, B * T) if r.name != "loss input + labels"]  # held by the loss's checkpoint, not saved
     expected = cfg.model.n_layers * sum(r.bytes for r in block_saved(cfg, B * T, act)) + sum(r.bytes for r in outside)
     assert saved_bytes(model, whole_model) == expected
 
@@ -124,7 +124,7 @@ def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, dtyp
                 return model.hidden_states(ids, pos)
 
         per_block = block_saved(cfg, B * T, act) if mode == "none" else checkpointed_saved(cfg, B * T, act, mode)
-        outside = [r for r in outside_saved(cfg, B * T, B) if r.name != "loss input + labels"]  # no loss run
+        outside = [r for r in outside_saved(cfg, B * T) if r.name != "loss input + labels"]  # no loss run
         planned = cfg.model.n_layers * sum(r.bytes for r in per_block) + sum(r.bytes for r in outside)
         return bytes_left_alive(model, forward) - planned
 
