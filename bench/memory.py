@@ -5,15 +5,18 @@ The bench model and step of ``bench/throughput.py`` (one AdamW step, fp32, CPU),
 length in a fresh process, peak RSS from the kernel's high-water mark.
 
     # (b) longest sequence under a cap, bisecting over lengths (multiples of --granule)
-    python -m bench.memory longest --cap-gb 1.5 --impls hf none full selective --vocab 32000
+    python -m bench.memory longest --cap-gb 1.0 --impls hf none selective full_tiled --vocab 32000
     # (c) peak memory vs length with full checkpointing, and the fitted log-log exponent
-    python -m bench.memory scaling --impl full --seq-lens 8192 16384 32768 65536 131072
+    python -m bench.memory scaling --impls full_tiled --seq-lens 8192 16384 32768 65536 131072
 
 ``--doc-len N`` packs the longtrain sequence into N-token documents (document masking):
 attention then costs O(T·N) instead of O(T²), which is what makes 128K-token steps
 affordable on 2 CPU cores, while the step holds the same tensors (the kernel runs once
 per document instead of once per sequence). The scaling table states which was used; run
 it once with and once without at the shorter lengths to see the two agree.
+
+Every process runs with glibc's mmap threshold fixed at 1 MiB (``--mmap-threshold``; see
+``throughput.measure``), so RSS follows the memory the step holds.
 """
 
 from __future__ import annotations
@@ -25,19 +28,22 @@ from bench.throughput import BYTE_VOCAB, IMPLS, LONGTRAIN_IMPLS, Result, measure
 
 
 def _fits(result: Result, cap_gb: float) -> bool:
-    return result.seconds is not None and result.peak_gb <= cap_gb
+    """The step's own memory (peak RSS above the pre-step high-water: activations,
+    gradients, optimizer state, workspace) within the cap. Not the process's whole RSS,
+    which also counts imports (transformers' alone is ~0.14 GB more than longtrain's)."""
+    return result.seconds is not None and result.peak_gb - result.static_gb <= cap_gb
 
 
-def longest(impl: str, cap_gb: float, granule: int, vocab: int, threads: int, mlp_tile: int, doc_len: int,
-            limit: int) -> tuple[int, dict[int, Result]]:
-    """The longest multiple of ``granule`` (up to ``limit``) whose step peaks at or under
-    ``cap_gb``: doubling until a length does not fit, then bisecting."""
+def longest(impl: str, cap_gb: float, granule: int, limit: int, **kw) -> tuple[int, dict[int, Result]]:
+    """The longest multiple of ``granule`` (up to ``limit``) whose step needs at most
+    ``cap_gb`` (``_fits``): doubling until a length does not fit, then bisecting."""
     probes: dict[int, Result] = {}
 
     def fits(n: int) -> bool:
         # The address-space cap only stops a runaway probe; fitting is judged on peak RSS.
-        probes[n] = measure(impl, n * granule, 0, threads, vocab, mlp_tile, doc_len, max_gb=4 * cap_gb)
-        print(f"  {impl:>10} {n * granule:>7} tokens: peak {probes[n].peak_gb:.2f} GB "
+        probes[n] = measure(impl, n * granule, 0, max_gb=4 + 4 * cap_gb, **kw)
+        r = probes[n]
+        print(f"  {impl:>10} {n * granule:>7} tokens: step {r.peak_gb - r.static_gb:.2f} GB (peak {r.peak_gb:.2f}) "
               f"{'fits' if _fits(probes[n], cap_gb) else 'over'}", flush=True)
         return _fits(probes[n], cap_gb)
 
@@ -62,35 +68,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["longest", "scaling"])
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["hf", "none", "full", "selective"])
-    ap.add_argument("--impl", choices=LONGTRAIN_IMPLS, default="full", help="scaling: the longtrain mode")
-    ap.add_argument("--cap-gb", type=float, default=1.5)
-    ap.add_argument("--granule", type=int, default=1024)
+    ap.add_argument("--cap-gb", type=float, default=1.0, help="longest: the memory a step may take (see _fits)")
+    ap.add_argument("--granule", type=int, default=1024, help="longest: lengths tried are multiples of this")
     ap.add_argument("--limit", type=int, default=262144, help="longest: the longest length tried")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--vocab", type=int, default=BYTE_VOCAB)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mlp-tile", type=int, default=2048)
+    ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
     ap.add_argument("--doc-len", type=int, default=0, help="longtrain: document length (0: one causal sequence)")
+    ap.add_argument("--mmap-threshold", type=int, default=1 << 20, help="glibc mmap threshold, bytes (see throughput.measure)")
     args = ap.parse_args()
+    kw = dict(threads=args.threads, vocab=args.vocab, mlp_tile=args.mlp_tile, mmap_threshold=args.mmap_threshold)
+    docs = f"{args.doc_len}-token documents" if args.doc_len else "one causal sequence"
+    print(f"vocab {args.vocab}, longtrain on {docs}, mmap threshold {args.mmap_threshold}", flush=True)
     if args.part == "longest":
         found = {}
         for impl in args.impls:
             doc_len = args.doc_len if impl in LONGTRAIN_IMPLS else 0
-            found[impl], _ = longest(impl, args.cap_gb, args.granule, args.vocab, args.threads, args.mlp_tile,
-                                     doc_len, args.limit)
+            found[impl], _ = longest(impl, args.cap_gb, args.granule, args.limit, doc_len=doc_len, **kw)
         hf = found.get("hf")
-        print(f"longest trainable sequence under {args.cap_gb} GB peak RSS (vocab {args.vocab}):")
+        print(f"longest trainable sequence whose step takes at most {args.cap_gb} GB:")
         for impl, n in found.items():
             print(f"  {impl:>10} {n:>7} tokens" + (f"  {n / hf:.1f}x HF" if hf else ""))
         return
-    rows = [(n, measure(args.impl, n, 0, args.threads, args.vocab, args.mlp_tile, args.doc_len)) for n in args.seq_lens]
-    print(f"{args.impl} (doc_len {args.doc_len or 'none'}, vocab {args.vocab}):")
-    print(f"{'seq':>7} {'s/step':>8} {'peak GB':>8} {'static GB':>9} {'above static GB':>15}")
-    for n, r in rows:
-        print(f"{n:>7} {r.seconds:>8.1f} {r.peak_gb:>8.2f} {r.static_gb:>9.2f} {r.peak_gb - r.static_gb:>15.2f}")
-    lens = [n for n, _ in rows]
-    print(f"fitted exponent (log-log slope) of peak RSS: {loglog_slope(lens, [r.peak_gb for _, r in rows]):.3f}; "
-          f"of peak above static: {loglog_slope(lens, [r.peak_gb - r.static_gb for _, r in rows]):.3f}")
+    print(f"{'impl':>10} {'seq':>7} {'s/step':>8} {'peak GB':>8} {'static GB':>9} {'above static GB':>15}", flush=True)
+    for impl in args.impls:
+        doc_len = args.doc_len if impl in LONGTRAIN_IMPLS else 0
+        rows = []
+        for n in args.seq_lens:
+            r = measure(impl, n, 0, doc_len=doc_len, **kw)
+            rows.append((n, r))
+            print(f"{impl:>10} {n:>7} {r.seconds:>8.1f} {r.peak_gb:>8.2f} {r.static_gb:>9.2f} "
+                  f"{r.peak_gb - r.static_gb:>15.2f}", flush=True)
+        if len(rows) > 1:
+            lens = [n for n, _ in rows]
+            print(f"{impl:>10} fitted exponent (log-log slope) of peak RSS: "
+                  f"{loglog_slope(lens, [r.peak_gb for _, r in rows]):.3f}; of peak above static: "
+                  f"{loglog_slope(lens, [r.peak_gb - r.static_gb for _, r in rows]):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch
 
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 BYTE_VOCAB = 259
 LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled")
 IMPLS = ("hf", "hf_gc", *LONGTRAIN_IMPLS)
@@ -100,13 +102,27 @@ def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile
 
 
 def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: int = BYTE_VOCAB,
-            mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0) -> Result:
+            mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0, mmap_threshold: int = 0) -> Result:
     """One configuration in a fresh process: median step time over ``steps`` after a warm-up
-    (``steps`` = 0: the one step's time) and peak RSS."""
+    (``steps`` = 0: the one step's time) and peak RSS.
+
+    ``mmap_threshold`` > 0 fixes glibc's mmap threshold (bytes) in that process: larger
+    blocks are mapped and unmapped, so peak RSS is the memory the step holds, not heap
+    fragmentation (by default glibc raises the threshold to up to 32 MB as blocks are
+    freed and serves later ones from a heap that does not shrink)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, max_gb, queue))
-    p.start()
+    saved = os.environ.get(_MMAP_ENV)
+    if mmap_threshold:
+        os.environ[_MMAP_ENV] = str(mmap_threshold)  # read by glibc at the child's start
+    try:
+        p.start()
+    finally:
+        if saved is None:
+            os.environ.pop(_MMAP_ENV, None)
+        else:
+            os.environ[_MMAP_ENV] = saved
     result = queue.get()
     p.join()
     return result
@@ -125,6 +141,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
     ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
+    ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
     print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'s/step':>8} {'tok/s':>7} {'peak GB':>8} {'tok/s vs hf':>11} "
           f"{'RSS vs hf':>9} {'tok/s vs none':>13} {'RSS vs none':>11}", flush=True)
@@ -133,7 +150,7 @@ def main() -> None:
             rows = {}
             for impl in args.impls:
                 r = rows[impl] = measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
-                                         max_gb=args.max_gb)
+                                         max_gb=args.max_gb, mmap_threshold=args.mmap_threshold)
                 tok_s = seq_len / r.seconds if r.seconds else None
                 hf, none = rows.get("hf"), rows.get("none")
                 print(
