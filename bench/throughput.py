@@ -4,8 +4,10 @@ Same architecture and size on both sides (2.89M params with the byte vocab: d=25
 layers, 8 q / 2 kv heads, tied embeddings; the `tiny` model before it became the 2-layer
 demo model), one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU, with
 the byte vocabulary (259) and/or a 32K one (`--vocabs`). Each configuration runs in a
-fresh process so peak RSS is its own. Prints medians and the ratios to HF and to
-longtrain without checkpointing.
+fresh process so peak RSS is its own. Prints medians of wall and CPU time per step and
+the ratios to HF and to longtrain without checkpointing. Speed ratios use the process's
+CPU time, which another job on a shared machine disturbs far less than wall time (with
+one thread the two agree on an idle machine).
 
     python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 3 --threads 1
 
@@ -35,7 +37,8 @@ IMPLS = ("hf", "hf_gc", *LONGTRAIN_IMPLS)
 
 @dataclass
 class Result:
-    seconds: Optional[float]  # median step time; None: the step did not fit under --max-gb
+    seconds: Optional[float]  # median step wall time; None: the step did not fit under --max-gb
+    cpu_seconds: Optional[float]  # median step CPU time of the process
     peak_gb: float  # peak RSS of the process
     static_gb: float  # peak RSS before the first step (imports, model, data)
 
@@ -85,20 +88,22 @@ def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile
     ids = torch.randint(0, min(vocab, 256), (1, seq_len))
     pos = torch.arange(seq_len)[None]
     static = _peak_gb()
-    times = []
+    times, cpu_times = [], []
     try:
         for i in range(steps + 1):  # the first step warms up allocators and kernels
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss_fn(ids, pos).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's failed allocation
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
-        queue.put(Result(None, _peak_gb(), static))
+        queue.put(Result(None, None, _peak_gb(), static))
         return
-    queue.put(Result(statistics.median(times[1:] or times), _peak_gb(), static))
+    median = lambda xs: statistics.median(xs[1:] or xs)  # noqa: E731
+    queue.put(Result(median(times), median(cpu_times), _peak_gb(), static))
 
 
 def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: int = BYTE_VOCAB,
@@ -143,21 +148,21 @@ def main() -> None:
     ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
-    print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'s/step':>8} {'tok/s':>7} {'peak GB':>8} {'tok/s vs hf':>11} "
-          f"{'RSS vs hf':>9} {'tok/s vs none':>13} {'RSS vs none':>11}", flush=True)
+    print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'wall s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak GB':>8} "
+          f"{'speed vs hf':>11} {'RSS vs hf':>9} {'speed vs none':>13} {'RSS vs none':>11}", flush=True)
     for vocab in args.vocabs:
         for seq_len in args.seq_lens:
             rows = {}
             for impl in args.impls:
                 r = rows[impl] = measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
                                          max_gb=args.max_gb, mmap_threshold=args.mmap_threshold)
-                tok_s = seq_len / r.seconds if r.seconds else None
                 hf, none = rows.get("hf"), rows.get("none")
                 print(
                     f"{vocab:>6} {seq_len:>6} {impl:>10} "
-                    f"{f'{r.seconds:.2f}' if r.seconds else 'no fit':>8} {f'{tok_s:.0f}' if tok_s else '-':>7} "
-                    f"{r.peak_gb:>8.2f} {_ratio(hf and hf.seconds, r.seconds):>11} "
-                    f"{_ratio(r.peak_gb, hf and hf.peak_gb):>9} {_ratio(none and none.seconds, r.seconds):>13} "
+                    + (f"{r.seconds:>7.2f} {r.cpu_seconds:>7.2f} {seq_len / r.cpu_seconds:>9.0f} " if r.seconds
+                       else f"{'no fit':>7} {'-':>7} {'-':>9} ")
+                    + f"{r.peak_gb:>8.2f} {_ratio(hf and hf.cpu_seconds, r.cpu_seconds):>11} "
+                    f"{_ratio(r.peak_gb, hf and hf.peak_gb):>9} {_ratio(none and none.cpu_seconds, r.cpu_seconds):>13} "
                     f"{_ratio(r.peak_gb, none and none.peak_gb):>11}",
                     flush=True,
                 )

@@ -16,8 +16,8 @@ def _linear_step(per_1k_gb: float, calls: list[int]):
     def fake(impl, seq_len, steps, max_gb, **kw):
         calls.append(seq_len)
         if seq_len > 40 * 1024:  # past the address-space cap: the step did not run
-            return throughput.Result(None, 5.0, 0.3)
-        return throughput.Result(1.0, 0.3 + per_1k_gb * seq_len / 1024, 0.3)
+            return throughput.Result(None, None, 5.0, 0.3)
+        return throughput.Result(1.0, 1.0, 0.3 + per_1k_gb * seq_len / 1024, 0.3)
 
     return fake
 
@@ -55,4 +55,4 @@ def test_bench_commands_run(capsys):
         throughput.main()
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [(r[0], r[2]) for r in rows] == [(v, i) for v in ("259", "1000") for i in ("hf", "none", "full")]
-    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)  # seconds per step, peak GB
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0 for r in rows)  # wall s, CPU s, peak GB
