@@ -1,34 +1,61 @@
 """Training throughput and peak memory of a small model vs Hugging Face Qwen3, side by side.
 
-Same architecture and size on both sides (2.89M params: d=256, 4 layers, 8 q / 2 kv heads,
-byte vocab, tied embeddings; the `tiny` model before it became the 2-layer demo model),
-one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU. Each configuration
-runs in a fresh process so peak RSS is its own. Prints medians and the ratio ours / HF.
+Same architecture and size on both sides (2.89M params with the byte vocab: d=256, 4
+layers, 8 q / 2 kv heads, tied embeddings; the `tiny` model before it became the 2-layer
+demo model), one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU, with
+the byte vocabulary (259) and/or a 32K one (`--vocabs`). Each configuration runs in a
+fresh process so peak RSS is its own. Prints medians of wall and CPU time per step and
+the ratios to HF and to longtrain without checkpointing. Speed ratios use the process's
+CPU time, which another job on a shared machine disturbs far less than wall time (with
+one thread the two agree on an idle machine).
 
-    python -m bench.throughput --seq-lens 2048 8192 --steps 5
+    python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 3 --threads 1
+
+Implementations (`--impls`): hf (Qwen3ForCausalLM, SDPA), hf_gc (the same with HF's
+gradient checkpointing), and longtrain with each `model.activation_checkpointing` mode:
+none, full, selective, and full_tiled (full + `model.mlp_tile_tokens`).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+BYTE_VOCAB = 259
+LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled")
+IMPLS = ("hf", "hf_gc", *LONGTRAIN_IMPLS)
 
-def _build(impl: str):
+
+@dataclass
+class Result:
+    seconds: Optional[float]  # median step wall time; None: the step did not fit under --max-gb
+    cpu_seconds: Optional[float]  # median step CPU time of the process
+    peak_gb: float  # peak RSS of the process
+    static_gb: float  # peak RSS before the first step (imports, model, data)
+
+
+def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int):
     from longtrain.config import ModelConfig, RopeConfig
     from longtrain.model.transformer import Transformer
 
     cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2)
-    if impl == "longtrain":
-        model = Transformer(cfg, RopeConfig(), vocab_size=259)
+    if impl in LONGTRAIN_IMPLS:
+        cfg.activation_checkpointing = impl.removesuffix("_tiled")
+        cfg.mlp_tile_tokens = mlp_tile if impl.endswith("_tiled") else 0
+        model = Transformer(cfg, RopeConfig(), vocab_size=vocab)
 
         def loss_fn(ids, pos):
-            sums = model(ids, pos, ids, 1024)
+            docs = torch.arange(ids.shape[1])[None] // doc_len if doc_len else None
+            sums = model(ids, pos, ids, 1024, docs)
             return (sums.ce + 1e-4 * sums.z) / sums.tokens
 
         return model, loss_fn
@@ -36,55 +63,109 @@ def _build(impl: str):
 
     hf = Qwen3ForCausalLM(
         Qwen3Config(
-            vocab_size=259, hidden_size=256, intermediate_size=cfg.resolved_ffn_dim(), num_hidden_layers=4,
+            vocab_size=vocab, hidden_size=256, intermediate_size=cfg.resolved_ffn_dim(), num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
             attn_implementation="sdpa",
         )
     )
+    if impl == "hf_gc":
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return hf, lambda ids, pos: hf(input_ids=ids, position_ids=pos, labels=ids).loss
 
 
-def _run(impl: str, seq_len: int, steps: int, threads: int, queue) -> None:
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int, doc_len: int,
+         max_gb: float, queue) -> None:
+    if max_gb:  # a safety cap for configurations that would take the shared machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (int(max_gb * 1024**3),) * 2)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, loss_fn = _build(impl)
+    model, loss_fn = _build(impl, vocab, mlp_tile, doc_len)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 256, (1, seq_len))
+    ids = torch.randint(0, min(vocab, 256), (1, seq_len))
     pos = torch.arange(seq_len)[None]
-    times = []
-    for i in range(steps + 1):  # the first step warms up allocators and kernels
-        t0 = time.perf_counter()
-        loss_fn(ids, pos).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
+    static = _peak_gb()
+    times, cpu_times = [], []
+    try:
+        for i in range(steps + 1):  # the first step warms up allocators and kernels
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss_fn(ids, pos).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-    queue.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2))
+            cpu_times.append(time.process_time() - c0)
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's failed allocation
+        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        queue.put(Result(None, None, _peak_gb(), static))
+        return
+    median = lambda xs: statistics.median(xs[1:] or xs)  # noqa: E731
+    queue.put(Result(median(times), median(cpu_times), _peak_gb(), static))
 
 
-def measure(impl: str, seq_len: int, steps: int, threads: int) -> tuple[float, float]:
+def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: int = BYTE_VOCAB,
+            mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0, mmap_threshold: int = 0) -> Result:
+    """One configuration in a fresh process: median step time over ``steps`` after a warm-up
+    (``steps`` = 0: the one step's time) and peak RSS.
+
+    ``mmap_threshold`` > 0 fixes glibc's mmap threshold (bytes) in that process: larger
+    blocks are mapped and unmapped, so peak RSS is the memory the step holds, not heap
+    fragmentation (by default glibc raises the threshold to up to 32 MB as blocks are
+    freed and serves later ones from a heap that does not shrink)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_run, args=(impl, seq_len, steps, threads, queue))
-    p.start()
+    p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, max_gb, queue))
+    saved = os.environ.get(_MMAP_ENV)
+    if mmap_threshold:
+        os.environ[_MMAP_ENV] = str(mmap_threshold)  # read by glibc at the child's start
+    try:
+        p.start()
+    finally:
+        if saved is None:
+            os.environ.pop(_MMAP_ENV, None)
+        else:
+            os.environ[_MMAP_ENV] = saved
     result = queue.get()
     p.join()
     return result
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[BYTE_VOCAB])
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["hf", "none"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
+    ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
+    ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
-    print(f"{'seq':>6} {'impl':>10} {'median s/step':>14} {'tok/s':>8} {'peak RSS GB':>12}")
-    for seq_len in args.seq_lens:
-        rows = {impl: measure(impl, seq_len, args.steps, args.threads) for impl in ("hf_qwen3", "longtrain")}
-        for impl, (t, rss) in rows.items():
-            print(f"{seq_len:>6} {impl:>10} {t:>14.3f} {seq_len / t:>8.0f} {rss:>12.2f}")
-        (t_hf, rss_hf), (t_lt, rss_lt) = rows["hf_qwen3"], rows["longtrain"]
-        print(f"{seq_len:>6} {'ratio':>10}  throughput longtrain/HF = {t_hf / t_lt:.2f}x, peak RSS = {rss_lt / rss_hf:.2f}x")
+    print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'wall s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak GB':>8} "
+          f"{'speed vs hf':>11} {'RSS vs hf':>9} {'speed vs none':>13} {'RSS vs none':>11}", flush=True)
+    for vocab in args.vocabs:
+        for seq_len in args.seq_lens:
+            rows = {}
+            for impl in args.impls:
+                r = rows[impl] = measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
+                                         max_gb=args.max_gb, mmap_threshold=args.mmap_threshold)
+                hf, none = rows.get("hf"), rows.get("none")
+                print(
+                    f"{vocab:>6} {seq_len:>6} {impl:>10} "
+                    + (f"{r.seconds:>7.2f} {r.cpu_seconds:>7.2f} {seq_len / r.cpu_seconds:>9.0f} " if r.seconds
+                       else f"{'no fit':>7} {'-':>7} {'-':>9} ")
+                    + f"{r.peak_gb:>8.2f} {_ratio(hf and hf.cpu_seconds, r.cpu_seconds):>11} "
+                    f"{_ratio(r.peak_gb, hf and hf.peak_gb):>9} {_ratio(none and none.cpu_seconds, r.cpu_seconds):>13} "
+                    f"{_ratio(r.peak_gb, none and none.peak_gb):>11}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

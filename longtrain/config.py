@@ -49,6 +49,9 @@ class ModelConfig:
     # activation; full recomputes all but the attention output (never the ring's P2P);
     # selective also keeps matmul outputs and recomputes only norms, RoPE and pointwise ops.
     activation_checkpointing: str = "none"
+    # > 0: the SwiGLU MLP runs in sequence tiles of this many tokens, each checkpointed
+    # (ALST's tiled MLP), so its [T, ffn] intermediates exist one tile at a time. 0 = whole.
+    mlp_tile_tokens: int = 0
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
@@ -321,6 +324,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if m.vocab_size is not None:
         _positive(m.vocab_size, "model.vocab_size")
     _one_of(m.activation_checkpointing, "model.activation_checkpointing", AC_MODES)
+    _require(m.mlp_tile_tokens >= 0, "model.mlp_tile_tokens", f"must be >= 0 (0 = no tiling), got {m.mlp_tile_tokens}")
 
     r = cfg.rope
     _one_of(r.type, "rope.type", ROPE_TYPES)

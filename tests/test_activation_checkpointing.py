@@ -66,7 +66,9 @@ def assert_same(got, want) -> None:
 
 def _run_model(mode: str, documents: bool, mlp_tile_tokens: int = 0):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, activation_checkpointing=mode)
+    cfg = ModelConfig(
+        dim=64, n_layers=3, n_heads=4, n_kv_heads=2, activation_checkpointing=mode, mlp_tile_tokens=mlp_tile_tokens
+    )
     model = Transformer(cfg, RopeConfig(), VOCAB)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
@@ -88,6 +90,23 @@ def test_checkpointed_matches_plain_at_cp1(mode, documents):
     assert calls == {"attention": 3, "mlp": 6}
 
 
+@pytest.mark.parametrize("mode", AC_MODES)
+def test_sequence_tiled_mlp_matches_whole(mode):
+    plain, _ = _run_model("none", documents=False)
+    swiglu = transformer.FeedForward._swiglu
+    tile_lengths = []
+
+    def recording(self, x):
+        tile_lengths.append(x.shape[1])
+        return swiglu(self, x)
+
+    with mock.patch.object(transformer.FeedForward, "_swiglu", recording):
+        tiled, _ = _run_model(mode, documents=False, mlp_tile_tokens=20)
+    assert_same(tiled, plain)
+    # 48 tokens in tiles of 20: the MLP never sees more than a tile, forward or recompute.
+    assert set(tile_lengths) == {20, 8} and max(tile_lengths) == 20
+
+
 def test_config_key_reaches_every_block(compose_config):
     from longtrain.config import load_config
 
@@ -97,6 +116,8 @@ def test_config_key_reaches_every_block(compose_config):
         assert [b.activation_checkpointing for b in model.layers] == [mode] * cfg.model.n_layers
     with pytest.raises(ConfigError, match="model.activation_checkpointing: unknown value 'some'; valid: none, full, selective"):
         load_config(compose_config("model=tiny", "model.activation_checkpointing=some"))
+    with pytest.raises(ConfigError, match=r"model.mlp_tile_tokens: must be >= 0 \(0 = no tiling\), got -1"):
+        load_config(compose_config("model=tiny", "model.mlp_tile_tokens=-1"))
 
 
 def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from longtrain.attention.kernels import compute_dtype
 from longtrain.attention.ring import ring_attention
@@ -74,15 +75,27 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), in sequence tiles of ``tile_tokens`` when set.
 
-    def __init__(self, dim: int, hidden: int):
+    Tiled (ALST's TiledMLP): each tile is its own checkpoint, so the [T, ffn]
+    intermediates exist one [tile, ffn] slice at a time, in the forward and when the
+    backward recomputes them; only the tiles' inputs ([T, dim], a view of x) are kept.
+    """
+
+    def __init__(self, dim: int, hidden: int, tile_tokens: int = 0):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.tile_tokens = tile_tokens
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.tile_tokens or x.shape[1] <= self.tile_tokens:
+            return self._swiglu(x)
+        tiles = x.split(self.tile_tokens, dim=1)
+        return torch.cat([checkpoint(self._swiglu, tile, use_reentrant=False) for tile in tiles], dim=1)
+
+    def _swiglu(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -95,7 +108,7 @@ class Block(nn.Module):
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg, use_rope)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim())
+        self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim(), cfg.mlp_tile_tokens)
         self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(

@@ -1,0 +1,58 @@
+"""bench/memory.py and bench/throughput.py: the bisection, the fitted exponent, and short
+real runs of the commands the README shows."""
+
+import math
+import sys
+from unittest import mock
+
+import pytest
+
+from bench import memory, throughput
+
+
+def _linear_step(per_1k_gb: float, calls: list[int]):
+    """A stand-in for measure(): a step that needs ``per_1k_gb`` per 1,024 tokens."""
+
+    def fake(impl, seq_len, steps, max_gb, **kw):
+        calls.append(seq_len)
+        if seq_len > 40 * 1024:  # past the address-space cap: the step did not run
+            return throughput.Result(None, None, 5.0, 0.3)
+        return throughput.Result(1.0, 1.0, 0.3 + per_1k_gb * seq_len / 1024, 0.3)
+
+    return fake
+
+
+def test_longest_bisects_to_the_last_length_that_fits():
+    calls = []
+    with mock.patch.object(memory, "measure", _linear_step(0.1, calls)):
+        n, probes = memory.longest("full", cap_gb=1.05, granule=1024, limit=1 << 20)
+    assert n == 10 * 1024  # 10 × 0.1 GB fits, 11 × 0.1 does not
+    assert calls == [1024 * k for k in (1, 2, 4, 8, 16, 12, 10, 11)]  # doubling, then bisection
+    with mock.patch.object(memory, "measure", _linear_step(0.001, [])):
+        assert memory.longest("full", cap_gb=1.0, granule=1024, limit=1 << 20)[0] == 40 * 1024  # cap stops it
+        assert memory.longest("full", cap_gb=1.0, granule=1024, limit=5000)[0] == 4 * 1024  # the limit does
+    with mock.patch.object(memory, "measure", _linear_step(2.0, [])):
+        assert memory.longest("full", cap_gb=1.0, granule=1024, limit=1 << 20)[0] == 0
+
+
+def test_loglog_slope():
+    xs = [8192, 16384, 32768, 131072]
+    assert memory.loglog_slope(xs, [3 * x for x in xs]) == pytest.approx(1.0)
+    assert memory.loglog_slope(xs, [x**2 for x in xs]) == pytest.approx(2.0)
+    assert memory.loglog_slope(xs, [0.3 + 1e-5 * x for x in xs]) < 1.0  # a constant flattens it
+    assert not math.isnan(memory.loglog_slope(xs, [1.0] * 4))
+
+
+@pytest.mark.slow
+def test_bench_commands_run(capsys):
+    with mock.patch.object(sys, "argv", ["memory", "scaling", "--impls", "full_tiled", "--mlp-tile", "128",
+                                         "--seq-lens", "256", "512", "--doc-len", "128"]):
+        memory.main()
+    out = capsys.readouterr().out
+    assert "full_tiled     512" in out and "fitted exponent" in out
+    with mock.patch.object(sys, "argv", ["throughput", "--seq-lens", "256", "--impls", "hf", "none", "full",
+                                         "--steps", "1", "--vocabs", "259", "1000"]):
+        throughput.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[2]) for r in rows] == [(v, i) for v in ("259", "1000") for i in ("hf", "none", "full")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0 for r in rows)  # wall s, CPU s, peak GB
