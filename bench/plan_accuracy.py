@@ -1,7 +1,7 @@
 """The memory planner's prediction against the measured peak of a real training step.
 
     python -m bench.plan_accuracy                       # from the repo root; a few minutes
-    python -m bench.plan_accuracy --only 8192:1:none    # one configuration (seq:cp:checkpointing)
+    python -m bench.plan_accuracy --only 8192:1:none:0  # one configuration (seq:cp:checkpointing:MLP tile)
 
 Each configuration is the CPU demo's tiny model (byte vocabulary, fp32) at one length,
 cp and checkpointing mode, composed from train.py's overrides exactly as
@@ -29,24 +29,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONFIGS = [  # (seq_len, cp, checkpointing)
-    (8192, 1, "none"),
-    (16384, 1, "none"),
-    (32768, 1, "none"),
-    (16384, 2, "none"),
-    (32768, 2, "none"),
-    (32768, 4, "none"),
-    (32768, 1, "selective"),
-    (32768, 1, "full"),
-    (32768, 2, "full"),
+CONFIGS = [  # (seq_len, cp, checkpointing, MLP tile tokens: 0 = untiled)
+    (8192, 1, "none", 0),
+    (16384, 1, "none", 0),
+    (32768, 1, "none", 0),
+    (16384, 2, "none", 0),
+    (32768, 2, "none", 0),
+    (32768, 4, "none", 0),
+    (32768, 1, "selective", 0),
+    (32768, 1, "full", 0),
+    (32768, 2, "full", 0),
+    (32768, 1, "none", 4096),
 ]
 BASE = ["preset=cpu_demo", "stage=cpu/extend_8k", "run.device=cpu", "stage.global_batch_size=1"]
 WARMUP_TOKENS = 256
 
 
-def overrides(seq: int, cp: int, mode: str) -> list[str]:
-    extra = [f"model.activation_checkpointing={mode}"] if mode != "none" else []
-    return [*BASE, f"stage.seq_len={seq}", f"parallel.cp={cp}", *extra]
+def overrides(seq: int, cp: int, mode: str, tile: int) -> list[str]:
+    return [*BASE, f"stage.seq_len={seq}", f"parallel.cp={cp}", f"model.activation_checkpointing={mode}",
+            f"model.mlp_tile_tokens={tile}"]
 
 
 def _status_kib(field: str) -> int:
@@ -112,21 +113,21 @@ def predicted(args: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="seq:cp:checkpointing, e.g. 32768:2:full")
+    parser.add_argument("--only", nargs="*", default=None, help="seq:cp:checkpointing:tile, e.g. 32768:2:full:0")
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read by glibc in the spawned ranks
-    configs = [(int(s), int(c), m) for s, c, m in (x.split(":") for x in args.only)] if args.only else CONFIGS
+    configs = [(int(s), int(c), m, int(t)) for s, c, m, t in (x.split(":") for x in args.only)] if args.only else CONFIGS
     print("tiny model (d=128, 2 layers, 4 q / 2 kv heads, ffn 384, byte vocab), fp32, CPU, 1 thread per rank, "
           "one training step, batch 1; peak RSS over the pre-step baseline, worst rank")
-    print(f"{'seq':>7} {'cp':>3} {'checkpointing':>13} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10} {'step s':>8}")
+    print(f"{'seq':>7} {'cp':>3} {'checkpointing':>13} {'MLP tile':>8} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10} {'step s':>8}")
     worst = 0.0
-    for seq, cp, mode in configs:
-        a = overrides(seq, cp, mode)
+    for seq, cp, mode, tile in configs:
+        a = overrides(seq, cp, mode, tile)
         pred = predicted(a)
         meas, seconds = measure(a, cp)
         ratio = pred / meas
         worst = max(worst, abs(ratio - 1))
-        print(f"{seq:>7} {cp:>3} {mode:>13} {pred / 2**20:>14.1f} {meas / 2**20:>13.1f} {ratio:>10.3f} {seconds:>8.1f}", flush=True)
+        print(f"{seq:>7} {cp:>3} {mode:>13} {tile or '-':>8} {pred / 2**20:>14.1f} {meas / 2**20:>13.1f} {ratio:>10.3f} {seconds:>8.1f}", flush=True)
     print(f"largest deviation: {worst:.1%} (goal: within 15% on every configuration)")
 
 

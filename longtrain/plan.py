@@ -70,6 +70,7 @@ class MemoryPlan:
     dtype: str
     tokens: int  # this rank's tokens per micro-batch
     n_layers: int
+    mlp_tile: int  # tokens per MLP tile (model.mlp_tile_tokens), 0: the MLP is not tiled here
     state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
     per_block: list[Row] = field(default_factory=list)  # saved by each block (all alike)
     outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
@@ -110,9 +111,16 @@ def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
     return {"block": block, "block_linear": attn + 3 * d * f, "root": root, "total": root + m.n_layers * block}
 
 
-def block_saved(cfg: Config, tokens: int, act: int) -> list[Row]:
+def mlp_tiled(cfg: Config, seq_tokens: int) -> bool:
+    """Whether the MLP runs in sequence tiles (model.mlp_tile_tokens) on ``seq_tokens``, one
+    sequence's tokens on this rank."""
+    return 0 < cfg.model.mlp_tile_tokens < seq_tokens
+
+
+def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list[Row]:
     """Bytes one block saves for backward with no checkpointing, by component (also what a
-    checkpointed block rebuilds while its backward runs).
+    checkpointed block rebuilds while its backward runs). ``tiled``: the MLP runs in
+    checkpointed sequence tiles, which keep only their input, the MLP norm's output.
 
     ``act`` is the compute dtype's width (4 fp32, 2 under bf16 autocast). Norms and
     QK-norm upcast to fp32 (torch's composite rms_norm saves its fp32 input, its
@@ -139,11 +147,17 @@ def block_saved(cfg: Config, tokens: int, act: int) -> list[Row]:
         Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype, lse fp32"),
         Row("wo input", t * hq * act, "out transposed to [T, heads·head_dim]"),
         Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
-        Row("MLP w1/w3 input", t * d * act * (2 if bf16 else 1), "one bf16 cast per linear" if bf16 else "shared by w1, w3"),
-        Row("MLP w1 out, silu, w3 out, product", t * 4 * f * act, "SiLU input; both factors; w2 input"),
     ]
-    if bf16:
-        rows.append(Row("bf16 weight copies", model_shapes(cfg, 0)["block_linear"] * 2, "autocast's casts, saved by each linear"))
+    if tiled:
+        rows.append(Row("MLP tiles' input", t * d * 4, "the MLP norm's fp32 output, held by the tiles' checkpoints"))
+    else:
+        rows += [
+            Row("MLP w1/w3 input", t * d * act * (2 if bf16 else 1), "one bf16 cast per linear" if bf16 else "shared by w1, w3"),
+            Row("MLP w1 out, silu, w3 out, product", t * 4 * f * act, "SiLU input; both factors; w2 input"),
+        ]
+    if bf16:  # a tile recasts the MLP's weights when it is recomputed
+        weights = model_shapes(cfg, 0)["block_linear"] - (3 * d * f if tiled else 0)
+        rows.append(Row("bf16 weight copies", weights * 2, "autocast's casts, saved by each linear"))
     return rows
 
 
@@ -164,20 +178,21 @@ def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Ro
     return rows
 
 
-def recompute_extra(cfg: Config, tokens: int, act: int, mode: str) -> int:
+def recompute_extra(cfg: Config, tokens: int, act: int, mode: str, tiled: bool = False) -> int:
     """What a checkpointed block adds while its backward runs: its no-checkpointing saved
     set rebuilt, less what it kept, plus the kept matmul outputs that set does not hold."""
     if mode == "none":
         return 0
     m = cfg.model
     hq, hkv = m.n_heads * m.resolved_head_dim(), m.n_kv_heads * m.resolved_head_dim()
-    full = sum(r.bytes for r in block_saved(cfg, tokens, act))
+    full = sum(r.bytes for r in block_saved(cfg, tokens, act, tiled))
     kept = sum(r.bytes for r in checkpointed_saved(cfg, tokens, act, mode))
     if mode == "full":  # input, out and lse are tensors of the plain saved set too
         return full - kept
     # Of the matmul outputs the plain set holds w1's and w3's, v, and (fp32 with QK-norm)
     # q and k, which the norms save; never wo's and w2's (they only enter a residual sum).
-    not_in_plain = 2 * m.dim + (0 if (m.qk_norm and act == 4) else hq + hkv)
+    # Tiled, the plain set holds no w1/w3 output either (the tiles recompute them).
+    not_in_plain = 2 * m.dim + (0 if (m.qk_norm and act == 4) else hq + hkv) + (2 * m.resolved_ffn_dim() if tiled else 0)
     return full - kept + tokens * not_in_plain * act
 
 
@@ -216,12 +231,20 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
     released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss input + labels"))
     released -= t * 8  # the labels stay with the batch
     # A checkpointed block first rebuilds its plain saved set (model/checkpointing.py).
-    block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing)
-    # SwiGLU backward peaks in the product's node: d(product) with d(silu) and d(w3 out)
-    # while the product itself is already released (its w2 node ran): +2 [T, ffn].
-    rows.append(Row("last block, MLP backward", block + t * 2 * f * act + residual_grads,
-                    "+ 2 [T, ffn] gradients + residual gradients"))
-    mlp = sum(r.bytes for r in block_saved(cfg, t, act) if r.name.startswith(("residual + MLP", "MLP")))
+    block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing, bool(plan.mlp_tile))
+    if plan.mlp_tile:
+        # One tile at a time: its plain saved set rebuilt (and its bf16 weight casts), then
+        # its SwiGLU backward's gradients.
+        tile = plan.micro_batch * plan.mlp_tile
+        casts = 3 * d * f * 2 if act == 2 else 0
+        rows.append(Row("last block, MLP tile backward", block + tile * (6 * f + 2 * d) * act + casts + residual_grads,
+                        f"+ one {plan.mlp_tile}-token tile rebuilt and its gradients + residual gradients"))
+    else:
+        # SwiGLU backward peaks in the product's node: d(product) with d(silu) and d(w3 out)
+        # while the product itself is already released (its w2 node ran): +2 [T, ffn].
+        rows.append(Row("last block, MLP backward", block + t * 2 * f * act + residual_grads,
+                        "+ 2 [T, ffn] gradients + residual gradients"))
+    mlp = sum(r.bytes for r in block_saved(cfg, t, act, bool(plan.mlp_tile)) if r.name.startswith(("residual + MLP", "MLP")))
     after_mlp = block - mlp
     if plan.cp == 1:
         rows.append(Row("last block, attention backward", after_mlp + t * (2 * hq + 2 * hkv) * act + residual_grads,
@@ -251,7 +274,9 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
     shapes = model_shapes(cfg, vocab_size)
     n = shapes["total"]
     shard = -(-n // world)  # FSDP2 pads every parameter's dim 0 to a multiple of the world size
-    plan = MemoryPlan(cfg.stage.name, cfg.stage.seq_len, micro, p.dp, p.cp, mode, device, dtype, tokens, cfg.model.n_layers)
+    tiled = mlp_tiled(cfg, cfg.stage.seq_len // p.cp)
+    plan = MemoryPlan(cfg.stage.name, cfg.stage.seq_len, micro, p.dp, p.cp, mode, device, dtype, tokens,
+                      cfg.model.n_layers, cfg.model.mlp_tile_tokens if tiled else 0)
     plan.state = [
         Row("parameters", shard * 4, f"fp32, {n / 1e6:.1f}M" + (f" sharded over {world}" if world > 1 else "")),
         Row("gradients", shard * 4, "fp32" + (", sharded" if world > 1 else "")),
@@ -263,7 +288,7 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
         # the block's unsharded gradients wait for their reduce-scatter.
         plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
                               "root + 2 blocks' parameters + 1 block's gradients, fp32"))
-    plan.per_block = block_saved(cfg, tokens, act) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
+    plan.per_block = block_saved(cfg, tokens, act, tiled) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
     plan.outside_blocks = outside_saved(cfg, tokens)
     plan.phases = phases(cfg, plan, act, vocab_size)
     # foreach AdamW: a temporary the size of the (local) parameters next to the state.
@@ -283,7 +308,8 @@ def _size(n: int) -> str:
 def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
     lines = [
         f"stage {plan.stage}: {plan.seq_len} tokens × micro-batch {plan.micro_batch}, dp={plan.dp} × cp={plan.cp}, "
-        f"{plan.tokens} tokens per rank, checkpointing {plan.checkpointing}, {plan.dtype} on {plan.device}",
+        f"{plan.tokens} tokens per rank, checkpointing {plan.checkpointing}"
+        + (f", MLP in {plan.mlp_tile}-token tiles" if plan.mlp_tile else "") + f", {plan.dtype} on {plan.device}",
     ]
 
     def rows(title: str, items: list[Row], indent: str = "  ") -> None:

@@ -18,7 +18,7 @@ from longtrain.model.transformer import Transformer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from longtrain.plan import block_saved, checkpointed_saved, outside_saved, plan_stage, suggest
+from longtrain.plan import block_saved, checkpointed_saved, mlp_tiled, outside_saved, plan_stage, suggest
 from tests.cli_utils import ROOT, env
 
 
@@ -68,9 +68,9 @@ def bytes_left_alive(model: torch.nn.Module, run) -> int:
     return alive - result.untyped_storage().nbytes()
 
 
-def _model(qk_norm: bool = True, checkpointing: str = "none") -> tuple[Config, Transformer]:
+def _model(qk_norm: bool = True, checkpointing: str = "none", mlp_tile_tokens: int = 0) -> tuple[Config, Transformer]:
     cfg = Config(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=qk_norm,
-                                   activation_checkpointing=checkpointing))
+                                   activation_checkpointing=checkpointing, mlp_tile_tokens=mlp_tile_tokens))
     torch.manual_seed(0)
     return cfg, Transformer(cfg.model, RopeConfig(), vocab_size=300)
 
@@ -105,31 +105,34 @@ def test_block_accounting_equals_what_autograd_saves(dtype, qk_norm):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, dtype):
-    """A checkpoint hides its block's saves from saved-tensor hooks, so the reference here
-    is every storage the forward leaves alive. That count differs from the saved set by a
-    constant (the token ids come from outside, a few bytes more stay alive), which the
-    plain model measures: the planner's modes must differ from it by what they measure."""
+@pytest.mark.parametrize("mode,tile", [("full", 0), ("selective", 0), ("none", 16), ("full", 16), ("selective", 16)])
+def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, tile, dtype):
+    """A checkpoint (a block's, a MLP tile's) hides its saves from saved-tensor hooks, so
+    the reference here is every storage the forward leaves alive. That count differs from
+    the saved set by a constant (the token ids come from outside, a few bytes more stay
+    alive), which the plain model measures: the planner's other modes must differ from it
+    by what they measure."""
     B, T = 2, 48
     ids = torch.randint(0, 256, (B, T))
     pos = torch.arange(T).expand(B, T)
     act = 2 if dtype == "bfloat16" else 4
 
-    def leftover(mode: str) -> int:
-        cfg, model = _model(checkpointing=mode)
+    def leftover(mode: str, tile: int) -> int:
+        cfg, model = _model(checkpointing=mode, mlp_tile_tokens=tile)
 
         def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                 return model.hidden_states(ids, pos)
 
-        per_block = block_saved(cfg, B * T, act) if mode == "none" else checkpointed_saved(cfg, B * T, act, mode)
+        tiled = mlp_tiled(cfg, T)
+        assert tiled == bool(tile)
+        per_block = block_saved(cfg, B * T, act, tiled) if mode == "none" else checkpointed_saved(cfg, B * T, act, mode)
         outside = [r for r in outside_saved(cfg, B * T) if r.name != "loss input + labels"]  # no loss run
         planned = cfg.model.n_layers * sum(r.bytes for r in per_block) + sum(r.bytes for r in outside)
         return bytes_left_alive(model, forward) - planned
 
-    assert leftover(mode) == leftover("none")
-    assert abs(leftover("none")) < B * T * 8  # at most the token ids' size, against ~1 MB planned
+    assert leftover(mode, tile) == leftover("none", 0)
+    assert abs(leftover("none", 0)) < B * T * 8  # at most the token ids' size, against ~1 MB planned
 
 
 def test_suggest_takes_the_smallest_cp_then_the_cheapest_checkpointing(compose_config):
