@@ -4,7 +4,7 @@
     python -m bench.plan_accuracy --only 8192:1:none:0  # one configuration (seq:cp:checkpointing:MLP tile)
 
 Each configuration is the CPU demo's tiny model (byte vocabulary, fp32) at one length,
-cp and checkpointing mode, composed from train.py's overrides exactly as
+cp, checkpointing mode and MLP tiling, composed from train.py's overrides exactly as
 ``python -m longtrain.plan ... --device cpu`` composes it. It runs in fresh processes, one
 per cp rank (gloo, FSDP2 and ring attention when cp > 1, built by the trainer's
 ``build_model``): a warm-up step at 256 tokens allocates the optimizer state, then the

@@ -1,6 +1,6 @@
 """Memory planner: the per-rank memory of a training step, before launching it.
 
-    python -m longtrain.plan stage=extend_128k model=1b parallel.cp=8 [--device-memory 80GB] [--suggest]
+    python -m longtrain.plan stage=extend_128k model=1b parallel.cp=8 [--device-memory 80GB] [--suggest] [--device cpu]
 
 Takes the same Hydra overrides as train.py, composes and validates the config the same
 way (a bad override is the same one-line ``config error``, exit 2), and prints for every
@@ -10,18 +10,22 @@ stage the command would run, per rank:
   ranks, plus the unsharded parameters FSDP2 holds while it computes (the root module for
   the whole step, a block and the one it prefetches);
 - the activations each block saves for backward, by component, for this rank's tokens
-  (seq_len × micro-batch / cp) and the checkpointing mode; those outside the blocks;
-- what lives only for a moment on top of them: the attention kernel's and ring's buffers
-  (the K/V blocks in flight), the loss chunk ([chunk, vocab] fp32 logits and their
-  gradient) and the gradients of the block in backward;
+  (seq_len × micro-batch / cp), the checkpointing mode and MLP tiling; those outside the
+  blocks;
+- the activations live at the peak of each backward phase: the saved set plus the loss
+  chunk ([chunk, vocab] fp32 logits and their gradient), a checkpointed block rebuilt
+  with its gradients, the attention kernel's or the ring's buffers (the K/V blocks in
+  flight);
 - the predicted peak, and whether it fits ``--device-memory``.
 
 The activation accounting is what the code saves, not a textbook estimate: each entry
 below names the op that saves it, and tests/test_plan.py checks the sum against every
-tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``) to the byte. Under
-bf16 autocast (CUDA, run.dtype auto) linear layers save bf16 copies of their inputs and
-weights while the norms, RoPE and lse stay fp32; that accounting is checked against CPU
-autocast, which runs the same ops (CUDA itself is not measured here: no GPU).
+tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``) to the byte, and
+under checkpointing (which hides its saves from those hooks) against the storages the
+forward leaves alive. Under bf16 autocast (CUDA, run.dtype auto) linear layers save bf16
+copies of their inputs and weights while the norms, RoPE and lse stay fp32; that
+accounting is checked against CPU autocast, which runs the same ops (CUDA itself is not
+measured here: no GPU).
 
 The backward phases and the CUDA allocator's reserve are a model, not an exact count;
 bench/plan_accuracy.py measures the whole prediction against peak RSS on the CPU.
