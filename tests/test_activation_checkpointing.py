@@ -111,9 +111,11 @@ def test_config_key_reaches_every_block(compose_config):
     from longtrain.config import load_config
 
     for mode in AC_MODES:
-        cfg = load_config(compose_config("model=tiny", f"model.activation_checkpointing={mode}"))
+        # The README's command line.
+        cfg = load_config(compose_config("preset=cpu_demo", f"model.activation_checkpointing={mode}", "model.mlp_tile_tokens=2048"))
         model = build_model(cfg, VOCAB, ParallelDims(1, 1, 0, 1, torch.device("cpu")))
         assert [b.activation_checkpointing for b in model.layers] == [mode] * cfg.model.n_layers
+        assert [b.feed_forward.tile_tokens for b in model.layers] == [2048] * cfg.model.n_layers
     with pytest.raises(ConfigError, match="model.activation_checkpointing: unknown value 'some'; valid: none, full, selective"):
         load_config(compose_config("model=tiny", "model.activation_checkpointing=some"))
     with pytest.raises(ConfigError, match=r"model.mlp_tile_tokens: must be >= 0 \(0 = no tiling\), got -1"):
