@@ -1,10 +1,11 @@
 """The memory planner's prediction against the measured peak of a real training step.
 
     python -m bench.plan_accuracy                       # from the repo root; a few minutes
-    python -m bench.plan_accuracy --only 8192:1:none:0  # one configuration (seq:cp:checkpointing:MLP tile)
+    python -m bench.plan_accuracy --only 8192:1:none:0  # one configuration (seq:cp:checkpointing:MLP tile[:dtype])
 
-Each configuration is the CPU demo's tiny model (byte vocabulary, fp32) at one length,
-cp, checkpointing mode and MLP tiling, composed from train.py's overrides exactly as
+Each configuration is the CPU demo's tiny model (byte vocabulary; fp32, or bf16 autocast
+with run.dtype=bfloat16, as the trainer runs it) at one length, cp, checkpointing mode
+and MLP tiling, composed from train.py's overrides exactly as
 ``python -m longtrain.plan ... --device cpu`` composes it. It runs in fresh processes, one
 per cp rank (gloo, FSDP2 and ring attention when cp > 1, built by the trainer's
 ``build_model``): a warm-up step at 256 tokens allocates the optimizer state, then the
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONFIGS = [  # (seq_len, cp, checkpointing, MLP tile tokens: 0 = untiled)
+CONFIGS = [  # (seq_len, cp, checkpointing, MLP tile tokens: 0 = untiled[, run.dtype])
     (8192, 1, "none", 0),
     (16384, 1, "none", 0),
     (32768, 1, "none", 0),
@@ -40,14 +41,16 @@ CONFIGS = [  # (seq_len, cp, checkpointing, MLP tile tokens: 0 = untiled)
     (32768, 1, "full", 0),
     (32768, 2, "full", 0),
     (32768, 1, "none", 4096),
+    (16384, 1, "none", 0, "bfloat16"),
+    (32768, 2, "full", 0, "bfloat16"),
 ]
 BASE = ["preset=cpu_demo", "stage=cpu/extend_8k", "run.device=cpu", "stage.global_batch_size=1"]
 WARMUP_TOKENS = 256
 
 
-def overrides(seq: int, cp: int, mode: str, tile: int) -> list[str]:
+def overrides(seq: int, cp: int, mode: str, tile: int, dtype: str = "float32") -> list[str]:
     return [*BASE, f"stage.seq_len={seq}", f"parallel.cp={cp}", f"model.activation_checkpointing={mode}",
-            f"model.mlp_tile_tokens={tile}"]
+            f"model.mlp_tile_tokens={tile}", f"run.dtype={dtype}"]
 
 
 def _status_kib(field: str) -> int:
@@ -55,6 +58,7 @@ def _status_kib(field: str) -> int:
 
 
 def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.SimpleQueue) -> None:
+    from longtrain.hardware import autocast_dtype
     from longtrain.optim.loss import total_loss
     from longtrain.optim.optimizer import build_optimizer
     from longtrain.parallel.mesh import init_parallel
@@ -74,7 +78,8 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
         gen = torch.Generator().manual_seed(seq)
         ids = torch.randint(0, 256, (1, seq + 1), generator=gen)
         batch = shard_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(seq)[None]}, pd)
-        sums = model(batch["input_ids"], batch["position_ids"], batch["labels"], cfg.optim.loss_chunk_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype(cfg.run.dtype, "cpu") is not None):
+            sums = model(batch["input_ids"], batch["position_ids"], batch["labels"], cfg.optim.loss_chunk_size)
         total_loss(sums, cfg.optim.z_loss, seq).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
         optimizer.step()
@@ -113,21 +118,22 @@ def predicted(args: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="seq:cp:checkpointing:tile, e.g. 32768:2:full:0")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="seq:cp:checkpointing:tile[:dtype], e.g. 32768:2:full:0 or 16384:1:none:0:bfloat16")
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read by glibc in the spawned ranks
-    configs = [(int(s), int(c), m, int(t)) for s, c, m, t in (x.split(":") for x in args.only)] if args.only else CONFIGS
+    configs = [(int(s), int(c), m, int(t), *d) for s, c, m, t, *d in (x.split(":") for x in args.only)] if args.only else CONFIGS
     print("tiny model (d=128, 2 layers, 4 q / 2 kv heads, ffn 384, byte vocab), fp32, CPU, 1 thread per rank, "
           "one training step, batch 1; peak RSS over the pre-step baseline, worst rank")
-    print(f"{'seq':>7} {'cp':>3} {'checkpointing':>13} {'MLP tile':>8} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10} {'step s':>8}")
+    print(f"{'seq':>7} {'cp':>3} {'checkpointing':>13} {'MLP tile':>8} {'dtype':>9} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10} {'step s':>8}")
     worst = 0.0
-    for seq, cp, mode, tile in configs:
-        a = overrides(seq, cp, mode, tile)
+    for seq, cp, mode, tile, *dtype in configs:
+        a = overrides(seq, cp, mode, tile, *dtype)
         pred = predicted(a)
         meas, seconds = measure(a, cp)
         ratio = pred / meas
         worst = max(worst, abs(ratio - 1))
-        print(f"{seq:>7} {cp:>3} {mode:>13} {tile or '-':>8} {pred / 2**20:>14.1f} {meas / 2**20:>13.1f} {ratio:>10.3f} {seconds:>8.1f}", flush=True)
+        print(f"{seq:>7} {cp:>3} {mode:>13} {tile or '-':>8} {(dtype or ['float32'])[0]:>9} {pred / 2**20:>14.1f} {meas / 2**20:>13.1f} {ratio:>10.3f} {seconds:>8.1f}", flush=True)
     print(f"largest deviation: {worst:.1%} (goal: within 15% on every configuration)")
 
 
