@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read by glibc in the spawned ranks
     configs = [(int(s), int(c), m, int(t), *d) for s, c, m, t, *d in (x.split(":") for x in args.only)] if args.only else CONFIGS
-    print("tiny model (d=128, 2 layers, 4 q / 2 kv heads, ffn 384, byte vocab), fp32, CPU, 1 thread per rank, "
+    print("tiny model (d=128, 2 layers, 4 q / 2 kv heads, ffn 384, byte vocab), CPU, 1 thread per rank, "
           "one training step, batch 1; peak RSS over the pre-step baseline, worst rank")
     print(f"{'seq':>7} {'cp':>3} {'checkpointing':>13} {'MLP tile':>8} {'dtype':>9} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10} {'step s':>8}")
     worst = 0.0
