@@ -134,24 +134,36 @@ def run_needle_grid(
     return NeedleGrid(kind, list(lengths), list(depths), trials, recall)
 
 
+def draw_heatmap(ax, recall: Sequence[Sequence[float]], depths: Sequence[float], row_labels: Sequence[str],
+                 title: str, ylabel: str = "context length (tokens)"):
+    """Recall per (row, depth) on ``ax``, each cell labelled; returns the image (for a colorbar).
+
+    One drawing for the per-stage ``needle.png`` and the run report's side-by-side figure.
+    """
+    data = np.asarray(recall, dtype=float)
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d * 100:.0f}" for d in depths])
+    ax.set_yticks(range(len(row_labels)), list(row_labels))
+    ax.set_xlabel("needle depth (%)")
+    ax.set_ylabel(ylabel)
+    for (i, j), r in np.ndenumerate(data):
+        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return im
+
+
 def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    data = np.asarray(grid.recall)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(grid.depths), 1.2 + 0.5 * len(grid.lengths)))
-    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(grid.depths)), [f"{d * 100:.0f}" for d in grid.depths])
-    ax.set_yticks(range(len(grid.lengths)), [str(n) for n in grid.lengths])
-    ax.set_xlabel("needle depth (%)")
-    ax.set_ylabel("context length (tokens)")
-    for (i, j), r in np.ndenumerate(data):
-        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=7)
+    # Constrained layout sizes the axes around their labels and title, so none is cut.
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(grid.depths), 2.0 + 0.45 * len(grid.lengths)),
+                           layout="constrained")
+    im = draw_heatmap(ax, grid.recall, grid.depths, [str(n) for n in grid.lengths],
+                      title or f"{grid.kind} recall, {grid.trials} trials per cell")
     fig.colorbar(im, ax=ax, label="recall")
-    ax.set_title(title or f"{grid.kind} recall, {grid.trials} trials per cell")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
