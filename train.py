@@ -142,6 +142,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
 
     from longtrain.checkpoint import barrier
     from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts
+    from longtrain.report import report_at_end
     from longtrain.run_dir import clear_stage_folders
 
     if stages[0].run.threads:
@@ -151,6 +152,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     if pd.is_rank0:
         clear_stage_folders(to_run)
     barrier()
+    ranks_in_step = True  # whether the ranks can still meet at a barrier (not after a hang)
     try:
         with collective_timeouts(pd):
             records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
@@ -165,7 +167,13 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     except preemption.Preempted as e:
         raise Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE) from None
     except CollectiveTimeout as e:
+        ranks_in_step = False
         raise Stop("parallel error", str(e), 1) from None
+    finally:  # passed or not: the report is most useful after a failed gate
+        if pd.is_rank0:
+            report_at_end(stages[0])
+        if ranks_in_step:
+            barrier()  # torchrun ends every rank once one exits non-zero: not before rank 0's report
     if pd.is_rank0:
         print(summary_table(records))
 

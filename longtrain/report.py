@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from longtrain.config import RopeConfig
+from longtrain.config import Config, RopeConfig
 from longtrain.eval.needle import NeedleGrid, draw_heatmap
-from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics
+from longtrain.logging import log_report
+from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
 from longtrain.sweep_report import (
     SEEDS_CAPTION, SweepReport, best_line, common_overrides, jobs_rows, markdown, markdown_table, read_sweep,
     seeds_rows, short_loss_cell,
@@ -400,7 +401,8 @@ def _data_uri(path: Path) -> str:
 class Written:
     html: Path
     md: Path
-    figures: dict[str, Path]  # caption -> PNG file
+    figures: dict[str, Path]  # name (file stem) -> PNG file
+    tables: dict[str, Table] = field(default_factory=dict)
 
 
 def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> Written:
@@ -414,7 +416,7 @@ def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> W
             md += [markdown_table(*value), ""]
         elif kind == "img":
             caption, path = value
-            figures[caption] = path
+            figures[path.stem] = path
             page.append(f"<img alt=\"{html.escape(caption)}\" src=\"{_data_uri(path)}\">")
             md += [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
         elif kind == "html":  # raw markup for the page only (links)
@@ -434,14 +436,36 @@ def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> W
 def write_run_report(folder: Path, out: Optional[Path] = None) -> Written:
     out = out or folder
     report = read_run(folder)
-    blocks: list[tuple[str, Any]] = [("p", report.summary()), ("h2", "Stages"), ("table", stage_table(report))]
+    stages = stage_table(report)
+    blocks: list[tuple[str, Any]] = [("p", report.summary()), ("h2", "Stages"), ("table", stages)]
     for name, caption, build in FIGURES:
         path = build(report, out / FIGURES_DIR / name)
         if path is not None:
             blocks += [("h2", caption), ("img", (caption, path))]
     run = report.run
     meta = f"run folder {folder.resolve()}" + (f", run id {run['id']}, created {run.get('created', '?')}" if run else "")
-    return _write(out, f"Run report: {folder.name or folder.resolve().name}", meta, blocks)
+    written = _write(out, f"Run report: {folder.name or folder.resolve().name}", meta, blocks)
+    written.tables["stages"] = stages
+    return written
+
+
+def report_at_end(cfg: Config) -> None:
+    """train.py's last step (rank 0), whatever the run's outcome: the run's report and, with
+    ``logging.wandb``, its figures and table in the run's wandb group. A failure here is
+    printed, never raised: the run's own outcome decides the exit code."""
+    if not cfg.logging.report:
+        return
+    folder = Path(cfg.run.dir)
+    try:
+        written = write_run_report(folder)
+        print(f"report: {written.html}", flush=True)
+        if cfg.logging.wandb:
+            from omegaconf import OmegaConf
+
+            run_config = OmegaConf.to_container(OmegaConf.structured(cfg))
+            log_report(cfg.logging, run_id(folder), folder, run_config, written.figures, written.tables)  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001 - any failure: the report is a by-product of the run
+        print(f"report: not written for {folder} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 def write_sweep_report(report: SweepReport, out: Optional[Path] = None) -> Written:
