@@ -21,7 +21,8 @@ from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.eval import position_loss
-from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
+from longtrain.eval.grid import NeedleGrid
+from longtrain.eval.needle import run_needle_grid, write_results
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit

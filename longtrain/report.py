@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from longtrain.config import Config, RopeConfig
-from longtrain.eval.needle import NeedleGrid, draw_heatmap
+from longtrain.eval.grid import NeedleGrid, draw_heatmap
 from longtrain.logging import log_report
 from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
 from longtrain.sweep_report import (
@@ -405,8 +405,9 @@ class Written:
     tables: dict[str, Table] = field(default_factory=dict)
 
 
-def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> Written:
-    """report.html and report.md from blocks: ("p", text), ("h2", text), ("table", Table), ("img", (caption, path))."""
+def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]], md_text: Optional[str] = None) -> Written:
+    """report.html and report.md (``md_text``, or made from the blocks) from blocks: ("p", text),
+    ("h2", text), ("table", Table), ("img", (caption, path)), ("html", markup for the page only)."""
     page = [f"<h1>{html.escape(title)}</h1>", f"<p class=\"meta\">{html.escape(meta)}</p>"]
     md = [f"# {title}", "", meta, ""]
     figures = {}
@@ -419,9 +420,8 @@ def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> W
             figures[path.stem] = path
             page.append(f"<img alt=\"{html.escape(caption)}\" src=\"{_data_uri(path)}\">")
             md += [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
-        elif kind == "html":  # raw markup for the page only (links)
-            page.append(value[0])
-            md += [value[1], ""]
+        elif kind == "html":
+            page.append(value)
         else:
             page.append(f"<{kind}>{html.escape(value)}</{kind}>")
             md += [("## " if kind == "h2" else "") + value, ""]
@@ -429,7 +429,7 @@ def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]]) -> W
                 f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(page) + "\n</body></html>\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_HTML).write_text(document)
-    (out / REPORT_MD).write_text("\n".join(md).rstrip() + "\n")
+    (out / REPORT_MD).write_text(md_text or "\n".join(md).rstrip() + "\n")
     return Written(out / REPORT_HTML, out / REPORT_MD, figures)
 
 
@@ -478,14 +478,14 @@ def write_sweep_report(report: SweepReport, out: Optional[Path] = None) -> Writt
     best = best_line(report)
     if best is not None:
         blocks.append(("p", best))
-    jobs = [(row.record.job, row.folder / REPORT_HTML) for row in report.rows if (row.folder / REPORT_HTML).is_file()]
-    if jobs:
-        links = [(job, Path(os.path.relpath(path, out)).as_posix()) for job, path in jobs]
-        blocks.append(("html", ("<p>job reports: " + " · ".join(f"<a href=\"{html.escape(p)}\">{job}</a>" for job, p in links) + "</p>",
-                                "job reports: " + " · ".join(f"[{job}]({p})" for job, p in links))))
-    written = _write(out, f"Sweep report: {report.folder.name}", f"sweep folder {report.folder.resolve()}", blocks)
-    print(markdown(report), flush=True)
-    return written
+    md = markdown(report)  # sweep_report's own text, as train.py -m writes it
+    links = [(row.record.job, Path(os.path.relpath(row.folder / REPORT_HTML, out)).as_posix())
+             for row in report.rows if (row.folder / REPORT_HTML).is_file()]
+    if links:
+        blocks.append(("html", "<p>job reports: " + " · ".join(f"<a href=\"{html.escape(p)}\">{job}</a>" for job, p in links) + "</p>"))
+        md += "\njob reports: " + " · ".join(f"[{job}]({p})" for job, p in links) + "\n"
+    print(md, flush=True)
+    return _write(out, f"Sweep report: {report.folder.name}", f"sweep folder {report.folder.resolve()}", blocks, md)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
