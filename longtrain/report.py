@@ -112,6 +112,11 @@ class StageRun:
         """The last training step logged (extra gate steps included)."""
         return max((r["step"] for r in self.metrics if "train/loss" in r), default=0)
 
+    def steps(self) -> str:
+        """Steps trained; "of N" while a stage not gated yet is short of its planned steps."""
+        planned = self._setting("stage", "steps")
+        return f"{self.step} of {planned}" if self.gate is None and planned and self.step < planned else str(self.step)
+
     @property
     def tokens(self) -> Optional[int]:
         batch = self._setting("stage", "global_batch_size")
@@ -148,8 +153,7 @@ class StageRun:
     def verdict(self) -> str:
         gate = self.gate
         if gate is None:
-            planned = self._setting("stage", "steps")
-            return f"not gated (stopped at step {self.step}{f' of {planned}' if planned else ''}, no {GATE_FILE})"
+            return f"not gated: no {GATE_FILE} (running, or stopped)"
         return ("pass" if gate["passed"] else "FAIL") + (", forced entry" if gate["forced"] else "")
 
 
@@ -243,7 +247,7 @@ def stage_table(report: RunReport) -> Table:
     for s in report.stages:
         recalls = s.recalls()
         rows.append(
-            [s.name, str(s.seq_len or "–"), s.rope, str(s.step), _tokens(s.tokens), _duration(s.wall_s)]
+            [s.name, str(s.seq_len or "–"), s.rope, s.steps(), _tokens(s.tokens), _duration(s.wall_s)]
             + [_recall_cell(*recalls[t]) if t in recalls else "" for t in tasks]
             + [short_loss_cell(s.gate) or "–", s.verdict(), str(s.gate["extra_steps"]) if s.gate else "–"]
         )
@@ -375,7 +379,8 @@ CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+th { background: #f2f2f2; white-space: normal; max-width: 9em; } td:first-child, th:first-child { text-align: left; }
+td.fail, td.pass, td.open { white-space: normal; max-width: 14em; text-align: left; }
 td.fail { background: #fbe3e3; } td.pass { background: #e5f5e5; } td.open { background: #fff5d6; }
 img { max-width: 100%; display: block; margin: 0.3em 0 1.5em; }
 .meta { color: #666; }

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from longtrain.report import read_run, write_run_report
-from longtrain.run_dir import short_loss_limit
-from tests.cli_utils import QUICK, env, train
+from longtrain.run_dir import short_loss_limit, truncate_metrics
+from tests.cli_utils import QUICK, ROOT, env, train
 
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),
 # validation and loss by position, so every part of the report has something to show.
 TWO_STAGES = [
     *(a for a in QUICK if not a.startswith(("stage=", "eval.val_every", "eval.position_buckets", "logging.report"))),
     "curriculum.stages=[cpu/induction,cpu/pretrain]", "stage.steps=4", "eval.val_every=2",
-    "eval.position_buckets=4", "eval.position_windows=2", "gate.min_recall=0.0", "logging.report=true",
+    "eval.position_buckets=4", "eval.position_windows=2", "gate.min_recall=0.0", "logging.report=true", "logging.log_every=1",
 ]
 
 
@@ -94,20 +94,22 @@ def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_stopped_before_its_last_gate(finished_run, tmp_path):
-    """A run killed mid-stage: the last stage has metrics (one line cut short) and no gate record."""
+    """A run killed mid-stage: the last stage has metrics up to the kill (the last line cut short)
+    and no gate record."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints", "wandb", "report*"))
     for gone in ("gate.json", "needle", "position_loss.json", "position_loss.png"):
         path = run / "pretrain" / gone
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    truncate_metrics(run / "pretrain", 2)  # killed after step 2 of 4 ...
     with (run / "pretrain" / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "ti')
+        f.write('{"step": 3, "ti')  # ... while writing step 3's line
     proc = report(str(run), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     md = (run / "report.md").read_text()
     assert "1 of 2 stages passed their gate; stopped before its gate: pretrain." in md
     row = table_row(md, "pretrain")
-    assert "not gated (stopped at step 4 of 4, no gate.json)" in row and row[-1] == "–"
+    assert row[3:5] == ["2 of 4", f"{2 * 8 * 512 / 1e3:.1f}K"] and row[-2] == "not gated: no gate.json (running, or stopped)" and row[-1] == "–"
     recall_before = json.loads((run / "pretrain" / "recall_before.json").read_text())["recall"]
     assert f"{recall_before:.2f} → –" in row  # the starting checkpoint's grid is all it has
     assert len(embedded_pngs((run / "report.html").read_text())) == 4
@@ -142,3 +144,10 @@ def test_a_folder_without_a_run_is_one_line(tmp_path, make, says):
     proc = report(str(make(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_the_readme_screenshot_script_checks_its_arguments(tmp_path):
+    """docs/screenshot.sh (it needs chromium, which CI lacks): a wrong call is one usage line."""
+    proc = subprocess.run(["bash", str(ROOT / "docs" / "screenshot.sh"), str(tmp_path / "missing")], capture_output=True,
+                          text=True, env=env(), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: docs/screenshot.sh RUN_DIR") and proc.stderr.count("\n") == 1

@@ -47,7 +47,7 @@ def draw_heatmap(ax: Any, recall: Sequence[Sequence[float]], depths: Sequence[fl
     ax.set_xlabel("needle depth (%)")
     ax.set_ylabel(ylabel)
     for (i, j), r in np.ndenumerate(data):
-        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=8)
+        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=9)
     ax.set_title(title, fontsize=10)
     return im
 
