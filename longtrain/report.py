@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from longtrain.config import Config, RopeConfig
 from longtrain.eval.grid import NeedleGrid, draw_heatmap
 from longtrain.logging import log_report
@@ -87,8 +89,6 @@ class StageRun:
 
     @classmethod
     def read(cls, folder: Path) -> "StageRun":
-        from omegaconf import OmegaConf
-
         config_file = folder / "config.yaml"
         config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
         gate_file, position_file = folder / GATE_FILE, folder / "position_loss.json"
@@ -109,7 +109,9 @@ class StageRun:
 
     @property
     def step(self) -> int:
-        """The last training step logged (extra gate steps included)."""
+        """The step the gate was taken at, or else the last training step logged (extra gate steps included)."""
+        if self.gate is not None:
+            return self.gate["step"]
         return max((r["step"] for r in self.metrics if "train/loss" in r), default=0)
 
     def steps(self) -> str:
@@ -465,8 +467,6 @@ def report_at_end(cfg: Config) -> None:
         written = write_run_report(folder)
         print(f"report: {written.html}", flush=True)
         if cfg.logging.wandb:
-            from omegaconf import OmegaConf
-
             run_config = OmegaConf.to_container(OmegaConf.structured(cfg))
             log_report(cfg.logging, run_id(folder), folder, run_config, written.figures, written.tables)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - any failure: the report is a by-product of the run
