@@ -21,15 +21,18 @@ python -m longtrain.report "$run_dir" --out "$work/report"   # a copy: the run f
 # Offline and quiet: no network, no first-run UI, a throwaway profile.
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \
-    --user-data-dir="$work/profile" --hide-scrollbars --window-size=1400,2400 \
+    --user-data-dir="$work/profile" --hide-scrollbars --window-size=1400,3200 \
     --screenshot="$work/full.png" "file://$work/report/report.html" 2> "$work/chromium.log" \
     || { cat "$work/chromium.log" >&2; exit 1; }
 python - "$work/full.png" "$out" <<'PY'
 import sys
-from PIL import Image
+from PIL import Image, ImageOps
 
-# Half-size would blur the cell labels: 1000 px wide, a 256-colour palette, under 500 KB.
+# The window is taller than the page: cut the white below it. Half-size would blur the
+# cell labels: 1000 px wide, a 256-colour palette, under 500 KB.
 image = Image.open(sys.argv[1]).convert("RGB")
+bottom = ImageOps.invert(image).getbbox()[3]
+image = image.crop((0, 0, image.width, min(image.height, bottom + 30)))
 image = image.resize((1000, round(image.height * 1000 / image.width)), Image.LANCZOS)
 image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(sys.argv[2], optimize=True)
 PY
