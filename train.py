@@ -152,7 +152,6 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     if pd.is_rank0:
         clear_stage_folders(to_run)
     barrier()
-    ranks_in_step = True  # whether the ranks can still meet at a barrier (not after a hang)
     try:
         with collective_timeouts(pd):
             records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
@@ -167,13 +166,11 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     except preemption.Preempted as e:
         raise Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE) from None
     except CollectiveTimeout as e:
-        ranks_in_step = False
         raise Stop("parallel error", str(e), 1) from None
-    finally:  # passed or not: the report is most useful after a failed gate
+    finally:  # passed or not: the report is most useful after a failed gate. Other ranks may exit
+        # first; torchrun then sends rank 0 SIGTERM, which preemption records, and kills it only 30 s later.
         if pd.is_rank0:
             report_at_end(stages[0])
-        if ranks_in_step:
-            barrier()  # torchrun ends every rank once one exits non-zero: not before rank 0's report
     if pd.is_rank0:
         print(summary_table(records))
 

@@ -15,7 +15,7 @@ import pytest
 
 from longtrain.report import read_run, write_run_report
 from longtrain.run_dir import short_loss_limit, truncate_metrics
-from tests.cli_utils import QUICK, ROOT, env, train
+from tests.cli_utils import QUICK, ROOT, env, torchrun_cmd, train
 
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),
 # validation and loss by position, so every part of the report has something to show.
@@ -90,6 +90,17 @@ def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
     assert "0 of 4 stages passed their gate; failed: induction; not started: pretrain, extend_2k, extend_8k." in md
     assert table_row(md, "induction")[-2] == "FAIL"
     assert '<td class="fail">FAIL</td>' in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_failed_gate_gets_its_report(tmp_path):
+    """Rank 1 exits first and torchrun ends rank 0 (SIGTERM, recorded by preemption; SIGKILL 30 s later):
+    the report is written all the same."""
+    args = [*QUICK, "stage.steps=2", "gate.min_recall=1.0", "logging.report=true", "parallel.dp=2", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(torchrun_cmd(2, *args), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "stage induction failed its gate" in proc.stderr
+    assert table_row((tmp_path / "run" / "report.md").read_text(), "induction")[-2] == "FAIL"
+    assert len(embedded_pngs((tmp_path / "run" / "report.html").read_text())) == 3  # no loss by position: QUICK has none
 
 
 @pytest.mark.slow
