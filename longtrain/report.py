@@ -489,7 +489,6 @@ def write_sweep_report(report: SweepReport, out: Optional[Path] = None) -> Writt
     if links:
         blocks.append(("html", "<p>job reports: " + " · ".join(f"<a href=\"{html.escape(p)}\">{job}</a>" for job, p in links) + "</p>"))
         md += "\njob reports: " + " · ".join(f"[{job}]({p})" for job, p in links) + "\n"
-    print(md, flush=True)
     return _write(out, f"Sweep report: {report.folder.name}", f"sweep folder {report.folder.resolve()}", blocks, md)
 
 
@@ -505,6 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = read_sweep(folder)
         if sweep.rows:
             written = write_sweep_report(sweep, args.out)
+            print(written.md.read_text(), flush=True)
         elif is_run_folder(folder):
             written = write_run_report(folder, args.out)
         else:

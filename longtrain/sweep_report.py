@@ -1,7 +1,8 @@
 """One table for a sweep: a row per job, read from the job folders.
 
 ``train.py -m`` prints it and writes it as ``report.md`` and ``report.csv`` into the sweep
-folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml);
+folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml),
+with ``logging.report`` also as ``report.html`` (longtrain/report.py);
 ``python -m longtrain.sweep_report SWEEP_DIR`` does the same for any sweep folder, finished
 or not. A row holds the job's swept overrides, per stage the needle recall before → after
 and the short-context loss against its limit, the last validation loss, wall time, status
@@ -251,6 +252,10 @@ class ReportCallback(Callback):
         folder = Path(sweep_root(list(config.hydra.overrides.task), config.hydra.sweep.dir))
         if folder.is_dir():
             ReportCallback.last = write_report(folder)
+        if ReportCallback.last is not None and config.logging.report:  # the same as a page, jobs' reports linked
+            from longtrain.report import write_sweep_report
+
+            print(f"report: {write_sweep_report(ReportCallback.last).html}", flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -81,7 +81,10 @@ def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
         line = next(ln for ln in summary.splitlines() if ln.startswith(f"| rope={rope} |"))
         assert line.split(" | ")[1] == "3" and f"{statistics.fmean(losses):.3f} ± {statistics.stdev(losses):.3f}" in line
 
-    # The run report of the sweep folder: the same tables as one page, each job's own report linked.
+    # The run report of the sweep folder: the same tables as one page, each job's own report linked;
+    # written when the sweep ended, and again on demand.
+    assert f"report: {tmp_path / 'seeds' / 'report.html'}" in proc.stdout
+    (tmp_path / "seeds" / "report.html").unlink()
     page = subprocess.run([sys.executable, "-m", "longtrain.report", str(tmp_path / "seeds")], capture_output=True,
                           text=True, env=env(), cwd=tmp_path, timeout=60)
     assert page.returncode == 0, page.stderr
