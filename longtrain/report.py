@@ -32,8 +32,8 @@ from longtrain.eval.grid import NeedleGrid, draw_heatmap
 from longtrain.logging import log_report
 from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
 from longtrain.sweep_report import (
-    SEEDS_CAPTION, SweepReport, best_line, common_overrides, jobs_rows, markdown, markdown_table, read_sweep,
-    seeds_rows, short_loss_cell,
+    SEEDS_CAPTION, SweepReport, best_line, common_overrides, jobs_rows, markdown, markdown_table, number_cell,
+    read_sweep, seeds_rows, short_loss_cell,
 )
 
 REPORT_HTML = "report.html"
@@ -220,10 +220,6 @@ def read_run(folder: Path) -> RunReport:
 # -- tables ------------------------------------------------------------------------------
 
 
-def _num(value: Optional[float], digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def _tokens(n: Optional[int]) -> str:
     if n is None:
         return "–"
@@ -237,7 +233,7 @@ def _duration(seconds: Optional[float]) -> str:
 
 
 def _recall_cell(before: Optional[float], after: Optional[float], minimum: Optional[float]) -> str:
-    cell = f"{_num(before)} → {_num(after)}"
+    cell = f"{number_cell(before)} → {number_cell(after)}"
     return cell + (f" (≥ {minimum:g})" if minimum is not None and after is not None else "")
 
 

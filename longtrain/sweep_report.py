@@ -94,14 +94,15 @@ def read_sweep(folder: Path) -> SweepReport:
     return SweepReport(folder, rows)
 
 
-def _num(value: Optional[float], digits: int = 2) -> str:
+def number_cell(value: Optional[float], digits: int = 2) -> str:
+    """A table cell: the number to ``digits`` decimals, or – for none."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def recall_cell(gate: Optional[dict]) -> str:
     if gate is None:
         return ""
-    return f"{_num(gate['recall_before'])} → {_num(gate['recall'])}"
+    return f"{number_cell(gate['recall_before'])} → {number_cell(gate['recall'])}"
 
 
 def short_loss_cell(gate: Optional[dict]) -> str:
@@ -109,8 +110,8 @@ def short_loss_cell(gate: Optional[dict]) -> str:
         return ""
     limit = gate_limit(gate)
     if limit is None:
-        return _num(gate["short_loss"], 3)
-    return f"{_num(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {_num(limit, 3)}"
+        return number_cell(gate["short_loss"], 3)
+    return f"{number_cell(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {number_cell(limit, 3)}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -133,7 +134,7 @@ def jobs_rows(report: SweepReport) -> tuple[list[str], list[list[str]]]:
             [str(row.record.job), row.describe(varying) or "–"]
             + [recall_cell(row.gates.get(s)) for s in stages]
             + [short_loss_cell(row.gates.get(s)) for s in stages]
-            + [_num(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, _num(row.record.objective)]
+            + [number_cell(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, number_cell(row.record.objective)]
         )
     return header, rows
 
