@@ -140,6 +140,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
 
     from longtrain.checkpoint import barrier
     from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts
+    from longtrain.report import report_at_end
     from longtrain.run_dir import clear_stage_folders
 
     if stages[0].run.threads:
@@ -149,21 +150,28 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     if pd.is_rank0:
         clear_stage_folders(to_run)
     barrier()
+    stopped = None  # how the run ended, if not passed; a run that trained gets its report first
     try:
         with collective_timeouts(pd):
             records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
     except ConfigError as e:  # found only once a stage reads its data (a file it cannot use)
         raise Stop("config error", str(e), 2) from None
     except GateFailed as e:
-        raise Stop("stage error", str(e), 1, status="gate failed") from None
-    except StageError as e:
+        stopped = Stop("stage error", str(e), 1, status="gate failed")
+    except StageError as e:  # a stage could not start
         raise Stop("stage error", str(e), 1) from None
     except Diverged as e:
-        raise Stop("diverged", str(e), 1) from None
+        stopped = Stop("diverged", str(e), 1)
     except preemption.Preempted as e:
-        raise Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE) from None
+        stopped = Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE)
     except CollectiveTimeout as e:
-        raise Stop("parallel error", str(e), 1) from None
+        stopped = Stop("parallel error", str(e), 1)
+    # The report is most useful after a failed gate. Other ranks may exit first; torchrun then
+    # sends rank 0 SIGTERM, which preemption records, and kills it only 30 s later.
+    if pd.is_rank0:
+        report_at_end(stages[0])
+    if stopped is not None:
+        raise stopped
     if pd.is_rank0:
         print(summary_table(records))
 

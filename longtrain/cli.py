@@ -129,7 +129,7 @@ def plan_table(stages: list[Config], world_size: int) -> str:
     """``run.dry_run=true``: what the command would run, one row per stage."""
     rows = [f"{'stage':<12} {'length':>7} {'steps':>7} {'batch':>9} {'rope':<22} folder"]
     for c in stages:
-        rope = c.rope.type + (f" θ={c.rope.theta:g}" if c.rope.type in ("default", "abf") else f" ×{c.rope.factor:g}")
+        rope = c.rope.label()
         batch = f"{c.stage.global_batch_size}/{c.stage.micro_batch_size}"
         rows.append(f"{c.stage.name:<12} {c.stage.seq_len:>7} {c.stage.steps:>7} {batch:>9} {rope:<22} {Path(c.run.dir) / c.stage.name}")
     p = stages[0].parallel

@@ -77,6 +77,10 @@ class RopeConfig:
     high_freq_factor: float = 4.0  # llama3
     logn_attention: bool = False  # queries past original_max_position_embeddings scaled by log_L(p+1)
 
+    def label(self) -> str:
+        """Short and human: ``abf θ=500000``, ``yarn ×4``."""
+        return self.type + (f" θ={self.theta:g}" if self.type in ("default", "abf") else f" ×{self.factor:g}" if self.factor else " ×auto")
+
 
 @dataclass
 class TokenizerConfig:
@@ -157,6 +161,7 @@ class LoggingConfig:
     wandb_project: str = "longtrain"
     progress: bool = True
     peak_tflops: Optional[float] = None  # device peak for MFU; default: known CUDA GPUs only
+    report: bool = True  # report.html + report.md in run.dir when the run ends (longtrain/report.py)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.eval import position_loss
-from longtrain.eval.needle import NeedleGrid, run_needle_grid, write_results
+from longtrain.eval.grid import NeedleGrid
+from longtrain.eval.needle import run_needle_grid, write_results
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
@@ -210,13 +211,8 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
-        trainer.logger.log(result.step, gate_metrics(record), prefix="gate")
-        images = {"gate/needle": directory / "needle" / "needle.png"}
-        if recall_before is not None and (directory / "needle_before" / "needle.png").is_file():
-            images["gate/needle_before"] = directory / "needle_before" / "needle.png"
-        if by_position is not None:
-            images["gate/position_loss"] = directory / "position_loss.png"
-        trainer.logger.log_images(result.step, images)
+        trainer.logger.log(result.step, gate_metrics(asdict(record)), prefix="gate")
+        trainer.logger.log_images(result.step, gate_images(directory))
     ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
     if not passed:
         raise GateFailed(
@@ -228,14 +224,29 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
     return record
 
 
-def gate_metrics(record: GateRecord) -> dict[str, float]:
-    metrics = {"recall": record.recall, "short_loss": record.short_loss, "passed": int(record.passed),
-               "extra_steps": record.extra_steps, "forced": int(record.forced)}
-    if record.recall_before is not None:
-        metrics["recall_before"] = record.recall_before
-    if record.reference_short_loss is not None:
-        metrics["short_loss_limit"] = short_loss_limit(record.reference_short_loss, record.max_short_loss_increase)
+def gate_metrics(gate: dict) -> dict[str, float]:
+    """A gate record (gate.json) as metrics: the decision, and the recall of each task it has."""
+    metrics = {"recall": gate["recall"], "short_loss": gate["short_loss"], "passed": int(gate["passed"]),
+               "extra_steps": gate["extra_steps"], "forced": int(gate["forced"])}
+    if gate["recall_before"] is not None:
+        metrics["recall_before"] = gate["recall_before"]
+    if gate["reference_short_loss"] is not None:
+        metrics["short_loss_limit"] = short_loss_limit(gate["reference_short_loss"], gate["max_short_loss_increase"])
+    for task, result in gate.get("tasks", {}).items():  # a gate over several retrieval tasks
+        metrics[f"recall/{task}"] = result["recall"]
+        if result.get("recall_before") is not None:
+            metrics[f"recall_before/{task}"] = result["recall_before"]
     return metrics
+
+
+def gate_images(directory: Path) -> dict[str, Path]:
+    """The gate's pictures in a stage folder: needle heatmaps after (and before) training, per
+    grid file, and loss by position."""
+    images = {f"gate/{sub}" + ("" if png.name == "needle.png" else f"/{png.stem}"): png
+              for sub in ("needle", "needle_before") for png in sorted((directory / sub).glob("*.png"))}
+    if (directory / "position_loss.png").is_file():
+        images["gate/position_loss"] = directory / "position_loss.png"
+    return images
 
 
 def summary_table(records: list[GateRecord]) -> str:

@@ -36,22 +36,7 @@ class MetricsLogger:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if cfg.wandb:
-            import wandb  # imported lazily: most runs do not use it
-
-            wandb_dir.mkdir(parents=True, exist_ok=True)
-            # WANDB_MODE=offline keeps it local; wandb reads it from the environment.
-            self._wandb = wandb.init(
-                project=cfg.wandb_project,
-                id=re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_id}-{stage}"),
-                name=f"{run_id}/{stage}",
-                group=run_id,
-                job_type=stage,
-                resume="allow",
-                dir=str(wandb_dir),
-                config=run_config,
-            )
-            self._wandb.define_metric("step")
-            self._wandb.define_metric("*", step_metric="step")
+            self._wandb = init_wandb(cfg, run_id, stage, wandb_dir, run_config)
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -80,6 +65,40 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def init_wandb(cfg: LoggingConfig, run_id: str, job: str, wandb_dir: Path, run_config: dict[str, Any]) -> Any:
+    """The wandb run of one job of the run (a stage, or the report), in the run's group."""
+    import wandb  # imported lazily: most runs do not use it
+
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    # WANDB_MODE=offline keeps it local; wandb reads it from the environment.
+    run = wandb.init(
+        project=cfg.wandb_project,
+        id=re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_id}-{job}"),
+        name=f"{run_id}/{job}",
+        group=run_id,
+        job_type=job,
+        resume="allow",
+        dir=str(wandb_dir),
+        config=run_config,
+    )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def log_report(cfg: LoggingConfig, run_id: str, wandb_dir: Path, run_config: dict[str, Any],
+               images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[str]]]]) -> None:
+    """The run report's figures and tables, in a wandb run ``<run id>-report`` of the run's group."""
+    import wandb
+
+    run = init_wandb(cfg, run_id, "report", wandb_dir, run_config)
+    try:
+        run.log({"step": 0, **{f"report/{k}": wandb.Image(str(p)) for k, p in images.items()},
+                 **{f"report/{k}": wandb.Table(columns=h, data=rows) for k, (h, rows) in tables.items()}})
+    finally:
+        run.finish()
 
 
 def _fmt(v: float) -> str:

@@ -53,6 +53,19 @@ def short_loss_limit(reference: float, max_increase: float) -> float:
     return (1 + max_increase) * reference
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (longtrain/logging.py), without a line cut short by a kill."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def read_gate(stage_dir: Path) -> Optional[dict]:
     path = stage_dir / GATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None

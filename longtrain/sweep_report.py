@@ -1,7 +1,8 @@
 """One table for a sweep: a row per job, read from the job folders.
 
 ``train.py -m`` prints it and writes it as ``report.md`` and ``report.csv`` into the sweep
-folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml);
+folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml),
+with ``logging.report`` also as ``report.html`` (longtrain/report.py);
 ``python -m longtrain.sweep_report SWEEP_DIR`` does the same for any sweep folder, finished
 or not. A row holds the job's swept overrides, per stage the needle recall before → after
 and the short-context loss against its limit, the last validation loss, wall time, status
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import statistics
 import sys
@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 
-from longtrain.run_dir import METRICS_FILE, read_gate
+from longtrain.run_dir import METRICS_FILE, read_gate, read_metrics
 from longtrain.sweep_job import JobRecord, gate_limit, read_job_record
 
 REPORT_MD = "report.md"
@@ -76,14 +76,7 @@ class SweepReport:
 
 
 def last_val_loss(metrics: Path) -> Optional[float]:
-    if not metrics.is_file():
-        return None
-    values = []
-    for line in metrics.read_text().splitlines():
-        try:
-            values.append(json.loads(line)["val/loss"])
-        except (ValueError, KeyError, TypeError):  # other metrics, or a line cut short by a kill
-            continue
+    values = [r["val/loss"] for r in read_metrics(metrics) if "val/loss" in r]
     return values[-1] if values else None
 
 
@@ -101,14 +94,15 @@ def read_sweep(folder: Path) -> SweepReport:
     return SweepReport(folder, rows)
 
 
-def _num(value: Optional[float], digits: int = 2) -> str:
+def number_cell(value: Optional[float], digits: int = 2) -> str:
+    """A table cell: the number to ``digits`` decimals, or – for none."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def recall_cell(gate: Optional[dict]) -> str:
     if gate is None:
         return ""
-    return f"{_num(gate['recall_before'])} → {_num(gate['recall'])}"
+    return f"{number_cell(gate['recall_before'])} → {number_cell(gate['recall'])}"
 
 
 def short_loss_cell(gate: Optional[dict]) -> str:
@@ -116,8 +110,8 @@ def short_loss_cell(gate: Optional[dict]) -> str:
         return ""
     limit = gate_limit(gate)
     if limit is None:
-        return _num(gate["short_loss"], 3)
-    return f"{_num(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {_num(limit, 3)}"
+        return number_cell(gate["short_loss"], 3)
+    return f"{number_cell(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {number_cell(limit, 3)}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -126,6 +120,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def jobs_table(report: SweepReport) -> str:
+    return markdown_table(*jobs_rows(report))
+
+
+def jobs_rows(report: SweepReport) -> tuple[list[str], list[list[str]]]:
+    """The jobs table's header and rows (Markdown here, HTML in longtrain/report.py)."""
     varying, stages = report.varying(), report.stages
     header = ["job", "overrides"] + [f"{s} recall" for s in stages] + [f"{s} short loss" for s in stages]
     header += ["val loss", "wall", "status", "objective"]
@@ -135,9 +134,9 @@ def jobs_table(report: SweepReport) -> str:
             [str(row.record.job), row.describe(varying) or "–"]
             + [recall_cell(row.gates.get(s)) for s in stages]
             + [short_loss_cell(row.gates.get(s)) for s in stages]
-            + [_num(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, _num(row.record.objective)]
+            + [number_cell(row.val_loss, 3), f"{row.record.wall_s:.0f} s", row.record.status, number_cell(row.record.objective)]
         )
-    return markdown_table(header, rows)
+    return header, rows
 
 
 def _mean_sd(values: list[float], group_size: int, digits: int) -> str:
@@ -149,6 +148,11 @@ def _mean_sd(values: list[float], group_size: int, digits: int) -> str:
 
 
 def seeds_table(report: SweepReport) -> Optional[str]:
+    table = seeds_rows(report)
+    return None if table is None else markdown_table(*table)
+
+
+def seeds_rows(report: SweepReport) -> Optional[tuple[list[str], list[list[str]]]]:
     """Mean ± sample standard deviation over seeds, per recipe (the other swept keys)."""
     varying = report.varying()
     if SEED_KEY not in varying:
@@ -167,20 +171,34 @@ def seeds_table(report: SweepReport) -> Optional[str]:
             + [_mean_sd([g["recall"] for g in gates], len(group), 2) for gates in per_stage]
             + [_mean_sd([g["short_loss"] for g in gates], len(group), 3) for gates in per_stage]
         )
-    return markdown_table(header, rows)
+    return header, rows
+
+
+def common_overrides(report: SweepReport) -> str:
+    """The overrides every job shares, ``key=value`` (the first job's, less the swept keys)."""
+    varying, first = report.varying(), report.rows[0]
+    return first.describe([k for k in first.settings if k not in varying]) or "–"
+
+
+def best_line(report: SweepReport) -> Optional[str]:
+    best = report.best()
+    if best is None:
+        return None
+    return (f"best: job {best.record.job} ({best.describe(report.varying()) or 'the only setting'}), "
+            f"objective {best.record.objective:.4f} (last gated stage's recall, minus 1 if its short loss broke the limit)")
+
+
+SEEDS_CAPTION = "Mean ± standard deviation over seeds:"
 
 
 def markdown(report: SweepReport) -> str:
-    varying, first = report.varying(), report.rows[0]
-    common = first.describe([k for k in first.settings if k not in varying]) or "–"
-    parts = [f"# Sweep {report.folder}", "", f"common overrides: {common}", "", jobs_table(report)]
+    parts = [f"# Sweep {report.folder}", "", f"common overrides: {common_overrides(report)}", "", jobs_table(report)]
     seeds = seeds_table(report)
     if seeds is not None:
-        parts += ["", "Mean ± standard deviation over seeds:", "", seeds]
-    best = report.best()
+        parts += ["", SEEDS_CAPTION, "", seeds]
+    best = best_line(report)
     if best is not None:
-        parts += ["", f"best: job {best.record.job} ({best.describe(varying) or 'the only setting'}), "
-                      f"objective {best.record.objective:.4f} (last gated stage's recall, minus 1 if its short loss broke the limit)"]
+        parts += ["", best]
     return "\n".join(parts) + "\n"
 
 
@@ -235,6 +253,10 @@ class ReportCallback(Callback):
         folder = Path(sweep_root(list(config.hydra.overrides.task), config.hydra.sweep.dir))
         if folder.is_dir():
             ReportCallback.last = write_report(folder)
+        if ReportCallback.last is not None and config.logging.report:  # the same as a page, jobs' reports linked
+            from longtrain.report import write_sweep_report
+
+            print(f"report: {write_sweep_report(ReportCallback.last).html}", flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ QUICK = [
     "preset=cpu_demo", "stage=cpu/induction", "stage.steps=6", "run.checkpoint_every=2", "eval.val_every=0",
     "gate.trials=1", "gate.depths=[0.5]", "gate.short_val_samples=2", "gate.max_extra_steps=0",
     "logging.progress=false", "data.max_docs=30", "eval.position_buckets=0", "run.threads=1",
+    "logging.report=false",  # seconds of figures per run; tests/test_report.py turns it on
 ]
 
 

@@ -9,7 +9,7 @@ from longtrain.config import load_config
 from longtrain.curriculum import (
     Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point, summary_table,
 )
-from longtrain.eval.needle import NeedleGrid
+from longtrain.eval.grid import NeedleGrid
 from longtrain.trainer import Trainer
 from tests.test_trainer import single_process
 

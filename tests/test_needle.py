@@ -126,3 +126,31 @@ def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
     position_loss.main([str(path), "--buckets", "4", "--windows", "2", "--out", str(tmp_path / "by_position")])
     by_position = json.loads((tmp_path / "by_position" / "position_loss.json").read_text())
     assert by_position["seq_len"] == cfg.stage.seq_len and len(by_position["loss"]) == 4
+
+
+@pytest.mark.parametrize("lengths", [[2048], [512, 2048, 8192]])
+def test_heatmap_labels_and_title_fit_in_the_picture(tmp_path, monkeypatch, lengths):
+    """Every text of needle.png (title, axis labels, ticks, cells, colorbar) lies inside the saved picture."""
+    from matplotlib.figure import Figure
+
+    from longtrain.eval.grid import NeedleGrid, save_heatmap
+
+    outside: list[str] = []
+    shown: list[str] = []
+    real_savefig = Figure.savefig
+
+    def savefig(fig: Figure, *args, **kwargs) -> None:
+        real_savefig(fig, *args, **kwargs)
+        fig.canvas.draw()  # the saved layout again, at the figure's own dpi, so every extent is in one unit
+        renderer, (width, height) = fig.canvas.get_renderer(), fig.canvas.get_width_height()
+        for text in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_text() and a.get_visible()):
+            box = text.get_window_extent(renderer)
+            shown.append(text.get_text())
+            if box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height:
+                outside.append(text.get_text())
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    grid = NeedleGrid("passkey", lengths, list(needle.DEFAULT_DEPTHS), 4, [[0.5] * 11 for _ in lengths])
+    save_heatmap(grid, tmp_path / "needle.png")
+    assert "context length (tokens)" in shown and "passkey recall, 4 trials per cell" in shown
+    assert outside == []

@@ -143,27 +143,66 @@ def test_divergence_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
         assert all(torch.isfinite(w).all() for w in weights.values()), path
 
 
+def wandb_history(run_folder: Path) -> list[dict]:
+    """The history records of an offline wandb run, read from its ``run-*.wandb`` file: the
+    LevelDB log format (32 KiB blocks; each piece headed by crc32, length, type) after a
+    7-byte file header, holding wandb's protobuf records."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_folder.glob("run-*.wandb")
+    data, pos, piece, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
+            pos += left
+            continue
+        piece += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record.FromString(piece)
+            piece = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
 @pytest.mark.slow
 def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     pytest.importorskip("wandb")
     run_env = {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = [*QUICK, "stage.steps=2", "logging.wandb=true", "gate.min_recall=1.0", "gate.max_extra_steps=4",
-            "gate.extra_steps_increment=2", f"run.dir={tmp_path / 'run'}"]
+            "gate.extra_steps_increment=2", "logging.report=true", f"run.dir={tmp_path / 'run'}"]
     proc = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, env=run_env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1 and "after 4 extra steps" in proc.stderr  # the gate cannot pass; no crash
     assert not (tmp_path / "wandb").exists()  # wandb's files live in the run folder
-    (run_folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    wandb_dir = tmp_path / "run" / "wandb"
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["id"]
-    assert run_folder.name.endswith(f"{run_id}-induction")
+    (stage_run,) = wandb_dir.glob(f"offline-run-*-{run_id}-induction")
     assert train_losses(tmp_path / "run" / "induction").keys() == {2, 4, 6}  # stage end, then each increment
     gate_rows = [json.loads(x) for x in (tmp_path / "run" / "induction" / "metrics.jsonl").read_text().splitlines()]
     assert any("gate/recall" in r for r in gate_rows)
-    # A resume appends to the same wandb run (same id), and so does its gate.
+    # What wandb holds: the gate's decision and its needle heatmap (a file in the run's media) ...
+    history = wandb_history(stage_run)
+    gate = json.loads((tmp_path / "run" / "induction" / "gate.json").read_text())
+    (decision,) = [r for r in history if "gate/passed" in r]
+    assert (decision["step"], decision["gate/passed"], decision["gate/extra_steps"]) == (6, 0, 4)
+    assert decision["gate/recall"] == pytest.approx(gate["recall"]) and decision["gate/short_loss"] == pytest.approx(gate["short_loss"])
+    (pictures,) = [r for r in history if "gate/needle/path" in r]
+    assert (stage_run / "files" / pictures["gate/needle/path"]).is_file()
+    # ... and, in the run's "report" wandb run, the run report's figures and stage table.
+    (report_run,) = wandb_dir.glob(f"offline-run-*-{run_id}-report")
+    (logged,) = wandb_history(report_run)
+    for figure in ("needle", "loss", "throughput"):
+        assert (report_run / "files" / logged[f"report/{figure}/path"]).is_file()
+    table = json.loads((report_run / "files" / logged["report/stages/path"]).read_text())
+    assert table["columns"][:2] == ["stage", "length"] and table["data"][0][0] == "induction" and "FAIL" in table["data"][0]
+    # A resume appends to the same wandb runs (same ids), and so does its gate.
     again = subprocess.run([sys.executable, TRAIN, *args, "run.resume=auto"], cwd=tmp_path, env=run_env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1
-    assert all(p.name.endswith(f"{run_id}-induction") for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert {p.name.split("-", 3)[3] for p in wandb_dir.glob("offline-run-*")} == {f"{run_id}-induction", f"{run_id}-report"}
 
 
 DEMO_8K_CHECKPOINT = "runs/cpu_demo/extend_8k/checkpoints/step_00000150"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_
 @pytest.mark.slow
 def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
     proc = train("-m", "+sweep=seeds", *SHORT, "gate.min_recall=0.0", "rope=abf,yarn", f"run.dir={tmp_path / 'seeds'}",
-                 cwd=tmp_path)
+                 "logging.report=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = report_rows(tmp_path / "seeds")
     assert len(rows) == 6
@@ -79,6 +80,21 @@ def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
         assert len(losses) == 3 and len(set(losses)) > 1  # the seeds differ
         line = next(ln for ln in summary.splitlines() if ln.startswith(f"| rope={rope} |"))
         assert line.split(" | ")[1] == "3" and f"{statistics.fmean(losses):.3f} ± {statistics.stdev(losses):.3f}" in line
+
+    # The run report of the sweep folder: the same tables as one page, each job's own report linked;
+    # written when the sweep ended, and again on demand.
+    assert f"report: {tmp_path / 'seeds' / 'report.html'}" in proc.stdout
+    (tmp_path / "seeds" / "report.html").unlink()
+    page = subprocess.run([sys.executable, "-m", "longtrain.report", str(tmp_path / "seeds")], capture_output=True,
+                          text=True, env=env(), cwd=tmp_path, timeout=60)
+    assert page.returncode == 0, page.stderr
+    assert (tmp_path / "seeds" / "report.md").read_text().startswith(text)  # sweep_report's Markdown, and the links
+    html = (tmp_path / "seeds" / "report.html").read_text()
+    assert html.count("<tr>") == 1 + 6 + 1 + 2  # jobs table (header + a row per job), seeds table (header + 2 recipes)
+    swept = [set(cells[1].split()) for cells in (re.findall(r"<td>([^<]*)</td>", row) for row in html.split("<tr>")[2:8])]
+    assert sorted(map(sorted, swept)) == sorted(sorted([f"rope={r}", f"run.seed={s}"]) for r in ("abf", "yarn") for s in (0, 1, 2))
+    for job in range(6):
+        assert f'<a href="{job}/report.html">{job}</a>' in html and (tmp_path / "seeds" / str(job) / "report.html").is_file()
 
 
 @pytest.mark.parametrize("name, extra, jobs, shown", [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +31,7 @@ from longtrain import checkpoint as ckpt
 from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, TokenizerConfig, load_config
 from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer
+from longtrain.eval.grid import NeedleGrid, save_heatmap
 from longtrain.hf import hf_path
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
@@ -39,27 +40,6 @@ ForwardFn = Callable[[Tensor, Tensor], Tensor]  # (input_ids, position_ids) -> l
 Batch = dict[str, Tensor]
 
 DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))  # 0%, 10%, ..., 100%
-
-
-@dataclass
-class NeedleGrid:
-    kind: str
-    lengths: list[int]
-    depths: list[float]
-    trials: int
-    recall: list[list[float]]  # [length][depth]
-
-    def recall_at(self, length: int) -> float:
-        """Mean recall over the depth grid at one length (what a gate compares)."""
-        return float(np.mean(self.recall[self.lengths.index(length)]))
-
-    def table(self) -> str:
-        head = f"{'length':>8} | " + " ".join(f"{d * 100:>4.0f}%" for d in self.depths) + " |  mean"
-        rows = [head, "-" * len(head)]
-        for length, row in zip(self.lengths, self.recall):
-            cells = " ".join(f"{r:>5.2f}" for r in row)
-            rows.append(f"{length:>8} | {cells} | {self.recall_at(length):>5.2f}")
-        return "\n".join(rows)
 
 
 def needle_batch(
@@ -132,28 +112,6 @@ def run_needle_grid(
         per_cell = torch.cat(hits).float().view(len(depths), trials).mean(dim=1)
         recall.append([round(float(r), 4) for r in per_cell])
     return NeedleGrid(kind, list(lengths), list(depths), trials, recall)
-
-
-def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    data = np.asarray(grid.recall)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(grid.depths), 1.2 + 0.5 * len(grid.lengths)))
-    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(grid.depths)), [f"{d * 100:.0f}" for d in grid.depths])
-    ax.set_yticks(range(len(grid.lengths)), [str(n) for n in grid.lengths])
-    ax.set_xlabel("needle depth (%)")
-    ax.set_ylabel("context length (tokens)")
-    for (i, j), r in np.ndenumerate(data):
-        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="recall")
-    ax.set_title(title or f"{grid.kind} recall, {grid.trials} trials per cell")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_results(grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:

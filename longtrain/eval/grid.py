@@ -1,0 +1,68 @@
+"""A needle grid (recall over context lengths × needle depths) and its heatmap.
+
+Apart from longtrain/eval/needle.py, which measures grids, so that reading and drawing
+them (the run report) does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class NeedleGrid:
+    kind: str
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    recall: list[list[float]]  # [length][depth]
+
+    def recall_at(self, length: int) -> float:
+        """Mean recall over the depth grid at one length (what a gate compares)."""
+        return float(np.mean(self.recall[self.lengths.index(length)]))
+
+    def table(self) -> str:
+        head = f"{'length':>8} | " + " ".join(f"{d * 100:>4.0f}%" for d in self.depths) + " |  mean"
+        rows = [head, "-" * len(head)]
+        for length, row in zip(self.lengths, self.recall):
+            cells = " ".join(f"{r:>5.2f}" for r in row)
+            rows.append(f"{length:>8} | {cells} | {self.recall_at(length):>5.2f}")
+        return "\n".join(rows)
+
+
+def draw_heatmap(ax: Any, recall: Sequence[Sequence[float]], depths: Sequence[float], row_labels: Sequence[str],
+                 title: str, ylabel: str = "context length (tokens)") -> Any:
+    """Recall per (row, depth) on ``ax``, each cell labelled; returns the image (for a colorbar).
+
+    One drawing for the per-stage ``needle.png`` and the run report's side-by-side figure.
+    """
+    data = np.asarray(recall, dtype=float)
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d * 100:.0f}" for d in depths])
+    ax.set_yticks(range(len(row_labels)), list(row_labels))
+    ax.set_xlabel("needle depth (%)")
+    ax.set_ylabel(ylabel)
+    for (i, j), r in np.ndenumerate(data):
+        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    return im
+
+
+def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    # Constrained layout sizes the axes around their labels and title, so none is cut.
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(grid.depths), 2.0 + 0.45 * len(grid.lengths)),
+                           layout="constrained")
+    im = draw_heatmap(ax, grid.recall, grid.depths, [str(n) for n in grid.lengths],
+                      title or f"{grid.kind} recall, {grid.trials} trials per cell")
+    fig.colorbar(im, ax=ax, label="recall")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
