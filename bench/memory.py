@@ -91,14 +91,15 @@ def main() -> None:
         for impl, n in found.items():
             print(f"  {impl:>10} {n:>7} tokens" + (f"  {n / hf:.1f}x HF" if hf else ""))
         return
-    print(f"{'impl':>10} {'seq':>7} {'s/step':>8} {'peak GB':>8} {'static GB':>9} {'above static GB':>15}", flush=True)
+    print(f"{'impl':>10} {'seq':>7} {'wall s':>8} {'cpu s':>8} {'peak GB':>8} {'static GB':>9} {'above static GB':>15}",
+          flush=True)
     for impl in args.impls:
         doc_len = args.doc_len if impl in LONGTRAIN_IMPLS else 0
         rows = []
         for n in args.seq_lens:
             r = measure(impl, n, 0, doc_len=doc_len, **kw)
             rows.append((n, r))
-            print(f"{impl:>10} {n:>7} {r.seconds:>8.1f} {r.peak_gb:>8.2f} {r.static_gb:>9.2f} "
+            print(f"{impl:>10} {n:>7} {r.seconds:>8.1f} {r.cpu_seconds:>8.1f} {r.peak_gb:>8.2f} {r.static_gb:>9.2f} "
                   f"{r.peak_gb - r.static_gb:>15.2f}", flush=True)
         if len(rows) > 1:
             lens = [n for n, _ in rows]

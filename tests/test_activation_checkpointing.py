@@ -4,7 +4,6 @@ parallelism never run the ring's P2P exchanges again."""
 
 import contextlib
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 from unittest import mock
