@@ -156,11 +156,13 @@ def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_results(grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
-    """``needle.json`` (grid + mean recall per length) and ``needle.png`` in ``out_dir``."""
+def write_results(
+    grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None, name: str = "needle"
+) -> tuple[Path, Path]:
+    """``NAME.json`` (grid + mean recall per length) and ``NAME.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**asdict(grid), "mean_recall": {str(n): grid.recall_at(n) for n in grid.lengths}, **(extra or {})}
-    json_path, png_path = out_dir / "needle.json", out_dir / "needle.png"
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
     json_path.write_text(json.dumps(record, indent=2))
     save_heatmap(grid, png_path)
     return json_path, png_path
