@@ -89,6 +89,8 @@ def _unknown_key(key: str) -> str:
         if part not in fields:
             return f"{key}: unknown key; valid top-level keys: {', '.join(Config.__dataclass_fields__)}"
         node = fields[part].default_factory()  # type: ignore[misc]
+    if isinstance(node, dict):  # a mapping (gate.tasks): Hydra adds new entries only with +
+        return f"{key}: not in {parent}; add it with +{key}=VALUE"
     valid = ", ".join(getattr(node, "__dataclass_fields__", {}))
     return f"{key}: unknown key; valid: {valid}"
 

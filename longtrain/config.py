@@ -447,9 +447,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _require(0 <= threshold <= 1, f"gate.tasks.{task}", f"must be a recall in [0, 1], got {threshold}")
     for task in g.report_tasks:
         _one_of(task, "gate.report_tasks", RETRIEVAL_KINDS)
+        _require(g.report_tasks.count(task) == 1, "gate.report_tasks", f"lists {task} twice")
         _require(
-            task != g.kind and task not in g.tasks and g.report_tasks.count(task) == 1, "gate.report_tasks",
-            f"{task} is listed twice (or is gate.kind, or gated in gate.tasks); a task is evaluated once per gate",
+            task != g.kind and task not in g.tasks, "gate.report_tasks",
+            f"{task} is already gated (gate.kind or gate.tasks); a task is either gated or only reported",
         )
     _positive(g.short_val_samples, "gate.short_val_samples")
     check_retrieval_kinds(cfg.retrieval.kinds)

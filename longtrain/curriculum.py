@@ -25,7 +25,8 @@ from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.eval import position_loss
-from longtrain.eval.needle import NeedleGrid, needle_batch, run_needle_grid, write_results
+from longtrain.eval.needle import NeedleGrid, needle_batch, write_results
+from longtrain.eval.suite import run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
@@ -145,14 +146,11 @@ class Gate:
         """Every gate task's recall over the depth grid at ``length``."""
         cfg = self.trainer.cfg
         with self.trainer.eval_mode():
-            return {
-                task: run_needle_grid(
-                    self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack, [length], cfg.gate.depths,
-                    cfg.gate.trials, seed=cfg.run.seed, batch_size=cfg.stage.micro_batch_size, kind=task,
-                    device=self.trainer.pd.device, cfg=cfg.retrieval,
-                )
-                for task in gate_tasks(cfg)
-            }
+            return run_suite(
+                self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack, list(gate_tasks(cfg)), [length],
+                cfg.gate.depths, cfg.gate.trials, cfg.run.seed, cfg.stage.micro_batch_size, self.trainer.pd.device,
+                cfg.retrieval,
+            )
 
     def short_loss(self) -> float:
         cfg = self.trainer.cfg

@@ -207,6 +207,14 @@ def load_hf_model(folder: Path) -> tuple[ForwardFn, Config, Tokenizer, torch.dev
     return forward, cfg, build_tokenizer(cfg.tokenizer), device
 
 
+def load_source(checkpoint: str) -> tuple[ForwardFn, Config, Tokenizer, torch.device, Path]:
+    """A checkpoint folder, or ``hf:FOLDER``, as (forward, its run config, tokenizer, device, folder)."""
+    source = hf_path(checkpoint)
+    if source is not None:
+        return (*load_hf_model(source), source)
+    return (*load_model(Path(checkpoint)), Path(checkpoint))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m longtrain.eval.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX), or hf:FOLDER for a Hugging Face folder")
@@ -219,12 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
     args = p.parse_args(argv)
 
-    source = hf_path(args.checkpoint)
-    if source is not None:
-        model, cfg, tokenizer, device = load_hf_model(source)
-    else:
-        source = Path(args.checkpoint)
-        model, cfg, tokenizer, device = load_model(source)
+    model, cfg, tokenizer, device, source = load_source(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     haystack = build_haystack(cfg, tokenizer, "val")
