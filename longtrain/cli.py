@@ -98,6 +98,7 @@ def _unknown_key(key: str) -> str:
 def preflight(stages: list[Config]) -> None:
     """Checks that read files, for the stages this command runs; raise ConfigError."""
     from longtrain import checkpoint as ckpt
+    from longtrain.curriculum import check_gate_tasks_fit
     from longtrain.data.tokenizer import build_tokenizer
     from longtrain.run_dir import check_stage_folders
 
@@ -125,6 +126,7 @@ def preflight(stages: list[Config]) -> None:
                 f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
                 f"use >= {tokenizer.vocab_size} or null (the tokenizer's)"
             )
+        check_gate_tasks_fit(cfg, tokenizer)
 
 
 def plan_table(stages: list[Config], world_size: int) -> str:

@@ -24,6 +24,7 @@ from longtrain import preemption
 from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
+from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval import position_loss
 from longtrain.eval.needle import NeedleGrid, needle_batch, write_results
 from longtrain.eval.suite import run_suite
@@ -68,8 +69,23 @@ def stage_dir(cfg: Config) -> Path:
 
 
 def gate_tasks(cfg: Config) -> dict[str, Optional[float]]:
-    """Every task a gate evaluates → its min recall (None: reported only); the single needle first."""
-    return {cfg.gate.kind: cfg.gate.min_recall, **cfg.gate.tasks, **{t: None for t in cfg.gate.report_tasks}}
+    """Every task a gate evaluates → its min recall (None: reported only); the single needle
+    first. A task both gated and listed as reported is gated."""
+    gated = {cfg.gate.kind: cfg.gate.min_recall, **cfg.gate.tasks}
+    return {**gated, **{t: None for t in cfg.gate.report_tasks if t not in gated}}
+
+
+def check_gate_tasks_fit(cfg: Config, tokenizer: Tokenizer) -> None:
+    """A gate task whose samples do not fit the stage length is a config error, found
+    before any stage computes (train.py's preflight), not at the end of training."""
+    specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    filler = Haystack(np.arange(tokenizer.vocab_size), specials)  # the length, not the text, matters here
+    for task in gate_tasks(cfg):
+        try:
+            needle_batch(tokenizer, filler, cfg.stage.seq_len, [(0.5, 0)], cfg.run.seed, task, cfg.retrieval)
+        except ValueError as e:
+            key = "gate.kind" if task == cfg.gate.kind else f"gate.tasks.{task}" if task in cfg.gate.tasks else "gate.report_tasks"
+            raise ConfigError(f"{key}: {task} does not fit stage {cfg.stage.name} ({e}); drop it for that stage or lengthen it") from None
 
 
 def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Optional[float], cfg: Config) -> list[str]:
@@ -133,15 +149,6 @@ class Gate:
         self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), trainer.tokenizer)
         self.short_val = packed_dataset(self.val_tokens, cfg.rope.original_max_position_embeddings, cfg.data)
 
-    def check_tasks_fit(self) -> None:
-        """A task whose samples do not fit the stage length fails here, before training."""
-        cfg = self.trainer.cfg
-        for task in gate_tasks(cfg):
-            try:
-                needle_batch(self.trainer.tokenizer, self.haystack, cfg.stage.seq_len, [(0.5, 0)], cfg.run.seed, task, cfg.retrieval)
-            except ValueError as e:
-                raise StageError(f"stage {cfg.stage.name}: gate task {task}: {e}; drop it from gate.tasks / gate.report_tasks") from None
-
     def grids(self, length: int) -> dict[str, NeedleGrid]:
         """Every gate task's recall over the depth grid at ``length``."""
         cfg = self.trainer.cfg
@@ -191,7 +198,6 @@ def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, single: str, extra:
 def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
     cfg, pd = trainer.cfg, trainer.pd
     gate = Gate(trainer)
-    gate.check_tasks_fit()
     log = trainer.logger.info
     directory = stage_dir(cfg)
     single, length = cfg.gate.kind, cfg.stage.seq_len

@@ -59,9 +59,9 @@ def test_gate_thresholds(compose_config):
 def test_gate_tasks_thresholds_and_reported_tasks(compose_config):
     cfg = load_config(compose_config(
         "stage=pretrain", "gate.min_recall=0.9", "gate.min_cell_recall=0.8", "+gate.tasks.vartrack=0.5",
-        "gate.report_tasks=[multikey]",
+        "gate.report_tasks=[multikey,vartrack]",
     ))
-    assert gate_tasks(cfg) == {"passkey": 0.9, "vartrack": 0.5, "multikey": None}
+    assert gate_tasks(cfg) == {"passkey": 0.9, "vartrack": 0.5, "multikey": None}  # gated wins over reported
     # The reported task scores 0 and does not count; a needle cell under the floor fails a high mean.
     assert not gate_failures(grids(passkey=[1.0, 0.9, 0.8], vartrack=[0.0, 0.5, 1.0], multikey=[0, 0, 0]), 2.0, None, cfg)
     assert gate_failures(grids(passkey=[1.0, 1.0, 0.7], vartrack=[0.5, 0.5, 0.5], multikey=[0, 0, 0]), 2.0, None, cfg) == [
@@ -156,6 +156,9 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     multikey = gate2["tasks"]["multikey"]
     assert multikey["min_recall"] is None and multikey["recall_before"] is not None and 0 <= multikey["recall"] <= 1
     assert gate2["tasks"]["passkey"]["recall"] == gate2["recall"] and gate2["tasks"]["passkey"]["min_recall"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "extend_2k" / "metrics.jsonl").read_text().splitlines()]
+    gate_row = next(r for r in logged if "gate/recall" in r)
+    assert gate_row["gate/multikey/recall"] == multikey["recall"] and "gate/multikey/recall_before" in gate_row
     by_position = json.loads((tmp_path / "extend_2k" / "position_loss.json").read_text())
     assert by_position["seq_len"] == second.stage.seq_len and len(by_position["loss"]) == second.eval.position_buckets
     # Run again: both gates passed, nothing retrains.
