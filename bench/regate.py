@@ -7,7 +7,7 @@ Prints per stage and task the recall before → after and the worst depth cell, 
 seconds each grid took next to a 4-trial grid of the single needle (the gate's old size)
 timed in the same run: the ratio is what the larger grid costs.
 
-    python bench/regate.py RUN_DIR preset=cpu_demo rope=yarn     # the overrides the run used
+    python -m bench.regate RUN_DIR preset=cpu_demo rope=yarn gate.trials=10   # the run's overrides, and any gate
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 A stage is trained, then gated: the single needle's recall over the depth grid at the
 stage's length must reach ``gate.min_recall`` with no depth cell below
 ``gate.min_cell_recall``, every task in ``gate.tasks`` its own threshold, and short-context
-validation loss must stay within ``gate.max_short_loss_increase`` of the stage before's.
-``gate.report_tasks`` are evaluated alongside, before and after, and only recorded. On failure the stage trains on in
-increments (up to ``gate.max_extra_steps``), re-evaluating; then it passes or the run stops
-non-zero. The decision goes to ``gate.json`` in the stage's folder, which is also what
-lets the next stage start, in this process or a later one.
+validation loss must stay within ``gate.max_short_loss_increase`` of the stage before's
+(``gate.report_tasks`` are evaluated alongside, before and after, and only recorded). On
+failure the stage trains on in increments (up to ``gate.max_extra_steps``), re-evaluating;
+then it passes or the run stops non-zero. The decision goes to ``gate.json`` in the stage's
+folder, which is also what lets the next stage start, in this process or a later one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval import position_loss
-from longtrain.eval.needle import NeedleGrid, needle_batch, write_results
-from longtrain.eval.suite import run_suite
+from longtrain.eval.needle import NeedleGrid, write_results
+from longtrain.eval.suite import fit_error, run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
@@ -78,14 +78,11 @@ def gate_tasks(cfg: Config) -> dict[str, Optional[float]]:
 def check_gate_tasks_fit(cfg: Config, tokenizer: Tokenizer) -> None:
     """A gate task whose samples do not fit the stage length is a config error, found
     before any stage computes (train.py's preflight), not at the end of training."""
-    specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    filler = Haystack(np.arange(tokenizer.vocab_size), specials)  # the length, not the text, matters here
     for task in gate_tasks(cfg):
-        try:
-            needle_batch(tokenizer, filler, cfg.stage.seq_len, [(0.5, 0)], cfg.run.seed, task, cfg.retrieval)
-        except ValueError as e:
+        why = fit_error(tokenizer, task, cfg.stage.seq_len, cfg.retrieval)
+        if why is not None:
             key = "gate.kind" if task == cfg.gate.kind else f"gate.tasks.{task}" if task in cfg.gate.tasks else "gate.report_tasks"
-            raise ConfigError(f"{key}: {task} does not fit stage {cfg.stage.name} ({e}); drop it for that stage or lengthen it") from None
+            raise ConfigError(f"{key}: {task} does not fit stage {cfg.stage.name} ({why}); drop it for that stage or lengthen it")
 
 
 def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Optional[float], cfg: Config) -> list[str]:

@@ -11,11 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
 
-# The CPU demo's first stage cut to seconds: a few steps, a one-needle gate (decided by
-# gate.min_recall alone: no cell floor), small data.
+# The CPU demo's first stage cut to seconds: a few steps, a one-needle gate, small data.
 QUICK = [
     "preset=cpu_demo", "stage=cpu/induction", "stage.steps=6", "run.checkpoint_every=2", "eval.val_every=0",
-    "gate.trials=1", "gate.depths=[0.5]", "gate.min_cell_recall=0", "gate.short_val_samples=2", "gate.max_extra_steps=0",
+    "gate.trials=1", "gate.depths=[0.5]", "gate.short_val_samples=2", "gate.max_extra_steps=0",
     "logging.progress=false", "data.max_docs=30", "eval.position_buckets=0", "run.threads=1",
 ]
 

@@ -20,7 +20,7 @@ SMALL = [
     "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
     "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
     "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_samples=2", "gate.max_extra_steps=0",
-    "gate.report_tasks=[]", "gate.min_cell_recall=0", "rope.original_max_position_embeddings=256",
+    "gate.report_tasks=[]", "rope.original_max_position_embeddings=256",
 ]
 
 

@@ -189,6 +189,9 @@ def test_suite_table_json_plot_and_cli(haystack, tmp_path, capsys):
     with pytest.raises(SystemExit):
         suite.main([str(path), "--tasks", "riddle"])
     assert "invalid choice: 'riddle'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one line before any forward
+        suite.main([str(path), "--tasks", "vartrack", "--lengths", "256"])
+    assert "error: --tasks vartrack does not fit --lengths 256: seq_len=256 is" in capsys.readouterr().err
 
 
 # -- cp=2 equals cp=1 -----------------------------------------------------------------------

@@ -19,12 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from longtrain.config import RETRIEVAL_KINDS, RetrievalConfig
 from longtrain.data.retrieval import Haystack, build_haystack
 from longtrain.data.tokenizer import Tokenizer
-from longtrain.eval.needle import DEFAULT_DEPTHS, ForwardFn, NeedleGrid, load_source, run_needle_grid
+from longtrain.eval.needle import DEFAULT_DEPTHS, ForwardFn, NeedleGrid, load_source, needle_batch, run_needle_grid
 
 DEFAULT_TASKS = ("passkey", "multikey", "multiquery", "multivalue", "vartrack", "cwe")
 
@@ -48,6 +49,17 @@ def run_suite(
         task: run_needle_grid(forward, tokenizer, haystack, lengths, depths, trials, seed, batch_size, task, device, cfg)
         for task in tasks
     }
+
+
+def fit_error(tokenizer: Tokenizer, task: str, length: int, cfg: Optional[RetrievalConfig] = None) -> Optional[str]:
+    """Why a ``task`` sample cannot be ``length`` tokens long (None: it can), before any forward."""
+    specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    filler = Haystack(np.arange(tokenizer.vocab_size), specials)  # the length, not the text, matters here
+    try:
+        needle_batch(tokenizer, filler, length, [(0.5, 0)], 0, task, cfg)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def suite_table(grids: dict[str, NeedleGrid]) -> str:
@@ -115,6 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     forward, cfg, tokenizer, device, source = load_source(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
+    for task in args.tasks:
+        for length in lengths:
+            if (why := fit_error(tokenizer, task, length, cfg.retrieval)) is not None:
+                p.error(f"--tasks {task} does not fit --lengths {length}: {why}")
     grids = run_suite(
         forward, tokenizer, build_haystack(cfg, tokenizer, "val"), list(dict.fromkeys(args.tasks)), lengths, depths,
         args.trials, args.seed, args.batch_size, device, cfg.retrieval,
