@@ -194,6 +194,7 @@ def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, single: str, extra:
 
 def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
     cfg, pd = trainer.cfg, trainer.pd
+    check_gate_tasks_fit(cfg, trainer.tokenizer)  # train.py checked already; a library caller has not
     gate = Gate(trainer)
     log = trainer.logger.info
     directory = stage_dir(cfg)
