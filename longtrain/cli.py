@@ -89,6 +89,8 @@ def _unknown_key(key: str) -> str:
         if part not in fields:
             return f"{key}: unknown key; valid top-level keys: {', '.join(Config.__dataclass_fields__)}"
         node = fields[part].default_factory()  # type: ignore[misc]
+    if isinstance(node, dict):  # a mapping (gate.tasks): Hydra adds new entries only with +
+        return f"{key}: not in {parent}; add it with +{key}=VALUE"
     valid = ", ".join(getattr(node, "__dataclass_fields__", {}))
     return f"{key}: unknown key; valid: {valid}"
 
@@ -96,6 +98,7 @@ def _unknown_key(key: str) -> str:
 def preflight(stages: list[Config]) -> None:
     """Checks that read files, for the stages this command runs; raise ConfigError."""
     from longtrain import checkpoint as ckpt
+    from longtrain.curriculum import check_gate_tasks_fit
     from longtrain.data.tokenizer import build_tokenizer
     from longtrain.run_dir import check_stage_folders
 
@@ -123,6 +126,7 @@ def preflight(stages: list[Config]) -> None:
                 f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
                 f"use >= {tokenizer.vocab_size} or null (the tokenizer's)"
             )
+        check_gate_tasks_fit(cfg, tokenizer)
 
 
 def plan_table(stages: list[Config], world_size: int) -> str:

@@ -183,8 +183,14 @@ class GateConfig:
     extra_lr_ratio: float = 0.5  # peak LR of an extra increment, as a fraction of optim.lr
     force: bool = False  # enter a stage although the stage before did not pass (recorded)
     depths: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
-    trials: int = 4  # samples per (length, depth) cell
-    kind: str = "passkey"
+    trials: int = 10  # samples per (length, depth) cell
+    kind: str = "passkey"  # the single needle: gate.json's top-level recall, ≥ min_recall
+    min_cell_recall: float = 0.0  # and none of its depth cells below this
+    # More retrieval kinds evaluated at every gate, before and after training: gated ones,
+    # each → its min recall (add one with +gate.tasks.vartrack=0.5), and ones only reported
+    # (a reported task that is also gated is gated).
+    tasks: dict[str, float] = field(default_factory=dict)
+    report_tasks: list[str] = field(default_factory=list)
     # The short-context loss check: a fixed set of samples, the same in every stage, so that a
     # stage compares its loss with the stage before's on the very same tokens.
     short_val_samples: int = 64
@@ -450,8 +456,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
     _positive(g.trials, "gate.trials")
     _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
+    _require(0 <= g.min_cell_recall <= 1, "gate.min_cell_recall", f"must be in [0, 1], got {g.min_cell_recall}")
+    for task, threshold in g.tasks.items():
+        _one_of(task, f"gate.tasks.{task}", RETRIEVAL_KINDS)
+        _require(task != g.kind, f"gate.tasks.{task}", "is the gate's single needle (gate.kind); its threshold is gate.min_recall")
+        _require(0 <= threshold <= 1, f"gate.tasks.{task}", f"must be a recall in [0, 1], got {threshold}")
+    for task in g.report_tasks:
+        _one_of(task, "gate.report_tasks", RETRIEVAL_KINDS)
+        _require(g.report_tasks.count(task) == 1, "gate.report_tasks", f"lists {task} twice")
     _positive(g.short_val_samples, "gate.short_val_samples")
     check_retrieval_kinds(cfg.retrieval.kinds)
+    rc = cfg.retrieval
+    for key in ("key_digits", "kv_pairs", "kv_key_chars", "multi_values", "vartrack_chains", "vartrack_hops", "cwe_words"):
+        _positive(getattr(rc, key), f"retrieval.{key}")
+    _require(1 <= rc.multi_queries <= rc.kv_pairs, "retrieval.multi_queries", f"must be in [1, retrieval.kv_pairs={rc.kv_pairs}], got {rc.multi_queries}")
     _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
     check_shard_size(cfg.export.max_shard_size, "export.max_shard_size")
     if cfg.export.after_gate:  # refuse a model transformers cannot run before training it
@@ -496,7 +514,9 @@ def check_shard_size(value: str, key: str) -> None:
     )
 
 
-RETRIEVAL_KINDS = ("passkey", "kv", "copy", "induction")  # longtrain/data/retrieval.py
+RETRIEVAL_KINDS = (  # longtrain/data/retrieval.py
+    "passkey", "kv", "copy", "induction", "multikey", "multiquery", "multivalue", "vartrack", "cwe",
+)
 
 
 def _check_mix(s: StageConfig) -> None:
@@ -539,4 +559,9 @@ class RetrievalConfig:
     copy_segments: int = 2  # tagged segments per copy (and induction) sample
     copy_segment_len: int = 48
     copy_queries: int = 2
+    multi_queries: int = 2  # multiquery: keys (of kv_pairs) asked in one question
+    multi_values: int = 4  # multivalue: values stated for the one key
+    vartrack_chains: int = 1  # vartrack: chains of assignments (one asked, the others distractors)
+    vartrack_hops: int = 4  # vartrack: assignments after each chain's first
+    cwe_words: int = 3  # cwe: the most common words asked for
     loss: str = "answer"  # answer: loss on answer tokens only | all: on every token

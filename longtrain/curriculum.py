@@ -1,28 +1,34 @@
 """The gated curriculum: stages in order, each entered from the gated checkpoint of the one before.
 
-A stage is trained, then gated: needle recall over the depth grid at the stage's length
-must reach ``gate.min_recall`` and short-context validation loss must stay within
-``gate.max_short_loss_increase`` of the stage before's. On failure the stage trains on in
-increments (up to ``gate.max_extra_steps``), re-evaluating; then it passes or the run stops
-non-zero. The decision goes to ``gate.json`` in the stage's folder, which is also what
-lets the next stage start, in this process or a later one.
+A stage is trained, then gated: the single needle's recall over the depth grid at the
+stage's length must reach ``gate.min_recall`` with no depth cell below
+``gate.min_cell_recall``, every task in ``gate.tasks`` its own threshold, and short-context
+validation loss must stay within ``gate.max_short_loss_increase`` of the stage before's
+(``gate.report_tasks`` are evaluated alongside, before and after, and only recorded). On
+failure the stage trains on in increments (up to ``gate.max_extra_steps``), re-evaluating;
+then it passes or the run stops non-zero. The decision goes to ``gate.json`` in the stage's
+folder, which is also what lets the next stage start, in this process or a later one.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from longtrain import checkpoint as ckpt
 from longtrain import preemption
 from longtrain.config import Config, ConfigError, load_config
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
+from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval import position_loss
 from longtrain.eval.grid import NeedleGrid
-from longtrain.eval.needle import run_needle_grid, write_results
+from longtrain.eval.needle import write_results
+from longtrain.eval.suite import fit_error, run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
@@ -53,15 +59,51 @@ class GateRecord:
     step: int
     checkpoint: str
     rope: dict
+    # Every task evaluated (the single needle too): {"recall", "recall_before", "min_recall"
+    # (null: reported only), "worst_cell"}; defaults let a gate.json from before them load.
+    tasks: dict[str, dict] = field(default_factory=dict)
+    min_cell_recall: float = 0.0
 
 
 def stage_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.stage.name
 
 
-def gate_passes(recall: float, short_loss: float, reference: Optional[float], cfg: Config) -> bool:
-    short_ok = reference is None or short_loss <= short_loss_limit(reference, cfg.gate.max_short_loss_increase)
-    return recall >= cfg.gate.min_recall and short_ok
+def gate_tasks(cfg: Config) -> dict[str, Optional[float]]:
+    """Every task a gate evaluates → its min recall (None: reported only); the single needle
+    first. A task both gated and listed as reported is gated."""
+    gated = {cfg.gate.kind: cfg.gate.min_recall, **cfg.gate.tasks}
+    return {**gated, **{t: None for t in cfg.gate.report_tasks if t not in gated}}
+
+
+def check_gate_tasks_fit(cfg: Config, tokenizer: Tokenizer) -> None:
+    """A gate task whose samples do not fit the stage length is a config error, found
+    before any stage computes (train.py's preflight), not at the end of training."""
+    for task in gate_tasks(cfg):
+        why = fit_error(tokenizer, task, cfg.stage.seq_len, cfg.retrieval)
+        if why is not None:
+            key = "gate.kind" if task == cfg.gate.kind else f"gate.tasks.{task}" if task in cfg.gate.tasks else "gate.report_tasks"
+            raise ConfigError(f"{key}: {task} does not fit stage {cfg.stage.name} ({why}); drop it for that stage or lengthen it")
+
+
+def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Optional[float], cfg: Config) -> list[str]:
+    """Why a gate fails, one phrase per unmet threshold (empty: it passes)."""
+    failures = []
+    for task, threshold in gate_tasks(cfg).items():
+        if threshold is None:
+            continue
+        grid = grids[task]
+        recall = grid.recall_at(grid.lengths[0])
+        if recall < threshold:
+            failures.append(f"{'' if task == cfg.gate.kind else task + ' '}recall {recall:.2f} (need ≥ {threshold})")
+    row = grids[cfg.gate.kind].recall[0]  # the single needle's cells
+    worst = int(np.argmin(row))
+    if row[worst] < cfg.gate.min_cell_recall:
+        depth = grids[cfg.gate.kind].depths[worst]
+        failures.append(f"recall {row[worst]:.2f} at depth {depth:.0%} (need ≥ {cfg.gate.min_cell_recall} in every cell)")
+    if reference is not None and short_loss > short_loss_limit(reference, cfg.gate.max_short_loss_increase):
+        failures.append(f"short loss {short_loss:.4f} (need ≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})")
+    return failures
 
 
 def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Path], bool, Optional[dict]]:
@@ -105,21 +147,14 @@ class Gate:
         self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), trainer.tokenizer)
         self.short_val = packed_dataset(self.val_tokens, cfg.rope.original_max_position_embeddings, cfg.data)
 
-    def recall(self, length: int) -> NeedleGrid:
+    def grids(self, length: int) -> dict[str, NeedleGrid]:
+        """Every gate task's recall over the depth grid at ``length``."""
         cfg = self.trainer.cfg
         with self.trainer.eval_mode():
-            return run_needle_grid(
-                self.trainer.logits_fn(),
-                self.trainer.tokenizer,
-                self.haystack,
-                [length],
-                cfg.gate.depths,
-                cfg.gate.trials,
-                seed=cfg.run.seed,
-                batch_size=cfg.stage.micro_batch_size,
-                kind=cfg.gate.kind,
-                device=self.trainer.pd.device,
-                cfg=cfg.retrieval,
+            return run_suite(
+                self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack, list(gate_tasks(cfg)), [length],
+                cfg.gate.depths, cfg.gate.trials, cfg.run.seed, cfg.stage.micro_batch_size, self.trainer.pd.device,
+                cfg.retrieval,
             )
 
     def short_loss(self) -> float:
@@ -151,37 +186,53 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
         trainer.logger.close()
 
 
+def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, single: str, extra: dict) -> None:
+    """``<task>.json/.png`` per task, and the single needle also as ``needle.json/.png``."""
+    for task, grid in grids.items():
+        write_results(grid, out_dir, extra, name=task)
+    write_results(grids[single], out_dir, extra)
+
+
 def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
     cfg, pd = trainer.cfg, trainer.pd
+    check_gate_tasks_fit(cfg, trainer.tokenizer)  # train.py checked already; a library caller has not
     gate = Gate(trainer)
     log = trainer.logger.info
     directory = stage_dir(cfg)
+    single, length = cfg.gate.kind, cfg.stage.seq_len
     if cfg.gate.max_extra_steps:
         log(f"stage {cfg.stage.name}: {cfg.stage.steps} steps, and up to {cfg.gate.max_extra_steps} more in increments "
             f"of {cfg.gate.extra_steps_increment} while its gate fails (gate.max_extra_steps)")
 
     # The starting checkpoint's recall at the new length, so the stage's gain is visible.
     before_file = directory / "recall_before.json"
+    recall_before: dict[str, float] = {}
     if before_file.is_file():
-        recall_before = json.loads(before_file.read_text())["recall"]
+        stored = json.loads(before_file.read_text())
+        recall_before = stored.get("tasks", {single: stored["recall"]})
     elif init_from is not None and trainer.step == 0:
-        grid = gate.recall(cfg.stage.seq_len)
-        recall_before = grid.recall_at(cfg.stage.seq_len)
+        grids = gate.grids(length)
+        recall_before = {task: grid.recall_at(length) for task, grid in grids.items()}
         if pd.is_rank0:
-            write_results(grid, directory / "needle_before", extra={"checkpoint": str(init_from)})
-            before_file.write_text(json.dumps({"recall": recall_before, "checkpoint": str(init_from)}))
-        log(f"recall of the starting checkpoint at {cfg.stage.seq_len}: {recall_before:.2f}")
-    else:
-        recall_before = None
+            write_grids(grids, directory / "needle_before", single, {"checkpoint": str(init_from)})
+            before_file.write_text(json.dumps(
+                {"recall": recall_before[single], "tasks": recall_before, "checkpoint": str(init_from)}
+            ))
+        log(f"recall of the starting checkpoint at {length}: "
+            + ", ".join(f"{task} {r:.2f}" for task, r in recall_before.items()))
 
     result = trainer.fit()
     reference = before["short_loss"] if before else None
     extra = 0
     while True:
-        grid = gate.recall(cfg.stage.seq_len)
-        recall, short = grid.recall_at(cfg.stage.seq_len), gate.short_loss()
-        passed = gate_passes(recall, short, reference, cfg)
-        log(f"gate {cfg.stage.name}: recall {recall:.2f} (≥ {cfg.gate.min_recall}), short loss {short:.4f}"
+        grids = gate.grids(length)
+        short = gate.short_loss()
+        failures = gate_failures(grids, short, reference, cfg)
+        passed = not failures
+        log(f"gate {cfg.stage.name}: "
+            + ", ".join(f"{task} {grids[task].recall_at(length):.2f}" + ("" if t is None else f" (≥ {t})")
+                        for task, t in gate_tasks(cfg).items())
+            + f", short loss {short:.4f}"
             + (f" (≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})" if reference else "")
             + f" → {'pass' if passed else 'fail'}")
         if passed or extra >= cfg.gate.max_extra_steps:
@@ -195,47 +246,52 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         extra += increment
         result = trainer.train_more(increment)
 
+    tasks = {
+        task: {"recall": grids[task].recall_at(length), "recall_before": recall_before.get(task),
+               "min_recall": threshold, "worst_cell": min(grids[task].recall[0])}
+        for task, threshold in gate_tasks(cfg).items()
+    }
     record = GateRecord(
-        stage=cfg.stage.name, seq_len=cfg.stage.seq_len, passed=passed, forced=forced, recall=recall,
-        recall_before=recall_before, short_loss=short, reference_short_loss=reference,
+        stage=cfg.stage.name, seq_len=length, passed=passed, forced=forced, recall=tasks[single]["recall"],
+        recall_before=recall_before.get(single), short_loss=short, reference_short_loss=reference,
         min_recall=cfg.gate.min_recall, max_short_loss_increase=cfg.gate.max_short_loss_increase,
         extra_steps=extra, step=result.step, checkpoint=str(result.checkpoint), rope=asdict(cfg.rope),
+        tasks=tasks, min_cell_recall=cfg.gate.min_cell_recall,
     )
     # Whether later tokens gain from the longer context: not a gate criterion, a picture of it.
-    by_position = gate.position_loss(cfg.stage.seq_len) if cfg.eval.position_buckets else None
+    by_position = gate.position_loss(length) if cfg.eval.position_buckets else None
     if passed and cfg.export.after_gate:  # before gate.json: a passed gate always has its export
         export_model(trainer.model, cfg, directory / EXPORT_DIR)
         log(f"exported {directory / EXPORT_DIR}")
     if pd.is_rank0:
-        write_results(grid, directory / "needle", extra={"checkpoint": str(result.checkpoint)})
+        write_grids(grids, directory / "needle", single, {"checkpoint": str(result.checkpoint)})
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
-        trainer.logger.log(result.step, gate_metrics(asdict(record)), prefix="gate")
+        trainer.logger.log(result.step, gate_metrics(record), prefix="gate")
         trainer.logger.log_images(result.step, gate_images(directory))
     ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
     if not passed:
         raise GateFailed(
-            f"stage {cfg.stage.name} failed its gate after {extra} extra steps: recall {recall:.2f} "
-            f"(need ≥ {cfg.gate.min_recall}), short loss {short:.4f}"
-            + (f" (need ≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})" if reference else "")
-            + f"; see {directory / GATE_FILE}"
+            f"stage {cfg.stage.name} failed its gate after {extra} extra steps: {', '.join(failures)}; "
+            f"see {directory / GATE_FILE}"
         )
     return record
 
 
-def gate_metrics(gate: dict) -> dict[str, float]:
-    """A gate record (gate.json) as metrics: the decision, and the recall of each task it has."""
-    metrics = {"recall": gate["recall"], "short_loss": gate["short_loss"], "passed": int(gate["passed"]),
-               "extra_steps": gate["extra_steps"], "forced": int(gate["forced"])}
-    if gate["recall_before"] is not None:
-        metrics["recall_before"] = gate["recall_before"]
-    if gate["reference_short_loss"] is not None:
-        metrics["short_loss_limit"] = short_loss_limit(gate["reference_short_loss"], gate["max_short_loss_increase"])
-    for task, result in gate.get("tasks", {}).items():  # a gate over several retrieval tasks
-        metrics[f"recall/{task}"] = result["recall"]
-        if result.get("recall_before") is not None:
-            metrics[f"recall_before/{task}"] = result["recall_before"]
+def gate_metrics(record: GateRecord) -> dict[str, float]:
+    """A gate record as metrics: the decision, and each task's recall before → after and worst depth cell."""
+    metrics = {"recall": record.recall, "short_loss": record.short_loss, "passed": int(record.passed),
+               "extra_steps": record.extra_steps, "forced": int(record.forced)}
+    if record.recall_before is not None:
+        metrics["recall_before"] = record.recall_before
+    if record.reference_short_loss is not None:
+        metrics["short_loss_limit"] = short_loss_limit(record.reference_short_loss, record.max_short_loss_increase)
+    for task, result in record.tasks.items():
+        metrics[f"{task}/recall"] = result["recall"]
+        metrics[f"{task}/worst_cell"] = result["worst_cell"]
+        if result["recall_before"] is not None:
+            metrics[f"{task}/recall_before"] = result["recall_before"]
     return metrics
 
 
@@ -250,14 +306,25 @@ def gate_images(directory: Path) -> dict[str, Path]:
 
 
 def summary_table(records: list[GateRecord]) -> str:
-    """One row per stage: needle recall at its length before and after training, the gate."""
-    head = f"{'stage':<12} {'length':>7} {'recall before':>14} {'recall after':>13} {'short loss':>11}  gate"
+    """One row per stage: the single needle's recall at its length before and after training,
+    the short loss, every other task's before → after, the gate."""
+    others = list(dict.fromkeys(t for r in records for t in list(r.tasks)[1:]))  # the single needle comes first
+    head = (f"{'stage':<12} {'length':>7} {'recall before':>14} {'recall after':>13} {'short loss':>11}"
+            + "".join(f" {t:>14}" for t in others) + "  gate")
     rows = [head, "-" * len(head)]
     for r in records:
         before = "-" if r.recall_before is None else f"{r.recall_before:.2f}"
+        cells = "".join(f" {_before_after(r.tasks.get(t)):>14}" for t in others)
         verdict = ("pass" if r.passed else "fail") + (" (forced entry)" if r.forced else "")
-        rows.append(f"{r.stage:<12} {r.seq_len:>7} {before:>14} {r.recall:>13.2f} {r.short_loss:>11.4f}  {verdict}")
+        rows.append(f"{r.stage:<12} {r.seq_len:>7} {before:>14} {r.recall:>13.2f} {r.short_loss:>11.4f}{cells}  {verdict}")
     return "\n".join(rows)
+
+
+def _before_after(result: Optional[dict]) -> str:
+    if result is None:
+        return "-"
+    before = "-" if result["recall_before"] is None else f"{result['recall_before']:.2f}"
+    return f"{before} → {result['recall']:.2f}"
 
 
 def compose_stage_configs(overrides: list[str], only: Optional[str] = None) -> list[Config]:

@@ -7,7 +7,8 @@ import pytest
 
 from longtrain.config import load_config
 from longtrain.curriculum import (
-    Gate, StageError, compose_stage_configs, gate_passes, read_gate, run_curriculum, starting_point, summary_table,
+    Gate, StageError, compose_stage_configs, gate_failures, gate_tasks, read_gate, run_curriculum, starting_point,
+    summary_table,
 )
 from longtrain.eval.grid import NeedleGrid
 from longtrain.trainer import Trainer
@@ -19,7 +20,7 @@ SMALL = [
     "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
     "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
     "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_samples=2", "gate.max_extra_steps=0",
-    "rope.original_max_position_embeddings=256",
+    "gate.report_tasks=[]", "rope.original_max_position_embeddings=256",
 ]
 
 
@@ -38,17 +39,37 @@ def scripted_recall(monkeypatch, values):
 
     def fake(self, length):
         r = next(calls)
-        return NeedleGrid("passkey", [length], [0.0], 1, [[r]])
+        return {"passkey": NeedleGrid("passkey", [length], [0.0], 1, [[r]])}
 
-    monkeypatch.setattr(Gate, "recall", fake)
+    monkeypatch.setattr(Gate, "grids", fake)
+
+
+def grids(**rows: list[float]) -> dict[str, NeedleGrid]:
+    return {task: NeedleGrid(task, [512], [i / (len(row) - 1) for i in range(len(row))], 10, [row]) for task, row in rows.items()}
 
 
 def test_gate_thresholds(compose_config):
     cfg = load_config(compose_config("stage=pretrain", "gate.min_recall=0.9", "gate.max_short_loss_increase=0.1"))
-    assert gate_passes(0.9, 2.0, None, cfg)  # first stage: no short-loss reference
-    assert not gate_passes(0.89, 2.0, None, cfg)
-    assert gate_passes(0.95, 2.2, 2.0, cfg)  # exactly 1.1 × the reference
-    assert not gate_passes(0.95, 2.21, 2.0, cfg)
+    assert not gate_failures(grids(passkey=[0.9, 0.9]), 2.0, None, cfg)  # first stage: no short-loss reference
+    assert gate_failures(grids(passkey=[0.9, 0.88]), 2.0, None, cfg) == ["recall 0.89 (need ≥ 0.9)"]
+    assert not gate_failures(grids(passkey=[0.95, 0.95]), 2.2, 2.0, cfg)  # exactly 1.1 × the reference
+    assert gate_failures(grids(passkey=[0.95, 0.95]), 2.21, 2.0, cfg) == ["short loss 2.2100 (need ≤ 2.2000)"]
+
+
+def test_gate_tasks_thresholds_and_reported_tasks(compose_config):
+    cfg = load_config(compose_config(
+        "stage=pretrain", "gate.min_recall=0.9", "gate.min_cell_recall=0.8", "+gate.tasks.vartrack=0.5",
+        "gate.report_tasks=[multikey,vartrack]",
+    ))
+    assert gate_tasks(cfg) == {"passkey": 0.9, "vartrack": 0.5, "multikey": None}  # gated wins over reported
+    # The reported task scores 0 and does not count; a needle cell under the floor fails a high mean.
+    assert not gate_failures(grids(passkey=[1.0, 0.9, 0.8], vartrack=[0.0, 0.5, 1.0], multikey=[0, 0, 0]), 2.0, None, cfg)
+    assert gate_failures(grids(passkey=[1.0, 1.0, 0.7], vartrack=[0.5, 0.5, 0.5], multikey=[0, 0, 0]), 2.0, None, cfg) == [
+        "recall 0.70 at depth 100% (need ≥ 0.8 in every cell)"
+    ]
+    assert gate_failures(grids(passkey=[1.0, 1.0, 1.0], vartrack=[0.2, 0.4, 0.6], multikey=[0, 0, 0]), 2.0, None, cfg) == [
+        "vartrack recall 0.40 (need ≥ 0.5)"
+    ]
 
 
 def test_command_line_stage_values_reach_every_stage():
@@ -121,7 +142,7 @@ def test_failing_after_all_extra_steps_stops(compose_config, tmp_path, monkeypat
 
 
 def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path, monkeypatch):
-    first, second = stages(compose_config, tmp_path, "gate.min_recall=0.0")
+    first, second = stages(compose_config, tmp_path, "gate.min_recall=0.0", "gate.report_tasks=[multikey]")
     records = run_curriculum([first, second], single_process())  # the real needle grid
     assert [r.stage for r in records] == ["pretrain", "extend_2k"] and all(r.passed for r in records)
     gate2 = read_gate(tmp_path / "extend_2k")
@@ -129,13 +150,22 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     assert gate2["recall_before"] is not None  # the starting checkpoint, evaluated at 512
     before = json.loads((tmp_path / "extend_2k" / "recall_before.json").read_text())
     assert before["checkpoint"] == records[0].checkpoint
-    assert (tmp_path / "extend_2k" / "needle").is_dir()
+    # Every task's grid after and before, the single needle also as needle.json.
+    for name in ("needle/passkey", "needle/multikey", "needle/needle", "needle_before/passkey", "needle_before/multikey"):
+        assert json.loads((tmp_path / "extend_2k" / f"{name}.json").read_text())["lengths"] == [512]
+    multikey = gate2["tasks"]["multikey"]
+    assert multikey["min_recall"] is None and multikey["recall_before"] is not None and 0 <= multikey["recall"] <= 1
+    assert gate2["tasks"]["passkey"]["recall"] == gate2["recall"] and gate2["tasks"]["passkey"]["min_recall"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "extend_2k" / "metrics.jsonl").read_text().splitlines()]
+    gate_row = next(r for r in logged if "gate/recall" in r)
+    assert gate_row["gate/multikey/recall"] == multikey["recall"] and "gate/multikey/recall_before" in gate_row
     by_position = json.loads((tmp_path / "extend_2k" / "position_loss.json").read_text())
     assert by_position["seq_len"] == second.stage.seq_len and len(by_position["loss"]) == second.eval.position_buckets
     # Run again: both gates passed, nothing retrains.
-    monkeypatch.setattr(Gate, "recall", lambda self, length: pytest.fail("a passed stage was re-run"))
+    monkeypatch.setattr(Gate, "grids", lambda self, length: pytest.fail("a passed stage was re-run"))
     again = run_curriculum([first, second], single_process())
     assert [r.step for r in again] == [r.step for r in records]
     table = summary_table(again).splitlines()
     assert len(table) == 4 and table[2].split()[:3] == ["pretrain", "256", "-"]  # no recall before pretraining
     assert table[3].split()[:3] == ["extend_2k", "512", f"{records[1].recall_before:.2f}"]
+    assert "multikey" in table[0] and f"{multikey['recall_before']:.2f} → {multikey['recall']:.2f}" in table[3]

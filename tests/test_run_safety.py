@@ -210,6 +210,7 @@ README_COMMANDS = [
     (1, ["preset=cpu_demo"]),
     (1, ["preset=cpu_demo", "run.overwrite=true"]),
     (1, ["preset=cpu_demo", "rope=abf"]),
+    (1, ["preset=cpu_demo", "stage=cpu/extend_2k", "+gate.tasks.vartrack=0.5"]),
     (1, ["model=350m", "stage.seq_len=4096", "optim.lr=1e-3"]),
     (2, ["preset=cpu_demo", "parallel.cp=2"]),
     (2, ["preset=cpu_demo", "parallel.dp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),

@@ -4,9 +4,18 @@ Each kind ends with questions whose answers are the last tokens of the sample:
 
 - ``passkey`` (Landmark Attention, YaRN, LongLoRA): one numeric key, stated twice in a
   needle, asked for at the end.
-- ``kv`` (RULER multikey / multiquery): several ``key → value`` needles, some of them
-  queried at the end. The other pairs are distractors, so the model has to match the
-  key rather than fetch "the" number.
+- ``kv``: several ``key → value`` needles, some of them queried at the end, one question
+  each. The other pairs are distractors, so the model has to match the key rather than
+  fetch "the" number.
+- the RULER tasks (Hsieh et al. 2024), in its formats, over our haystack:
+  ``multikey`` (``kv`` asking one key among ``kv_pairs``), ``multiquery`` (``multi_queries``
+  of the keys asked in one question, their values answered as one list), ``multivalue``
+  (one key stated with ``multi_values`` values, all of them answered, in text order),
+  ``vartrack`` (chains of assignments ``VAR a = 12345`` … ``VAR b = a``; answer every name
+  the asked value reaches, in chain order) and ``cwe`` (common-word extraction: a list of
+  words, no haystack, the ``cwe_words`` most frequent asked for in order of first
+  appearance). Multi-part answers are one string joined by ``, ``, so exact match of every
+  answer token means every part right.
 - ``copy``: tagged segments of haystack text; a query repeats a tag and the answer is
   its whole segment.
 - ``induction``: ``copy`` with haystack, tags and segments all uniformly random tokens.
@@ -52,6 +61,25 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
 KV_INTRO = "Some values are hidden in the text below. Remember them.\n"
 KV_NEEDLE = "\nThe value of {key} is {value}.\n"
 KV_QUESTION = "\nWhat is the value of {key}? The value of {key} is "
+MULTIQUERY_QUESTION = "\nWhat are the values of {keys}? The values of {keys} are "
+MULTIVALUE_INTRO = "Some special values are hidden in the text below. Remember them.\n"
+MULTIVALUE_NEEDLE = "\nOne of the special values for {key} is {value}.\n"
+MULTIVALUE_QUESTION = "\nWhat are all the special values for {key}, in the order they appear? They are "
+VARTRACK_INTRO = "Memorize and track the chain of variable assignments hidden in the following text.\n"
+VARTRACK_VALUE = "\nVAR {name} = {value}\n"
+VARTRACK_ASSIGN = "\nVAR {name} = VAR {source}\n"
+VARTRACK_QUESTION = (
+    "\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+    "Answer: in the order they are assigned, they are "
+)
+CWE_INTRO = "Below is a list of words. Memorize the ones that appear most often.\n"
+CWE_QUESTION = (
+    "\nQuestion: What are the {n} most common words in the list above, in the order they first appear? "
+    "Answer: they are "
+)
+CWE_MAX_COMMON = 30  # RULER's frequencies: a common word 30 times, every other word 3 times
+CWE_RARE = 3
+ANSWER_SEP = ", "  # joins the parts of a multi-part answer
 COPY_NEEDLE = "\n[{key}] "
 ANSWER_END = "."  # closes every answer but the last, which ends the sample
 
@@ -101,6 +129,16 @@ def random_tags(rng: np.random.Generator, alphabet: np.ndarray, n: int, length: 
         if key_split(token_key(tag)) == split and not any(np.array_equal(tag, t) for t in tags):
             tags.append(tag)
     return tags
+
+
+def distinct_numbers(rng: np.random.Generator, n: int, digits: int, split: Split) -> list[str]:
+    """``n`` different numbers from ``split``'s half: a repeated value would make an answer ambiguous."""
+    numbers: list[str] = []
+    while len(numbers) < n:
+        v = draw_number(rng, digits, split)
+        if v not in numbers:
+            numbers.append(v)
+    return numbers
 
 
 def token_key(tokens: np.ndarray) -> str:
@@ -336,8 +374,12 @@ def kv_sample(
     key_chars: int = 6,
     value_digits: int = 5,
     loss: str = "answer",
+    one_question: bool = False,
+    kind: str = "kv",
 ) -> RetrievalSample:
-    """``num_pairs`` key–value needles at uniform depths; ``num_queries`` of them asked.
+    """``num_pairs`` key–value needles at uniform depths; ``num_queries`` of them asked,
+    each in its own question, or with ``one_question`` all in one (RULER multiquery),
+    answered as the list of their values.
 
     With ``depth`` given, the first queried pair is placed there (the needle grid's cell)
     and the others stay uniform.
@@ -345,13 +387,131 @@ def kv_sample(
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries} and {num_pairs}")
     keys = distinct_words(rng, num_pairs, key_chars, split)
-    values = [draw_number(rng, value_digits, split) for _ in keys]
+    values = distinct_numbers(rng, num_pairs, value_digits, split)
     depths, asked = needle_depths(rng, num_pairs, num_queries, depth)
     enc = functools.partial(_encode, tokenizer)
+    if one_question:
+        names = ANSWER_SEP.join(keys[j] for j in asked)
+        questions = [(enc(MULTIQUERY_QUESTION.format(keys=names)), enc(ANSWER_SEP.join(values[j] for j in asked)))]
+    else:
+        questions = [(enc(KV_QUESTION.format(key=keys[j])), enc(values[j])) for j in asked]
     return assemble(
-        "kv", tokenizer, haystack, rng, seq_len, enc(KV_INTRO),
-        [enc(KV_NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)], depths,
-        [(enc(KV_QUESTION.format(key=keys[j])), enc(values[j])) for j in asked], loss, keys + values,
+        kind, tokenizer, haystack, rng, seq_len, enc(KV_INTRO),
+        [enc(KV_NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)], depths, questions, loss, keys + values,
+    )
+
+
+def in_text_order(rng: np.random.Generator, n: int, depth: float | None, low: float = 0.0) -> list[float]:
+    """``n`` ascending depths in [low, 1], the first at ``depth`` when given (a grid cell):
+    needle j then precedes needle j+1 in the text (place_needles keeps index order on ties)."""
+    if depth is None:
+        return sorted(float(d) for d in low + (1 - low) * rng.random(n))
+    return [depth] + sorted(float(d) for d in depth + (1 - depth) * rng.random(n - 1))
+
+
+def multivalue_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    num_values: int = 4,
+    depth: float | None = None,
+    key_chars: int = 6,
+    value_digits: int = 5,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """One key stated with ``num_values`` values in as many needles; the answer is every
+    value, in the order they appear (the first needle at ``depth`` when given)."""
+    (key,) = distinct_words(rng, 1, key_chars, split)
+    values = distinct_numbers(rng, num_values, value_digits, split)
+    enc = functools.partial(_encode, tokenizer)
+    return assemble(
+        "multivalue", tokenizer, haystack, rng, seq_len, enc(MULTIVALUE_INTRO),
+        [enc(MULTIVALUE_NEEDLE.format(key=key, value=v)) for v in values], in_text_order(rng, num_values, depth),
+        [(enc(MULTIVALUE_QUESTION.format(key=key)), enc(ANSWER_SEP.join(values)))], loss, [key, *values],
+    )
+
+
+def vartrack_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    num_chains: int = 1,
+    num_hops: int = 4,
+    depth: float | None = None,
+    name_chars: int = 5,
+    value_digits: int = 5,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """``num_chains`` chains ``VAR a = 12345``, ``VAR b = VAR a``, … of ``num_hops``
+    assignments after the first, each chain in text order; the first chain's value is
+    asked, the others are distractors. The answer is every name of the asked chain, in
+    assignment order. With ``depth`` given, the asked chain starts there."""
+    names = distinct_words(rng, num_chains * (num_hops + 1), name_chars, split)
+    values = distinct_numbers(rng, num_chains, value_digits, split)
+    enc = functools.partial(_encode, tokenizer)
+    needles, depths = [], []
+    for c, value in enumerate(values):
+        chain = names[c * (num_hops + 1) : (c + 1) * (num_hops + 1)]
+        needles.append(enc(VARTRACK_VALUE.format(name=chain[0], value=value)))
+        needles += [enc(VARTRACK_ASSIGN.format(name=b, source=a)) for a, b in zip(chain, chain[1:])]
+        depths += in_text_order(rng, num_hops + 1, depth if c == 0 else None)
+    asked = names[: num_hops + 1]
+    return assemble(
+        "vartrack", tokenizer, haystack, rng, seq_len, enc(VARTRACK_INTRO), needles, depths,
+        [(enc(VARTRACK_QUESTION.format(value=values[0])), enc(ANSWER_SEP.join(asked)))], loss, names + values,
+    )
+
+
+def cwe_sample(
+    tokenizer: Tokenizer,
+    haystack: Haystack,
+    rng: np.random.Generator,
+    seq_len: int,
+    split: Split,
+    num_common: int = 3,
+    word_chars: int = 6,
+    loss: str = "answer",
+) -> RetrievalSample:
+    """Common-word extraction: a shuffled list of words that fills the sample, ``num_common``
+    of them up to 30 times each (half the list, at least CWE_RARE + 1 times), every other
+    word CWE_RARE times; the answer is the common words in order of first appearance.
+
+    There is no needle, so no depth; what the list leaves over (less than a word's
+    entries) is haystack text before it.
+    """
+    enc = functools.partial(_encode, tokenizer)
+    common = distinct_words(rng, num_common, word_chars, split)
+    intro, question = enc(CWE_INTRO), enc(CWE_QUESTION.format(n=num_common))
+    # The list's first appearances are renamed below to the order the answer states.
+    answer = enc(ANSWER_SEP.join(common))
+    budget = seq_len - len(intro) - len(question) - len(answer)  # seq_len + 1 tokens minus BOS
+    entry = [len(enc(" " + w)) for w in common]
+    times = min(CWE_MAX_COMMON, budget // (2 * sum(entry)))
+    if times <= CWE_RARE:
+        raise ValueError(f"seq_len={seq_len} is too short for a cwe sample of {num_common} common words")
+    budget -= times * sum(entry)
+    words, slots = list(common), [j for j in range(num_common) for _ in range(times)]
+    while True:  # rare words while CWE_RARE more entries of one fit
+        w = draw_word(rng, word_chars, split)
+        cost = CWE_RARE * len(enc(" " + w))
+        if w in words:
+            continue
+        if cost > budget:
+            break
+        budget -= cost
+        slots += [len(words)] * CWE_RARE
+        words.append(w)
+    order = rng.permutation(len(slots))
+    slots = [slots[i] for i in order]
+    first_seen = list(dict.fromkeys(j for j in slots if j < num_common))
+    rename = {j: common[k] for k, j in enumerate(first_seen)}
+    listing = np.concatenate([enc(" " + (rename[j] if j < num_common else words[j])) for j in slots])
+    return assemble(
+        "cwe", tokenizer, haystack, rng, seq_len, intro, [listing], [1.0], [(question, answer)], loss, words,
     )
 
 
@@ -414,6 +574,22 @@ def retrieval_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.kv_pairs, cfg.kv_queries, depth,
             cfg.kv_key_chars, cfg.key_digits, cfg.loss,
         )
+    if kind in ("multikey", "multiquery"):
+        return kv_sample(
+            tokenizer, haystack, rng, seq_len, split, cfg.kv_pairs, 1 if kind == "multikey" else cfg.multi_queries,
+            depth, cfg.kv_key_chars, cfg.key_digits, cfg.loss, one_question=kind == "multiquery", kind=kind,
+        )
+    if kind == "multivalue":
+        return multivalue_sample(
+            tokenizer, haystack, rng, seq_len, split, cfg.multi_values, depth, cfg.kv_key_chars, cfg.key_digits, cfg.loss
+        )
+    if kind == "vartrack":
+        return vartrack_sample(
+            tokenizer, haystack, rng, seq_len, split, cfg.vartrack_chains, cfg.vartrack_hops, depth,
+            cfg.kv_key_chars, cfg.key_digits, cfg.loss,
+        )
+    if kind == "cwe":  # no needle: depth has no meaning
+        return cwe_sample(tokenizer, haystack, rng, seq_len, split, cfg.cwe_words, cfg.kv_key_chars, cfg.loss)
     if kind in ("copy", "induction"):
         return copy_sample(
             tokenizer, haystack, rng, seq_len, split, cfg.copy_segments, cfg.copy_segment_len,

@@ -114,11 +114,13 @@ def run_needle_grid(
     return NeedleGrid(kind, list(lengths), list(depths), trials, recall)
 
 
-def write_results(grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
-    """``needle.json`` (grid + mean recall per length) and ``needle.png`` in ``out_dir``."""
+def write_results(
+    grid: NeedleGrid, out_dir: Path, extra: Optional[dict] = None, name: str = "needle"
+) -> tuple[Path, Path]:
+    """``NAME.json`` (grid + mean recall per length) and ``NAME.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**asdict(grid), "mean_recall": {str(n): grid.recall_at(n) for n in grid.lengths}, **(extra or {})}
-    json_path, png_path = out_dir / "needle.json", out_dir / "needle.png"
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
     json_path.write_text(json.dumps(record, indent=2))
     save_heatmap(grid, png_path)
     return json_path, png_path
@@ -163,6 +165,14 @@ def load_hf_model(folder: Path) -> tuple[ForwardFn, Config, Tokenizer, torch.dev
     return forward, cfg, build_tokenizer(cfg.tokenizer), device
 
 
+def load_source(checkpoint: str) -> tuple[ForwardFn, Config, Tokenizer, torch.device, Path]:
+    """A checkpoint folder, or ``hf:FOLDER``, as (forward, its run config, tokenizer, device, folder)."""
+    source = hf_path(checkpoint)
+    if source is not None:
+        return (*load_hf_model(source), source)
+    return (*load_model(Path(checkpoint)), Path(checkpoint))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m longtrain.eval.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX), or hf:FOLDER for a Hugging Face folder")
@@ -175,12 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
     args = p.parse_args(argv)
 
-    source = hf_path(args.checkpoint)
-    if source is not None:
-        model, cfg, tokenizer, device = load_hf_model(source)
-    else:
-        source = Path(args.checkpoint)
-        model, cfg, tokenizer, device = load_model(source)
+    model, cfg, tokenizer, device, source = load_source(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     haystack = build_haystack(cfg, tokenizer, "val")
