@@ -8,16 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from longtrain import checkpoint as ckpt
-from longtrain.config import Config, ModelConfig, RopeConfig
+from longtrain.config import ModelConfig, RopeConfig
 from longtrain.data.retrieval import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, Haystack, depth_index, key_split
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.eval import needle, position_loss
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
-from longtrain.optim.optimizer import build_optimizer
+from tests.checkpoint_utils import tiny_checkpoint
 
 TOK = ByteTokenizer()
 LENGTH = 320  # just above the passkey template (~260 tokens)
@@ -108,13 +106,7 @@ def test_position_loss_uses_single_document_windows(tmp_path):
 
 
 def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
-    cfg = Config()
-    cfg.model = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
-    cfg.stage.seq_len = LENGTH
-    cfg.data.max_docs = 20  # a few validation files are enough for a haystack
-    model = Transformer(cfg.model, cfg.rope, TOK.vocab_size)
-    state = {"step": 1, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
-    path = ckpt.save_checkpoint(tmp_path / "ckpts", 1, model, build_optimizer(model, cfg.optim), state, keep=1, run_id="test")
+    path, model = tiny_checkpoint(tmp_path / "ckpts", LENGTH)
     needle.main([str(path), "--depths", "0", "100", "--trials", "1", "--out", str(tmp_path / "out")])
     record = json.loads((tmp_path / "out" / "needle.json").read_text())
     assert record["lengths"] == [LENGTH] and record["depths"] == [0.0, 1.0]
@@ -125,7 +117,7 @@ def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
     position_loss.main([str(path), "--buckets", "4", "--windows", "2", "--out", str(tmp_path / "by_position")])
     by_position = json.loads((tmp_path / "by_position" / "position_loss.json").read_text())
-    assert by_position["seq_len"] == cfg.stage.seq_len and len(by_position["loss"]) == 4
+    assert by_position["seq_len"] == LENGTH and len(by_position["loss"]) == 4
 
 
 @pytest.mark.parametrize("lengths", [[2048], [512, 2048, 8192]])

@@ -13,17 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from longtrain import checkpoint as ckpt
-from longtrain.config import Config, ModelConfig, RetrievalConfig
+from longtrain.config import RetrievalConfig
 from longtrain.data.retrieval import Haystack, RetrievalDataset, key_split, retrieval_sample
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.eval import suite
 from longtrain.eval.needle import needle_batch
-from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
-from longtrain.optim.optimizer import build_optimizer
+from tests.checkpoint_utils import tiny_checkpoint
 from tests.dist_utils import run_distributed
 
 TOK = ByteTokenizer()
@@ -170,13 +167,7 @@ def test_perfect_solver_scores_one_and_random_forward_zero(haystack):
 
 
 def test_suite_table_json_plot_and_cli(haystack, tmp_path, capsys):
-    cfg = Config()
-    cfg.model = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
-    cfg.stage.seq_len = LENGTH
-    cfg.data.max_docs = 20  # a few validation files are enough for a haystack
-    model = Transformer(cfg.model, cfg.rope, TOK.vocab_size)
-    state = {"step": 1, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
-    path = ckpt.save_checkpoint(tmp_path / "ckpts", 1, model, build_optimizer(model, cfg.optim), state, keep=1, run_id="test")
+    path, _ = tiny_checkpoint(tmp_path / "ckpts", LENGTH)
     # README: python -m longtrain.eval.suite CHECKPOINT --lengths ... --tasks ...
     suite.main([str(path), "--lengths", str(LENGTH), "700", "--tasks", "passkey", "vartrack", "cwe", "--depths", "0", "100",
                 "--trials", "1", "--out", str(tmp_path / "out")])
