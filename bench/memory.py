@@ -103,9 +103,11 @@ def main() -> None:
                   f"{r.peak_gb - r.static_gb:>15.2f}", flush=True)
         if len(rows) > 1:
             lens = [n for n, _ in rows]
+            above = [r.peak_gb - r.static_gb for _, r in rows]
+            # A step too short to raise RSS above static at some length has no exponent to fit.
+            above_slope = f"{loglog_slope(lens, above):.3f}" if min(above) > 0 else "n/a (no growth above static measured)"
             print(f"{impl:>10} fitted exponent (log-log slope) of peak RSS: "
-                  f"{loglog_slope(lens, [r.peak_gb for _, r in rows]):.3f}; of peak above static: "
-                  f"{loglog_slope(lens, [r.peak_gb - r.static_gb for _, r in rows]):.3f}", flush=True)
+                  f"{loglog_slope(lens, [r.peak_gb for _, r in rows]):.3f}; of peak above static: {above_slope}", flush=True)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_a_gate_over_several_tasks_has_a_column_each(finished_run, tmp_path):
     row = dict(zip(head, table_row(md, "pretrain")))
     assert row["kv recall before → after"] == "0.25 → 0.75 (≥ 0.5)"
     assert row["passkey recall before → after"].endswith("(≥ 0)")
-    assert read_run(run).stages[1].after.keys() == {"passkey", "kv"}  # needle.json under its kind, and kv.json
+    assert {"passkey", "kv"} <= read_run(run).stages[1].after.keys()  # needle.json under its kind, and kv.json (and the reported tasks)
 
 
 @pytest.mark.parametrize("make, says", [

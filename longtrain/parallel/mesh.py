@@ -8,6 +8,7 @@ data-parallel for the weights and should not each keep a full optimizer state.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -84,10 +85,22 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        # Gloo's worker threads must stop while the interpreter is alive: a process that exits
+        # with its group still up can abort in finalisation ("terminate called without an
+        # active exception", SIGABRT). A multirun's jobs share the group until then.
+        atexit.register(_destroy_process_group)
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
     dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
     health = dist.new_group(backend="gloo", timeout=timeout)
     return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh, dp_cp_mesh, health, cfg.timeout_s)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized() and not _peer_lost:
+        dist.destroy_process_group()
+
+
+_peer_lost = False  # after a collective timeout, teardown could wait on the silent rank forever
 
 
 class CollectiveTimeout(RuntimeError):
@@ -106,6 +119,8 @@ def collective_timeouts(pd: ParallelDims) -> Iterator[None]:
     except RuntimeError as e:
         if pd.world_size == 1 or not re.search(r"time[d ]*out", str(e), re.IGNORECASE):
             raise
+        global _peer_lost
+        _peer_lost = True
         silent = silent_ranks(pd)
         who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "rank 0 did not answer"
         raise CollectiveTimeout(
