@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 
 from longtrain.config import Config, RopeConfig
-from longtrain.eval.grid import NeedleGrid, draw_heatmap
+from longtrain.eval.grid import NeedleGrid, draw_heatmap, pyplot
 from longtrain.logging import log_report
 from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
 from longtrain.sweep_report import (
@@ -256,15 +256,6 @@ def stage_table(report: RunReport) -> Table:
 # -- figures -----------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def needle_figure(report: RunReport, path: Path) -> Optional[Path]:
     """Every stage's needle grids side by side (per task), rows before / after its training."""
     panels = []
@@ -276,7 +267,7 @@ def needle_figure(report: RunReport, path: Path) -> Optional[Path]:
                 panels.append((task, s, [(label, g) for label, g in shown if g.depths == shown[-1][1].depths]))
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     ncols = min(2, len(panels))
     nrows = -(-len(panels) // ncols)
     height = max(len(p[2]) for p in panels) * 0.45 + 1.6
@@ -297,7 +288,7 @@ def loss_figure(report: RunReport, path: Path) -> Optional[Path]:
     """Train and validation loss on one axis of steps, the stages one after another."""
     if not any("train/loss" in r for s in report.stages for r in s.metrics):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 4.2), layout="constrained")
     offset = 0
     for i, s in enumerate(report.stages):
@@ -324,7 +315,7 @@ def position_figure(report: RunReport, path: Path) -> Optional[Path]:
     stages = [s for s in report.stages if s.position]
     if not stages:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
     for s in stages:
         p = s.position
@@ -344,7 +335,7 @@ def throughput_figure(report: RunReport, path: Path) -> Optional[Path]:
     stages = [s for s in report.stages if s.tokens_per_s is not None]
     if not stages:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(stages) + 2), 3.8), layout="constrained")
     values = [s.tokens_per_s for s in stages]
     bars = ax.bar(range(len(stages)), values, color="C2")  # type: ignore[arg-type]
@@ -359,7 +350,7 @@ def throughput_figure(report: RunReport, path: Path) -> Optional[Path]:
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 

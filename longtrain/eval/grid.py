@@ -52,11 +52,19 @@ def draw_heatmap(ax: Any, recall: Sequence[Sequence[float]], depths: Sequence[fl
     return im
 
 
-def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported on first use: the figures go to files,
+    never to a display, and a command that draws nothing does not pay for the import."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_heatmap(grid: NeedleGrid, path: Path, title: str = "") -> None:
+    plt = pyplot()
 
     # Constrained layout sizes the axes around their labels and title, so none is cut.
     fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(grid.depths), 2.0 + 0.45 * len(grid.lengths)),

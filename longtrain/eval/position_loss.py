@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from longtrain.data.shards import open_prepared
+from longtrain.eval.grid import pyplot
 from longtrain.eval.needle import ForwardFn, load_model
 
 
@@ -78,10 +79,7 @@ def position_loss(
 
 def write_results(result: PositionLoss, out_dir: Path, extra: Optional[dict] = None) -> tuple[Path, Path]:
     """``position_loss.json`` and ``position_loss.png`` in ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "position_loss.json", out_dir / "position_loss.png"

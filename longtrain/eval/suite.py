@@ -25,6 +25,7 @@ import torch
 from longtrain.config import RETRIEVAL_KINDS, RetrievalConfig
 from longtrain.data.retrieval import Haystack, build_haystack
 from longtrain.data.tokenizer import Tokenizer
+from longtrain.eval.grid import pyplot
 from longtrain.eval.needle import DEFAULT_DEPTHS, ForwardFn, NeedleGrid, load_source, needle_batch, run_needle_grid
 
 DEFAULT_TASKS = ("passkey", "multikey", "multiquery", "multivalue", "vartrack", "cwe")
@@ -74,10 +75,7 @@ def suite_table(grids: dict[str, NeedleGrid]) -> str:
 
 def save_plot(grids: dict[str, NeedleGrid], path: Path, title: str) -> None:
     """Recall against context length, one line per task (RULER's picture)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for task, grid in grids.items():
