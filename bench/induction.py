@@ -59,7 +59,7 @@ def train(tied: bool, args: argparse.Namespace) -> list[float]:
     for step in range(1, args.steps + 1):
         ids, labels = map(torch.stack, zip(*(copy_sequence(rng, args.seq_len) for _ in range(args.batch))))
         sums = model(ids, positions, labels)
-        (sums.ce / sums.tokens).backward()
+        (sums.objective / sums.tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(sums.ce.detach() / sums.tokens))

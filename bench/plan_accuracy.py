@@ -79,8 +79,9 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
         ids = torch.randint(0, 256, (1, seq + 1), generator=gen)
         batch = shard_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(seq)[None]}, pd)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype(cfg.run.dtype, "cpu") is not None):
-            sums = model(batch["input_ids"], batch["position_ids"], batch["labels"], cfg.optim.loss_chunk_size)
-        total_loss(sums, cfg.optim.z_loss, seq).backward()
+            sums = model(batch["input_ids"], batch["position_ids"], batch["labels"], cfg.optim.loss_chunk_size,
+                         z_loss=cfg.optim.z_loss)
+        total_loss(sums, seq).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

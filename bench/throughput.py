@@ -5,11 +5,13 @@ layers, 8 q / 2 kv heads, tied embeddings; the `tiny` model before it became the
 demo model), one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU, with
 the byte vocabulary (259) and/or a 32K one (`--vocabs`). Each configuration runs in a
 fresh process so peak RSS is its own. Prints medians of wall and CPU time per step and
-the ratios to HF and to longtrain without checkpointing. Speed ratios use the process's
+the ratios to HF and to longtrain without checkpointing; with ``--repeats R`` every
+implementation runs R times in alternating order and each ratio is the median of the R
+side-by-side ratios. Speed ratios use the process's
 CPU time, which another job on a shared machine disturbs far less than wall time (with
 one thread the two agree on an idle machine).
 
-    python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 3 --threads 1
+    python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 3 --repeats 3 --threads 1
 
 Implementations (`--impls`): hf (Qwen3ForCausalLM, SDPA), hf_gc (the same with HF's
 gradient checkpointing), and longtrain with each `model.activation_checkpointing` mode:
@@ -29,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from longtrain.config import OptimConfig
+
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 BYTE_VOCAB = 259
 LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled")
@@ -43,7 +47,7 @@ class Result:
     static_gb: float  # peak RSS before the first step (imports, model, data)
 
 
-def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int):
+def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
     from longtrain.config import ModelConfig, RopeConfig
     from longtrain.model.transformer import Transformer
 
@@ -55,8 +59,8 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int):
 
         def loss_fn(ids, pos):
             docs = torch.arange(ids.shape[1])[None] // doc_len if doc_len else None
-            sums = model(ids, pos, ids, 1024, docs)
-            return (sums.ce + 1e-4 * sums.z) / sums.tokens
+            sums = model(ids, pos, ids, loss_chunk, docs, z_loss=1e-4)
+            return sums.objective / sums.tokens
 
         return model, loss_fn
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -78,12 +82,12 @@ def _peak_gb() -> float:
 
 
 def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int, doc_len: int,
-         max_gb: float, queue) -> None:
+         loss_chunk: int, max_gb: float, queue) -> None:
     if max_gb:  # a safety cap for configurations that would take the shared machine's memory
         resource.setrlimit(resource.RLIMIT_AS, (int(max_gb * 1024**3),) * 2)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, loss_fn = _build(impl, vocab, mlp_tile, doc_len)
+    model, loss_fn = _build(impl, vocab, mlp_tile, doc_len, loss_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, min(vocab, 256), (1, seq_len))
     pos = torch.arange(seq_len)[None]
@@ -107,7 +111,8 @@ def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile
 
 
 def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: int = BYTE_VOCAB,
-            mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0, mmap_threshold: int = 0) -> Result:
+            mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0, mmap_threshold: int = 0,
+            loss_chunk: int = OptimConfig.loss_chunk_size) -> Result:
     """One configuration in a fresh process: median step time over ``steps`` after a warm-up
     (``steps`` = 0: the one step's time) and peak RSS.
 
@@ -117,7 +122,7 @@ def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: in
     freed and serves later ones from a heap that does not shrink)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, max_gb, queue))
+    p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, loss_chunk, max_gb, queue))
     saved = os.environ.get(_MMAP_ENV)
     if mmap_threshold:
         os.environ[_MMAP_ENV] = str(mmap_threshold)  # read by glibc at the child's start
@@ -137,14 +142,30 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def _median(xs: list[Optional[float]]) -> Optional[float]:
+    return statistics.median(xs) if xs and None not in xs else None
+
+
+def _speed_ratio(rounds: list[dict[str, Result]], impl: str, base: str) -> Optional[float]:
+    """Median over rounds of base's CPU time / impl's: each ratio is taken side by side."""
+    if base not in rounds[0]:
+        return None
+    return _median([r[base].cpu_seconds / r[impl].cpu_seconds if r[impl].cpu_seconds and r[base].cpu_seconds
+                    else None for r in rounds])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[BYTE_VOCAB])
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["hf", "none"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of all --impls (fresh processes, order alternating); medians over rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
+    ap.add_argument("--loss-chunk", type=int, default=OptimConfig.loss_chunk_size,
+                    help="optim.loss_chunk_size of longtrain (default: the config's)")
     ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
@@ -152,18 +173,21 @@ def main() -> None:
           f"{'speed vs hf':>11} {'RSS vs hf':>9} {'speed vs none':>13} {'RSS vs none':>11}", flush=True)
     for vocab in args.vocabs:
         for seq_len in args.seq_lens:
-            rows = {}
+            rounds = []
+            for i in range(args.repeats):  # alternate the order so drift in the machine's speed cancels
+                rounds.append({impl: measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
+                                             max_gb=args.max_gb, mmap_threshold=args.mmap_threshold,
+                                             loss_chunk=args.loss_chunk)
+                               for impl in (args.impls if i % 2 == 0 else args.impls[::-1])})
+            peaks = {impl: _median([r[impl].peak_gb for r in rounds]) for impl in args.impls}
             for impl in args.impls:
-                r = rows[impl] = measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
-                                         max_gb=args.max_gb, mmap_threshold=args.mmap_threshold)
-                hf, none = rows.get("hf"), rows.get("none")
+                wall, cpu = (_median([getattr(r[impl], f) for r in rounds]) for f in ("seconds", "cpu_seconds"))
                 print(
                     f"{vocab:>6} {seq_len:>6} {impl:>10} "
-                    + (f"{r.seconds:>7.2f} {r.cpu_seconds:>7.2f} {seq_len / r.cpu_seconds:>9.0f} " if r.seconds
-                       else f"{'no fit':>7} {'-':>7} {'-':>9} ")
-                    + f"{r.peak_gb:>8.2f} {_ratio(hf and hf.cpu_seconds, r.cpu_seconds):>11} "
-                    f"{_ratio(r.peak_gb, hf and hf.peak_gb):>9} {_ratio(none and none.cpu_seconds, r.cpu_seconds):>13} "
-                    f"{_ratio(r.peak_gb, none and none.peak_gb):>11}",
+                    + (f"{wall:>7.2f} {cpu:>7.2f} {seq_len / cpu:>9.0f} " if cpu else f"{'no fit':>7} {'-':>7} {'-':>9} ")
+                    + f"{peaks[impl]:>8.2f} {_ratio(_speed_ratio(rounds, impl, 'hf'), 1):>11} "
+                    f"{_ratio(peaks[impl], peaks.get('hf')):>9} {_ratio(_speed_ratio(rounds, impl, 'none'), 1):>13} "
+                    f"{_ratio(peaks[impl], peaks.get('none')):>11}",
                     flush=True,
                 )
 

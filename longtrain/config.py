@@ -141,7 +141,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     z_loss: float = 1e-4
-    loss_chunk_size: int = 1024  # tokens per cross-entropy chunk
+    loss_chunk_size: int = 256  # tokens per chunk of the fused output projection + cross-entropy
     # A step whose loss or grad norm is not finite is skipped (not applied); this many in a
     # row stop the stage, naming the last good checkpoint.
     max_nonfinite_steps: int = 5

@@ -12,8 +12,9 @@ stage the command would run, per rank:
 - the activations each block saves for backward, by component, for this rank's tokens
   (seq_len × micro-batch / cp), the checkpointing mode and MLP tiling; those outside the
   blocks;
-- the activations live at the peak of each backward phase: the saved set plus the loss
-  chunk ([chunk, vocab] fp32 logits and their gradient), a checkpointed block rebuilt
+- the activations live at the peak of each phase: the saved set plus the loss chunk
+  ([chunk, vocab] fp32 logits, made their gradient in place: the fused loss keeps
+  d/d hidden states and d/d output weight for the backward), a checkpointed block rebuilt
   with its gradients, the attention kernel's or the ring's buffers (the K/V blocks in
   flight);
 - the predicted peak, and whether it fits ``--device-memory``.
@@ -27,7 +28,7 @@ copies of their inputs and weights while the norms, RoPE and lse stay fp32; that
 accounting is checked against CPU autocast, which runs the same ops (CUDA itself is not
 measured here: no GPU).
 
-The backward phases and the CUDA allocator's reserve are a model, not an exact count;
+The phases and the CUDA allocator's reserve are a model, not an exact count;
 bench/plan_accuracy.py measures the whole prediction against peak RSS on the CPU.
 """
 
@@ -62,7 +63,7 @@ class Row:
 
 @dataclass
 class MemoryPlan:
-    """One stage on one rank: static state, activations, backward phases and the peak."""
+    """One stage on one rank: static state, activations, phases (loss, backward) and the peak."""
 
     stage: str
     seq_len: int
@@ -78,7 +79,7 @@ class MemoryPlan:
     state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
     per_block: list[Row] = field(default_factory=list)  # saved by each block (all alike)
     outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
-    phases: list[Row] = field(default_factory=list)  # activation memory live at each backward phase's peak
+    phases: list[Row] = field(default_factory=list)  # activation memory live at the loss and at each backward phase's peak
     overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
     optimizer_step_extra: int = 0  # temporaries of the optimizer step (activations freed by then)
 
@@ -148,8 +149,7 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list
     # rotated q and k are new tensors the kernel saves, cast to the compute dtype.
     rows += [
         Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs, after QK-norm and RoPE"),
-        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype, lse fp32"),
-        Row("wo input", t * hq * act, "out transposed to [T, heads·head_dim]"),
+        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype (also wo's input), lse fp32"),
         Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
     ]
     if tiled:
@@ -200,8 +200,8 @@ def recompute_extra(cfg: Config, tokens: int, act: int, mode: str, tiled: bool =
     return full - kept + tokens * not_in_plain * act
 
 
-def outside_saved(cfg: Config, tokens: int) -> list[Row]:
-    """Saved outside the blocks: token ids, RoPE tables, final norm, the loss's input."""
+def outside_saved(cfg: Config, tokens: int, vocab_size: int, act: int) -> list[Row]:
+    """Saved outside the blocks: token ids, RoPE tables, final norm, the loss's gradients."""
     m = cfg.model
     t = tokens
     rows = [Row("token ids", t * 8, "int64, saved by the embedding")]
@@ -212,28 +212,34 @@ def outside_saved(cfg: Config, tokens: int) -> list[Row]:
         rows.append(Row("logn query scale", t * 4, "fp32, shared by every block"))
     rows += [
         Row("final norm", t * (2 * m.dim + 1) * 4, "RMSNorm: fp32 input, x/rms, 1/rms"),
-        # The loss checkpoints each chunk: it keeps the final hidden states and the labels.
-        Row("loss input + labels", t * (m.dim * 4 + 8), "final hidden states fp32, labels int64"),
+        # The fused loss computes its gradients in the forward and keeps them for the backward.
+        Row("loss gradients", t * m.dim * act + vocab_size * m.dim * 4,
+            f"d/d hidden states ({'bf16' if act == 2 else 'fp32'}), d/d output weight fp32"),
     ]
     return rows
 
 
 def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[Row]:
-    """Activation memory live at the peak of each phase of the backward: the saved set,
-    less what earlier backward nodes released, plus that phase's temporaries."""
+    """Activation memory live at the peak of the loss and of each phase of the backward:
+    the saved set, less what earlier backward nodes released, plus that phase's temporaries."""
     m = cfg.model
     d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
     hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
     t, saved = plan.tokens, plan.activations
     chunk = min(cfg.optim.loss_chunk_size, t)
     residual_grads = 2 * t * d * 4  # the gradient flowing down the residual stream, and its sum
-    # The loss backward replays one chunk at a time: logits (compute dtype), fp32 logits and
-    # their gradient; the hidden states' gradient accumulates into a [T, dim] fp32 buffer.
-    rows = [Row("loss backward", saved + chunk * vocab_size * (act + 2 * 4) + residual_grads,
-                f"all saved + [{chunk}, {vocab_size}] logits fp32 and grad + dh")]
-    # By the last block's backward the final norm and the loss input are released.
-    released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss input + labels"))
-    released -= t * 8  # the labels stay with the batch
+    # The loss runs one chunk at a time, at the end of the forward (all saved, its gradient
+    # buffers too): the chunk's fp32 logits, turned into their gradient in place; under bf16
+    # the matmul's bf16 logits and the gradient's bf16 copy, bf16 copies of the hidden states
+    # and the output weight, and each chunk's bf16 weight gradient before it is added in fp32.
+    chunk_bytes = chunk * vocab_size * (4 + (4 if act == 2 else 0))
+    casts = (t * d + 2 * vocab_size * d) * 2 if act == 2 else 0
+    rows = [Row("loss (forward, gradients formed)", saved + chunk_bytes + casts,
+                f"all saved + [{chunk}, {vocab_size}] logits fp32" + (" and bf16 copies" if act == 2 else ""))]
+    # Its backward scales the gradients by the incoming one: dh fp32 joins the residual stream.
+    rows.append(Row("loss backward", saved + residual_grads, "all saved + dh + residual gradients"))
+    # By the last block's backward the final norm's and the loss's saved tensors are released.
+    released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss gradients"))
     # A checkpointed block first rebuilds its plain saved set (model/checkpointing.py).
     block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing, bool(plan.mlp_tile))
     if plan.mlp_tile:
@@ -293,7 +299,7 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
         plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
                               "root + 2 blocks' parameters + 1 block's gradients, fp32"))
     plan.per_block = block_saved(cfg, tokens, act, tiled) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
-    plan.outside_blocks = outside_saved(cfg, tokens)
+    plan.outside_blocks = outside_saved(cfg, tokens, vocab_size, act)
     plan.phases = phases(cfg, plan, act, vocab_size)
     # foreach AdamW: a temporary the size of the (local) parameters next to the state.
     plan.optimizer_step_extra = 2 * shard * 4
@@ -327,7 +333,7 @@ def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
     lines.append(f"    {'per block':<38}{_size(per_block)}   × {plan.n_layers} = {_size(per_block * plan.n_layers).strip()}")
     rows("activations saved outside the blocks", plan.outside_blocks)
     lines.append(f"    {'all activations':<38}{_size(plan.activations)}")
-    rows("activations live at each backward phase's peak (the largest sets the peak)", plan.phases)
+    rows("activations live at each phase's peak (the largest sets the peak)", plan.phases)
     if plan.overhead:
         rows("device overhead", plan.overhead)
     verdict = ""

@@ -202,7 +202,7 @@ class Trainer:
         with self.autocast():
             return self.model(
                 batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size,
-                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None,
+                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None, z_loss=self.cfg.optim.z_loss,
             )
 
     def forward_backward(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -220,7 +220,7 @@ class Trainer:
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce once, at the end
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             sums = self.forward_sums(batch)
-            total_loss(sums, self.cfg.optim.z_loss, global_tokens).backward()
+            total_loss(sums, global_tokens).backward()
             ce += sums.ce.detach()
             z += sums.z.detach()
         return {"ce": all_reduce_sum(ce, self.pd), "z": all_reduce_sum(z, self.pd), "tokens": global_tokens}

@@ -45,8 +45,8 @@ def counting() -> Iterator[Counter]:
 
 
 def loss_and_grads(model, ids, pos, labels, docs=None, tokens=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    sums = model(ids, pos, labels, 16, docs)
-    loss = (sums.ce + 1e-4 * sums.z) / (sums.tokens if tokens is None else tokens)
+    sums = model(ids, pos, labels, 16, docs, z_loss=1e-4)
+    loss = sums.objective / (sums.tokens if tokens is None else tokens)
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():

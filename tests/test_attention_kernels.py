@@ -8,6 +8,7 @@ from longtrain.attention.kernels import (
     kernel_backward,
     kernel_forward,
 )
+from longtrain.attention import kernels
 from longtrain.attention.ring import ring_backward, ring_forward
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -48,11 +49,17 @@ def make(b, hq, hkv, t, d, dtype, seed=0):
     return q, k, v, dout
 
 
+@pytest.mark.parametrize("native_gqa", [True, False], ids=["native-gqa", "per-group"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", [(1, 1), (4, 4), (8, 2), (8, 1), (4, 2)])
 @pytest.mark.parametrize("t", [64, 100])
-def test_attention_matches_reference(dtype, causal, hq, hkv, t):
+def test_attention_matches_reference(dtype, causal, hq, hkv, t, native_gqa, monkeypatch):
+    """Both CPU GQA paths: one kernel call over all heads (torch >= 2.9) and a call per
+    group member (older torch; the path CUDA's fp32 kernel takes)."""
+    if native_gqa and not kernels.CPU_NATIVE_GQA:
+        pytest.skip("this torch's CPU kernel has no native GQA")
+    monkeypatch.setattr(kernels, "CPU_NATIVE_GQA", native_gqa)
     q, k, v, dout = make(2, hq, hkv, t, 16, dtype)
     scale = 0.3
     q, k, v = (x.requires_grad_() for x in (q, k, v))

@@ -7,14 +7,15 @@ backward kernels are exactly that (P = exp(scale·QKᵀ − lse), D = rowsum(dO�
 call them directly:
 
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``). Tiled;
-  never materialises the T×S score matrix. Handles fp64 too (lse stays fp64).
+  never materialises the T×S score matrix. Handles fp64 too (lse stays fp64). GQA
+  natively from torch 2.9.
 - CUDA, fp16/bf16: flash-attn 2.7+ when importable, else PyTorch's bundled flash
   kernel. Both do GQA natively.
 - CUDA, fp32: PyTorch's memory-efficient kernel.
 
 Layout everywhere is q [B, Hq, T, D], k/v [B, Hkv, S, D], lse [B, Hq, T]. GQA: q head h
 uses kv head h // (Hq // Hkv) (HF ``repeat_kv`` order). Kernels without native GQA
-(CPU, efficient) run once per group member against the *un-repeated* K/V, so K/V are
+(efficient, CPU before torch 2.9) run once per group member against the *un-repeated* K/V, so K/V are
 never copied Hq/Hkv times; dK/dV are summed over the group.
 
 The dtype contract: q, k, v (and in the backward dout and out) reach a kernel in one
@@ -28,11 +29,13 @@ fp32 (``aten::rms_norm`` is on its fp32 list) while v comes out of a linear laye
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 try:  # optional CUDA dependency; absent on CPU installs
     import flash_attn
@@ -45,6 +48,9 @@ except ImportError:
     FLASH_ATTN_VERSION = None
 
 aten = torch.ops.aten
+# The CPU flash kernel takes fewer K/V heads than q heads from torch 2.9 (pytorch#157893);
+# one call over all heads is faster than a call per group member, which sums dK/dV.
+CPU_NATIVE_GQA = TorchVersion(torch.__version__) >= (2, 9)
 
 ForwardFn = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 BackwardFn = Callable[
@@ -285,7 +291,7 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) 
     _check(q, k, v, causal)
     backend = kernel_backend(q.device.type, q.dtype)
     if backend == "cpu":
-        return _grouped_forward(_cpu_forward, q, k, v, causal, scale)
+        return (_cpu_forward if CPU_NATIVE_GQA else partial(_grouped_forward, _cpu_forward))(q, k, v, causal, scale)
     if backend == "flash_attn":
         return _flash_attn_fwd(q, k, v, causal, scale)
     if backend == "sdpa_flash":
@@ -322,8 +328,9 @@ def kernel_backward(
         )
     _check_lse(lse, q)
     backend = kernel_backend(q.device.type, q.dtype)
-    if backend in ("flash_attn", "sdpa_flash"):  # kernels with native GQA
-        bwd = _flash_attn_bwd if backend == "flash_attn" else _sdpa_flash_backward
+    native_gqa = {"flash_attn": _flash_attn_bwd, "sdpa_flash": _sdpa_flash_backward, "cpu": _cpu_backward}
+    if backend in native_gqa and (backend != "cpu" or CPU_NATIVE_GQA):
+        bwd = native_gqa[backend]
         block = bwd(dout, q, k, v, out, lse, causal, scale)
         if grads is None:
             return block

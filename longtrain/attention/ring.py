@@ -251,8 +251,10 @@ def _ring_attention_op(
     q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     out, lse = ring_forward(q, k, v, scale, _group(group_name), doc_ids)
-    # Op outputs must not alias its inputs; a fp32 out is already a fresh tensor.
-    return out, lse
+    # out [B, H, T, D] laid out as [B, T, H, D] (flash kernels write it so; a merged ring
+    # output is copied once), so the model's [B, T, H·D] view for wo is not another copy:
+    # the one tensor is saved by this op and by wo. It is a fresh tensor, as op outputs must be.
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse
 
 
 def _group(name: Optional[str]) -> Optional[dist.ProcessGroup]:

@@ -172,6 +172,7 @@ class Transformer(nn.Module):
         labels: Optional[Tensor] = None,
         loss_chunk_size: int = 1024,
         doc_ids: Optional[Tensor] = None,
+        z_loss: float = 0.0,
     ) -> Tensor | LossSums:
         """Logits [B, T, vocab] without labels; with labels, summed CE and z-loss terms.
 
@@ -179,12 +180,13 @@ class Transformer(nn.Module):
         to each token's own document; None attends across the whole packed sequence.
 
         The loss is computed inside forward so that FSDP2 keeps the (possibly tied) output
-        weight unsharded while it is used, and in chunks so [T, vocab] logits never exist.
+        weight unsharded while it is used, and in chunks so [T, vocab] logits never exist;
+        ``z_loss`` is the z-loss coefficient in the returned sums' objective.
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
         if labels is None:
             return h @ self.output_weight().t()
-        return chunked_cross_entropy(h, self.output_weight(), labels, loss_chunk_size)
+        return chunked_cross_entropy(h, self.output_weight(), labels, loss_chunk_size, z_loss)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
