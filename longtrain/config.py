@@ -191,6 +191,7 @@ class GateConfig:
     # (a reported task that is also gated is gated).
     tasks: dict[str, float] = field(default_factory=dict)
     report_tasks: list[str] = field(default_factory=list)
+    report_trials: int = 0  # samples per depth for report_tasks (0: gate.trials); they decide nothing
     # The short-context loss check: a fixed set of samples, the same in every stage, so that a
     # stage compares its loss with the stage before's on the very same tokens.
     short_val_samples: int = 64
@@ -455,6 +456,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(0 < g.extra_lr_ratio <= 1, "gate.extra_lr_ratio", f"must be in (0, 1], got {g.extra_lr_ratio}")
     _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
     _positive(g.trials, "gate.trials")
+    _require(g.report_trials >= 0, "gate.report_trials", f"must be >= 0 (0: gate.trials), got {g.report_trials}")
     _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
     _require(0 <= g.min_cell_recall <= 1, "gate.min_cell_recall", f"must be in [0, 1], got {g.min_cell_recall}")
     for task, threshold in g.tasks.items():

@@ -150,12 +150,19 @@ class Gate:
     def grids(self, length: int) -> dict[str, NeedleGrid]:
         """Every gate task's recall over the depth grid at ``length``."""
         cfg = self.trainer.cfg
+        tasks = gate_tasks(cfg)
+        # Gated tasks on gate.trials per depth; reported ones on gate.report_trials if set.
+        trials = {True: cfg.gate.trials, False: cfg.gate.report_trials or cfg.gate.trials}
         with self.trainer.eval_mode():
-            return run_suite(
-                self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack, list(gate_tasks(cfg)), [length],
-                cfg.gate.depths, cfg.gate.trials, cfg.run.seed, cfg.stage.micro_batch_size, self.trainer.pd.device,
-                cfg.retrieval,
-            )
+            grids = {}
+            for gated in (True, False):
+                grids.update(run_suite(
+                    self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack,
+                    [t for t, threshold in tasks.items() if (threshold is not None) == gated], [length],
+                    cfg.gate.depths, trials[gated], cfg.run.seed, cfg.stage.micro_batch_size, self.trainer.pd.device,
+                    cfg.retrieval,
+                ))
+            return {task: grids[task] for task in tasks}
 
     def short_loss(self) -> float:
         cfg = self.trainer.cfg

@@ -71,6 +71,7 @@ CASES = [
     ("gate-task-without-plus", ["gate.tasks.vartrack=0.5"], "gate.tasks.vartrack"),
     ("gate-report-task", ["gate.report_tasks=[multikey,riddle]"], "gate.report_tasks"),
     ("gate-cell-floor", ["gate.min_cell_recall=1.5"], "gate.min_cell_recall"),
+    ("gate-report-trials", ["gate.report_trials=-1"], "gate.report_trials"),
     ("gate-task-too-long-for-stage", ["preset=cpu_demo", "+gate.tasks.vartrack=0.5"], "gate.tasks.vartrack"),
     ("device", ["run.device=tpu"], "run.device"),
     ("log-every-zero", ["logging.log_every=0"], "logging.log_every"),

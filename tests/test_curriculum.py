@@ -142,7 +142,8 @@ def test_failing_after_all_extra_steps_stops(compose_config, tmp_path, monkeypat
 
 
 def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path, monkeypatch):
-    first, second = stages(compose_config, tmp_path, "gate.min_recall=0.0", "gate.report_tasks=[multikey]")
+    first, second = stages(compose_config, tmp_path, "gate.min_recall=0.0", "gate.report_tasks=[multikey]",
+                           "gate.report_trials=2")
     records = run_curriculum([first, second], single_process())  # the real needle grid
     assert [r.stage for r in records] == ["pretrain", "extend_2k"] and all(r.passed for r in records)
     gate2 = read_gate(tmp_path / "extend_2k")
@@ -153,6 +154,8 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     # Every task's grid after and before, the single needle also as needle.json.
     for name in ("needle/passkey", "needle/multikey", "needle/needle", "needle_before/passkey", "needle_before/multikey"):
         assert json.loads((tmp_path / "extend_2k" / f"{name}.json").read_text())["lengths"] == [512]
+    grid = {n: json.loads((tmp_path / "extend_2k" / f"needle/{n}.json").read_text()) for n in ("passkey", "multikey")}
+    assert grid["passkey"]["trials"] == 1 and grid["multikey"]["trials"] == 2  # gate.trials, gate.report_trials
     multikey = gate2["tasks"]["multikey"]
     assert multikey["min_recall"] is None and multikey["recall_before"] is not None and 0 <= multikey["recall"] <= 1
     assert gate2["tasks"]["passkey"]["recall"] == gate2["recall"] and gate2["tasks"]["passkey"]["min_recall"] == 0.0
