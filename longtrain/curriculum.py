@@ -193,11 +193,10 @@ def run_gated_stage(cfg: Config, pd: ParallelDims, previous: Optional[Config]) -
         trainer.logger.close()
 
 
-def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, single: str, extra: dict) -> None:
-    """``<task>.json/.png`` per task, and the single needle also as ``needle.json/.png``."""
+def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, extra: dict) -> None:
+    """``<task>.json/.png`` per task (the single needle is ``<gate.kind>.json``)."""
     for task, grid in grids.items():
         write_results(grid, out_dir, extra, name=task)
-    write_results(grids[single], out_dir, extra)
 
 
 def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
@@ -221,7 +220,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         grids = gate.grids(length)
         recall_before = {task: grid.recall_at(length) for task, grid in grids.items()}
         if pd.is_rank0:
-            write_grids(grids, directory / "needle_before", single, {"checkpoint": str(init_from)})
+            write_grids(grids, directory / "needle_before", {"checkpoint": str(init_from)})
             before_file.write_text(json.dumps(
                 {"recall": recall_before[single], "tasks": recall_before, "checkpoint": str(init_from)}
             ))
@@ -271,7 +270,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         export_model(trainer.model, cfg, directory / EXPORT_DIR)
         log(f"exported {directory / EXPORT_DIR}")
     if pd.is_rank0:
-        write_grids(grids, directory / "needle", single, {"checkpoint": str(result.checkpoint)})
+        write_grids(grids, directory / "needle", {"checkpoint": str(result.checkpoint)})
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
         (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
@@ -305,8 +304,7 @@ def gate_metrics(record: GateRecord) -> dict[str, float]:
 def gate_images(directory: Path) -> dict[str, Path]:
     """The gate's pictures in a stage folder: needle heatmaps after (and before) training, per
     grid file, and loss by position."""
-    images = {f"gate/{sub}" + ("" if png.name == "needle.png" else f"/{png.stem}"): png
-              for sub in ("needle", "needle_before") for png in sorted((directory / sub).glob("*.png"))}
+    images = {f"gate/{sub}/{png.stem}": png for sub in ("needle", "needle_before") for png in sorted((directory / sub).glob("*.png"))}
     if (directory / "position_loss.png").is_file():
         images["gate/position_loss"] = directory / "position_loss.png"
     return images

@@ -39,7 +39,7 @@ from longtrain.sweep_report import (
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 FIGURES_DIR = "report"  # the figures' PNG files, next to report.md
-NEEDLE_FILE = "needle.json"  # the gate's grid; a per-task grid is <task>.json beside it
+NEEDLE_FILE = "needle.json"  # the gate's grid in runs before per-task <task>.json files
 STAGE_FILES = ("config.yaml", METRICS_FILE, GATE_FILE)  # any of them makes a folder a stage's
 
 Table = tuple[list[str], list[list[str]]]

@@ -136,7 +136,7 @@ def test_a_gate_over_several_tasks_has_a_column_each(finished_run, tmp_path):
     gate["tasks"] = {"passkey": {"recall": gate["recall"], "recall_before": gate["recall_before"], "min_recall": 0.0},
                      "kv": {"recall": 0.75, "recall_before": 0.25, "min_recall": 0.5}}
     gate_file.write_text(json.dumps(gate))
-    grid = json.loads((run / "pretrain" / "needle" / "needle.json").read_text())
+    grid = json.loads((run / "pretrain" / "needle" / "passkey.json").read_text())
     (run / "pretrain" / "needle" / "kv.json").write_text(json.dumps({**grid, "kind": "kv", "recall": [[0.75]]}))
     written = write_run_report(run)
     md = written.md.read_text()
@@ -144,7 +144,7 @@ def test_a_gate_over_several_tasks_has_a_column_each(finished_run, tmp_path):
     row = dict(zip(head, table_row(md, "pretrain")))
     assert row["kv recall before → after"] == "0.25 → 0.75 (≥ 0.5)"
     assert row["passkey recall before → after"].endswith("(≥ 0)")
-    assert {"passkey", "kv"} <= read_run(run).stages[1].after.keys()  # needle.json under its kind, and kv.json (and the reported tasks)
+    assert {"passkey", "kv"} <= read_run(run).stages[1].after.keys()  # passkey.json and kv.json (and the reported tasks)
 
 
 @pytest.mark.parametrize("make, says", [

@@ -189,8 +189,8 @@ def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     (decision,) = [r for r in history if "gate/passed" in r]
     assert (decision["step"], decision["gate/passed"], decision["gate/extra_steps"]) == (6, 0, 4)
     assert decision["gate/recall"] == pytest.approx(gate["recall"]) and decision["gate/short_loss"] == pytest.approx(gate["short_loss"])
-    (pictures,) = [r for r in history if "gate/needle/path" in r]
-    assert (stage_run / "files" / pictures["gate/needle/path"]).is_file()
+    (pictures,) = [r for r in history if "gate/needle/induction/path" in r]
+    assert (stage_run / "files" / pictures["gate/needle/induction/path"]).is_file()
     # ... and, in the run's "report" wandb run, the run report's figures and stage table.
     (report_run,) = wandb_dir.glob(f"offline-run-*-{run_id}-report")
     (logged,) = wandb_history(report_run)
