@@ -69,3 +69,17 @@ def _ring_vs_single_rank(rank, world_size):
 def test_ring_matches_single_rank():
     # One spawn covers every cp size through sub-groups: spawning ranks is the slow part.
     run_distributed(_ring_vs_single_rank, WORLD, timeout=150)
+
+
+def test_local_ring_op_takes_an_expanded_output_gradient():
+    """A loss that sums the output hands the backward an expanded (stride 0) gradient; the
+    kernels need a contiguous last dimension, so kernel_backward makes one."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 32, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 32, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ring_attention(q, k, v, 0.25, None).sum().backward()
+    got = [t.grad for t in (q, k, v)]
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    attention(ref_q, ref_k, ref_v, causal=True, scale=0.25)[0].sum().backward()
+    for g, t in zip(got, (ref_q, ref_k, ref_v)):
+        torch.testing.assert_close(g, t.grad, **TOL[torch.float64])

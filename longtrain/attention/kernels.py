@@ -320,6 +320,8 @@ def kernel_backward(
     the gradients are added into those and they are returned: ring attention sums one
     block per step and this spares it a block-sized gradient per step.
     """
+    if dout.stride(-1) != 1:  # autograd hands an expanded gradient to a loss that sums the output
+        dout = dout.contiguous()
     check_inputs(q=q, k=k, v=v, dout=dout, out=out)
     _check(q, k, v, causal)
     if dout.shape != q.shape or out.shape != q.shape:
