@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.proc_status import status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {32768: "extend_32k", 131072: "extend_128k"}
@@ -40,8 +41,8 @@ def command(seq: int, cp: int, init_from: str, run_dir: Path, extra: list[str]) 
 
 def _hwm_kib(pid: int) -> int | None:
     try:
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE).group(1))
-    except (OSError, AttributeError):
+        return status_kib("VmHWM", pid)
+    except OSError:  # the process has exited
         return None
 
 

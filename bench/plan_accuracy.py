@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bench.proc_status import status_kib
 
 CONFIGS = [  # (seq_len, cp, checkpointing, MLP tile tokens: 0 = untiled[, run.dtype])
     (8192, 1, "none", 0),
@@ -51,10 +52,6 @@ WARMUP_TOKENS = 256
 def overrides(seq: int, cp: int, mode: str, tile: int, dtype: str = "float32") -> list[str]:
     return [*BASE, f"stage.seq_len={seq}", f"parallel.cp={cp}", f"model.activation_checkpointing={mode}",
             f"model.mlp_tile_tokens={tile}", f"run.dtype={dtype}"]
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
 
 
 def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.SimpleQueue) -> None:
@@ -89,12 +86,12 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
     step(WARMUP_TOKENS)  # thread pools, gloo buffers, the optimizer state
     if world > 1:
         dist.barrier()
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     step(cfg.stage.seq_len)
     seconds = time.perf_counter() - start
-    results.put((rank, (_status_kib("VmHWM") - baseline) * 1024, seconds))
+    results.put((rank, (status_kib("VmHWM") - baseline) * 1024, seconds))
     if world > 1:
         dist.destroy_process_group()
 
