@@ -3,15 +3,17 @@
 Same architecture and size on both sides (2.89M params with the byte vocab: d=256, 4
 layers, 8 q / 2 kv heads, tied embeddings; the `tiny` model before it became the 2-layer
 demo model), one AdamW step on one batch of `--seq-lens` tokens, fp32 on the CPU, with
-the byte vocabulary (259) and/or a 32K one (`--vocabs`). Each configuration runs in a
-fresh process so peak RSS is its own. Prints medians of wall and CPU time per step and
-the ratios to HF and to longtrain without checkpointing; with ``--repeats R`` every
-implementation runs R times in alternating order and each ratio is the median of the R
-side-by-side ratios. Speed ratios use the process's
-CPU time, which another job on a shared machine disturbs far less than wall time (with
-one thread the two agree on an idle machine).
+the byte vocabulary (259) and/or a 32K one (`--vocabs`).
 
-    python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 3 --repeats 3 --threads 1
+Speed: all implementations are built in one fresh process and stepped in turn, one step
+each per round for ``--steps`` rounds after a warm-up step; a ratio is the median over
+rounds of the two step times of that round. This machine's speed drifts by tens of
+percent over minutes (a shared host), which separate runs minutes apart would take for a
+difference between implementations. Times are the process's CPU time,
+which other jobs disturb less than wall time. Peak RSS: each implementation alone in a
+fresh process, one step.
+
+    python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 7 --threads 1
 
 Implementations (`--impls`): hf (Qwen3ForCausalLM, SDPA), hf_gc (the same with HF's
 gradient checkpointing), and longtrain with each `model.activation_checkpointing` mode:
@@ -138,20 +140,52 @@ def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: in
     return result
 
 
+def _interleaved(impls: list[str], vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int,
+                 loss_chunk: int, queue) -> None:
+    torch.set_num_threads(threads)
+    runs = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        model, loss_fn = _build(impl, vocab, mlp_tile, 0, loss_chunk)
+        runs[impl] = loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, min(vocab, 256), (1, seq_len))
+    pos = torch.arange(seq_len)[None]
+
+    def step(impl: str) -> float:
+        loss_fn, opt = runs[impl]
+        c0 = time.process_time()
+        loss_fn(ids, pos).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.process_time() - c0
+
+    for impl in impls:  # warm-up: allocators, kernels, the optimizer state
+        step(impl)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(steps):  # the same order each round: every step follows another implementation's
+        for impl in impls:
+            times[impl].append(step(impl))
+    queue.put(times)
+
+
+def interleaved_cpu_seconds(impls: list[str], seq_len: int, steps: int, threads: int = 1, vocab: int = BYTE_VOCAB,
+                            mlp_tile: int = 2048, loss_chunk: int = OptimConfig.loss_chunk_size) -> dict[str, list[float]]:
+    """CPU seconds of ``steps`` training steps of every implementation, built side by side in
+    one fresh process and stepped in turn (one step each per round), so a change in the
+    machine's speed over minutes reaches all of them alike. The order stays the same: with
+    alternating orders an implementation would sometimes follow itself, with its weights and
+    optimizer state still in cache, and the rounds would split into two groups."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_interleaved, args=(impls, vocab, seq_len, steps, threads, mlp_tile, loss_chunk, queue))
+    p.start()
+    times = queue.get()
+    p.join()
+    return times
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
-
-
-def _median(xs: list[Optional[float]]) -> Optional[float]:
-    return statistics.median(xs) if xs and None not in xs else None
-
-
-def _speed_ratio(rounds: list[dict[str, Result]], impl: str, base: str) -> Optional[float]:
-    """Median over rounds of base's CPU time / impl's: each ratio is taken side by side."""
-    if base not in rounds[0]:
-        return None
-    return _median([r[base].cpu_seconds / r[impl].cpu_seconds if r[impl].cpu_seconds and r[base].cpu_seconds
-                    else None for r in rounds])
 
 
 def main() -> None:
@@ -159,35 +193,37 @@ def main() -> None:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[BYTE_VOCAB])
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["hf", "none"])
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="rounds of all --impls (fresh processes, order alternating); medians over rounds")
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds, one step of every implementation each")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
     ap.add_argument("--loss-chunk", type=int, default=OptimConfig.loss_chunk_size,
                     help="optim.loss_chunk_size of longtrain (default: the config's)")
-    ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per process (0: none)")
+    ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per memory process (0: none)")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
-    print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'wall s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak GB':>8} "
+    print(f"{'vocab':>6} {'seq':>6} {'impl':>10} {'cpu s':>7} {'tok/cpu-s':>9} {'peak GB':>8} "
           f"{'speed vs hf':>11} {'RSS vs hf':>9} {'speed vs none':>13} {'RSS vs none':>11}", flush=True)
     for vocab in args.vocabs:
         for seq_len in args.seq_lens:
-            rounds = []
-            for i in range(args.repeats):  # alternate the order so drift in the machine's speed cancels
-                rounds.append({impl: measure(impl, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
-                                             max_gb=args.max_gb, mmap_threshold=args.mmap_threshold,
-                                             loss_chunk=args.loss_chunk)
-                               for impl in (args.impls if i % 2 == 0 else args.impls[::-1])})
-            peaks = {impl: _median([r[impl].peak_gb for r in rounds]) for impl in args.impls}
+            # Peak RSS: each implementation alone in a fresh process, one step.
+            peak = {impl: measure(impl, seq_len, 0, args.threads, vocab, args.mlp_tile, max_gb=args.max_gb,
+                                  mmap_threshold=args.mmap_threshold, loss_chunk=args.loss_chunk).peak_gb
+                    for impl in args.impls}
+            times = interleaved_cpu_seconds(args.impls, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
+                                            args.loss_chunk)
+
+            def speed(impl: str, base: str) -> Optional[float]:
+                """Median over rounds of base's step time / impl's, each pair from one round."""
+                if base not in times:
+                    return None
+                return statistics.median(b / a for a, b in zip(times[impl], times[base]))
+
             for impl in args.impls:
-                wall, cpu = (_median([getattr(r[impl], f) for r in rounds]) for f in ("seconds", "cpu_seconds"))
+                cpu = statistics.median(times[impl])
                 print(
-                    f"{vocab:>6} {seq_len:>6} {impl:>10} "
-                    + (f"{wall:>7.2f} {cpu:>7.2f} {seq_len / cpu:>9.0f} " if cpu else f"{'no fit':>7} {'-':>7} {'-':>9} ")
-                    + f"{peaks[impl]:>8.2f} {_ratio(_speed_ratio(rounds, impl, 'hf'), 1):>11} "
-                    f"{_ratio(peaks[impl], peaks.get('hf')):>9} {_ratio(_speed_ratio(rounds, impl, 'none'), 1):>13} "
-                    f"{_ratio(peaks[impl], peaks.get('none')):>11}",
+                    f"{vocab:>6} {seq_len:>6} {impl:>10} {cpu:>7.2f} {seq_len / cpu:>9.0f} {peak[impl]:>8.2f} "
+                    f"{_ratio(speed(impl, 'hf'), 1):>11} {_ratio(peak[impl], peak.get('hf')):>9} "
+                    f"{_ratio(speed(impl, 'none'), 1):>13} {_ratio(peak[impl], peak.get('none')):>11}",
                     flush=True,
                 )
 
