@@ -31,7 +31,7 @@ def tiny_model(seed: int = 0) -> Transformer:
 def haystack() -> Haystack:
     text = "for i in range(10):\n    total += values[i] * 3\n"
     doc = [TOK.bos_id, *TOK.encode(text), TOK.eos_id]
-    return Haystack(np.asarray(doc * 100, dtype=np.uint16), (TOK.bos_id, TOK.eos_id, TOK.pad_id))
+    return Haystack(np.asarray(doc * 100, dtype=np.uint16), (TOK.bos_id, TOK.eos_id, TOK.pad_id), TOK.vocab_size)
 
 
 def test_teacher_forced_score_equals_greedy_decoding(haystack):

@@ -36,7 +36,7 @@ SPECIALS = (TOK.bos_id, TOK.eos_id, TOK.pad_id)
 def text_haystack(text: str = "def f(x):\n    return x + 1\n", docs: int = 200) -> Haystack:
     """A packed-looking stream: BOS doc EOS, repeated."""
     doc = [TOK.bos_id, *TOK.encode(text), TOK.eos_id]
-    return Haystack(np.asarray(doc * docs, dtype=np.uint16), SPECIALS)
+    return Haystack(np.asarray(doc * docs, dtype=np.uint16), SPECIALS, TOK.vocab_size)
 
 
 # --- placement ------------------------------------------------------------------------
@@ -129,14 +129,21 @@ def test_copy_sample_answers_are_hidden_segments():
         assert b - a == 20 and s.tokens[a:b].tolist() in segments
 
 
+def test_random_text_alphabet_is_the_same_in_every_split():
+    """Two splits' texts with different byte sets draw random tokens from one alphabet, so
+    an evaluation never asks to copy a token that training never showed."""
+    train, val = text_haystack("abc def"), text_haystack("xyz \u00e9")
+    assert np.array_equal(train.random_text.alphabet, val.random_text.alphabet)
+
+
 def test_induction_sample_is_random_tokens_with_tagged_copies():
     hay = text_haystack("abcdefghijklmnopqrstuvwxyz0123456789")
     s = copy_sample(TOK, hay, np.random.default_rng(3), 128, "train", num_segments=3, segment_len=12,
                     num_queries=3, depth=0.5, key_chars=4, random_text=True)
     assert s.kind == "induction" and len(s.tokens) == 129 and s.loss_mask.sum() == 36
     alphabet = set(hay.random_text.alphabet.tolist())
-    assert alphabet == set(TOK.encode("abcdefghijklmnopqrstuvwxyz0123456789"))  # specials excluded
-    assert set(s.tokens[1:].tolist()) <= alphabet | {TOK.encode(".")[0]}
+    assert alphabet == set(range(TOK.vocab_size)) - set(SPECIALS)  # the whole vocabulary, specials excluded
+    assert set(s.tokens[1:].tolist()) <= alphabet
     needles = [s.tokens[st : st + n].tolist() for st, n in zip(s.needle_starts, s.needle_lengths)]
     for (a, b), key in zip(s.answer_spans, s.keys):
         tag, answer = s.tokens[a - 4 : a].tolist(), s.tokens[a:b].tolist()
