@@ -63,6 +63,13 @@ def _ring_vs_single_rank(rank, world_size):
                     gather_unshard(got, group), want.detach(), **TOL[dtype],
                     msg=lambda m: f"{name} cp={cp} heads={hq}/{hkv} {dtype}: {m}",
                 )
+            if seed == 0:  # a loss that sums the output hands the ring an expanded (stride 0) gradient
+                summed, ones = ([x.detach().clone().requires_grad_() for x in local] for _ in range(2))
+                ring_attention(*summed, scale, group).sum().backward()
+                out = ring_attention(*ones, scale, group)
+                out.backward(torch.ones_like(out))
+                for x, y in zip(summed, ones):
+                    torch.testing.assert_close(x.grad, y.grad, **TOL[dtype])
 
 
 @pytest.mark.timeout(180)
@@ -73,13 +80,26 @@ def test_ring_matches_single_rank():
 
 def test_local_ring_op_takes_an_expanded_output_gradient():
     """A loss that sums the output hands the backward an expanded (stride 0) gradient; the
-    kernels need a contiguous last dimension, so kernel_backward makes one."""
+    kernels need a contiguous last dimension, so the autograd entries make one (cp > 1:
+    test_ring_matches_single_rank)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 32, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 2, 32, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     ring_attention(q, k, v, 0.25, None).sum().backward()
     got = [t.grad for t in (q, k, v)]
     ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    attention(ref_q, ref_k, ref_v, causal=True, scale=0.25)[0].sum().backward()
+    ref_out = attention(ref_q, ref_k, ref_v, causal=True, scale=0.25)[0]
+    ref_out.backward(torch.ones_like(ref_out))
+    for g, t in zip(got, (ref_q, ref_k, ref_v)):
+        torch.testing.assert_close(g, t.grad, **TOL[torch.float64])
+    docs = torch.tensor([[0] * 12 + [1] * 20])  # the document-masked path
+    for x in (q, k, v):
+        x.grad = None
+    ring_attention(q, k, v, 0.25, None, docs).sum().backward()
+    got = [t.grad for t in (q, k, v)]
+    for t in (ref_q, ref_k, ref_v):
+        t.grad = None
+    ref_out = ring_attention(ref_q, ref_k, ref_v, 0.25, None, docs)
+    ref_out.backward(torch.ones_like(ref_out))
     for g, t in zip(got, (ref_q, ref_k, ref_v)):
         torch.testing.assert_close(g, t.grad, **TOL[torch.float64])

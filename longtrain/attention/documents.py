@@ -37,7 +37,7 @@ from torch import Tensor
 from dataclasses import dataclass
 from typing import Optional
 
-from longtrain.attention.kernels import accum_dtype, kernel_backward, kernel_forward
+from longtrain.attention.kernels import accum_dtype, dense_last_dim, kernel_backward, kernel_forward
 
 try:  # optional CUDA dependency; absent on CPU installs
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
@@ -199,7 +199,7 @@ class _DocumentAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        return *document_backward(dout, q, k, v, out, lse, doc_ids, ctx.scale), None, None
+        return *document_backward(dense_last_dim(dout), q, k, v, out, lse, doc_ids, ctx.scale), None, None
 
 
 def check_doc_ids(q: Tensor, doc_ids: Tensor) -> None:

@@ -225,6 +225,13 @@ def _listing(tensors: dict[str, Tensor], attr) -> str:
     return ", ".join(f"{name} {attr(t)}" for name, t in tensors.items())
 
 
+def dense_last_dim(grad: Tensor) -> Tensor:
+    """An output gradient as the kernels read it, rows of D contiguous elements: autograd
+    hands an expanded (stride 0) one to a loss that sums the output. For the autograd
+    backward entries, once per backward, not per kernel call."""
+    return grad if grad.stride(-1) == 1 else grad.contiguous()
+
+
 def check_inputs(**tensors: Tensor) -> None:
     """The dtype contract (module doc): one dtype and one device for all of ``tensors``
     (q, k, v; in the backward also dout, out), one the device's kernels take, and dense
@@ -320,8 +327,6 @@ def kernel_backward(
     the gradients are added into those and they are returned: ring attention sums one
     block per step and this spares it a block-sized gradient per step.
     """
-    if dout.stride(-1) != 1:  # autograd hands an expanded gradient to a loss that sums the output
-        dout = dout.contiguous()
     check_inputs(q=q, k=k, v=v, dout=dout, out=out)
     _check(q, k, v, causal)
     if dout.shape != q.shape or out.shape != q.shape:
@@ -363,7 +368,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = kernel_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        dq, dk, dv = kernel_backward(dense_last_dim(dout), q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 

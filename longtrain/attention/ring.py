@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from longtrain.attention.documents import check_doc_ids, document_backward, document_backward_into, document_forward
-from longtrain.attention.kernels import accum_dtype, check_inputs, kernel_backward, kernel_forward
+from longtrain.attention.kernels import accum_dtype, check_inputs, dense_last_dim, kernel_backward, kernel_forward
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
 _ALL = slice(None)
@@ -272,7 +272,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
 
 def _backward(ctx, dout: Tensor, _dlse: Optional[Tensor]) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse = ctx.saved_tensors
-    grads = ring_backward(dout, q, k, v, out, lse, ctx.scale, _group(ctx.group_name), ctx.doc_ids)
+    grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, ctx.scale, _group(ctx.group_name), ctx.doc_ids)
     return *grads, None, None, None
 
 
