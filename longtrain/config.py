@@ -52,6 +52,10 @@ class ModelConfig:
     # > 0: the SwiGLU MLP runs in sequence tiles of this many tokens, each checkpointed
     # (ALST's tiled MLP), so its [T, ffn] intermediates exist one tile at a time. 0 = whole.
     mlp_tile_tokens: int = 0
+    # torch.compile each transformer block (torchtitan's per-block compile): inductor fuses
+    # the norms, RoPE, SwiGLU and residual adds around the attention op. The first step of
+    # each new sequence length pays the compilation (seconds to a minute on a CPU).
+    compile: bool = False
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads

@@ -60,6 +60,8 @@ def build_model(cfg: Config, vocab_size: int, pd: ParallelDims) -> Transformer:
     model = Transformer(cfg.model, cfg.rope, cfg.model.vocab_size or vocab_size).to(pd.device)
     if pd.cp > 1:
         model.attention_fn = functools.partial(ring_attention, group=pd.cp_group)
+    if cfg.model.compile:  # after the attention is chosen, before FSDP2 wraps the blocks
+        model.compile_blocks()
     if pd.world_size > 1:
         apply_fsdp(model, pd)
     return model

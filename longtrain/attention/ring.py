@@ -254,7 +254,9 @@ def _ring_attention_op(
     # out [B, H, T, D] laid out as [B, T, H, D] (flash kernels write it so; a merged ring
     # output is copied once), so the model's [B, T, H·D] view for wo is not another copy:
     # the one tensor is saved by this op and by wo. It is a fresh tensor, as op outputs must be.
-    return out.transpose(1, 2).contiguous().transpose(1, 2), lse
+    # lse contiguous: kernels lay it out differently ([B, T, H] on the CPU), and the fake
+    # below must state one layout. It is T·H floats.
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse.contiguous()
 
 
 def _group(name: Optional[str]) -> Optional[dist.ProcessGroup]:
@@ -270,10 +272,41 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
+# The backward is an op too: torch.compile traces an op's autograd formula into its
+# backward graph, and the ring's P2P exchanges and per-document rectangles (sizes read
+# from doc_ids) cannot be traced; as an op the backward graph calls them as they are.
+@torch.library.custom_op("longtrain::ring_attention_backward", mutates_args=())
+def _ring_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    group_name: Optional[str], doc_ids: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, scale, _group(group_name), doc_ids)
+    # Fresh tensors (the ring's dK and dV are views of one buffer, and op outputs may not
+    # alias) laid out like the inputs, as the fake below states (the kernels' layouts differ).
+    return tuple(
+        g if g._base is None and g.stride() == x.stride() else torch.empty_like(x).copy_(g)
+        for g, x in zip(grads, (q, k, v))
+    )
+
+
+@_ring_attention_backward_op.register_fake
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+      group_name: Optional[str], doc_ids: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _backward(ctx, dout: Tensor, _dlse: Optional[Tensor]) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse = ctx.saved_tensors
-    grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, ctx.scale, _group(ctx.group_name), ctx.doc_ids)
+    grads = _ring_attention_backward_op(dout, q, k, v, out, lse, ctx.scale, ctx.group_name, ctx.doc_ids)
     return *grads, None, None, None
+
+
+@_ring_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]):
+    """Shapes, dtypes and strides of the op's outputs, so ``torch.compile`` traces through it."""
+    B, H, T, _ = q.shape
+    out = q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty((B, H, T), dtype=accum_dtype(q.dtype))
 
 
 _ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -150,6 +150,17 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight")
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every block's forward in place (``model.compile``).
+
+        The forward, not the module: hooks (FSDP2's all-gathers) stay in eager around it,
+        the compiled graph holds the block's activation checkpointing (whose op-level
+        policy inductor's partitioner honours), and parameter names are unchanged, so
+        checkpoints and exports do not see a compiled model.
+        """
+        for block in self.layers:
+            block.forward = torch.compile(block.forward, fullgraph=True)
+
     def set_rope(self, rope: RopeConfig) -> None:
         """Rescale RoPE (a new stage): the tables are derived from config, never stored."""
         self.rotary = RotaryEmbedding(rope, self.cfg.resolved_head_dim()).to(self.tok_embeddings.weight.device)

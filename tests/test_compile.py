@@ -1,0 +1,111 @@
+"""model.compile: torch.compile'd blocks train like eager ones (loss, gradients), keep
+their parameter names, and keep activation checkpointing's promise not to rerun the ring."""
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+import pytest
+import torch
+
+from longtrain.attention import ring
+
+from longtrain.config import ModelConfig, RopeConfig
+from longtrain.model.transformer import Transformer
+from longtrain.parallel.mesh import init_parallel
+from longtrain.parallel.sharding import zigzag_positions, zigzag_shard
+from longtrain.trainer import build_model
+from tests.dist_utils import run_distributed
+from tests.test_activation_checkpointing import SEQ, VOCAB, loss_and_grads
+
+# Inductor fuses and reorders float sums; fp32 results agree to rounding, not bit for bit.
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counter]:
+    """Count attention forwards and P2P exchanges: both run eagerly inside the attention op.
+
+    (Not test_activation_checkpointing's counter, which also counts MLP calls: dynamo
+    replays a traced function's mutation of the counter after the graph ran, which would
+    overwrite what the op counted meanwhile.)
+    """
+    calls = Counter()
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    with (
+        mock.patch.object(ring, "ring_forward", wrap("attention", ring.ring_forward)),
+        mock.patch.object(ring._Ring, "exchange", wrap("p2p", ring._Ring.exchange)),
+    ):
+        yield calls
+
+
+def assert_close(got, want) -> None:
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert got[1].keys() == want[1].keys()
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], **TOL, msg=name)
+
+
+def _run(compile: bool, mode: str, documents: bool):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, activation_checkpointing=mode)
+    model = Transformer(cfg, RopeConfig(), VOCAB)
+    if compile:
+        model.compile_blocks()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    docs = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([10, 30, 8]))[None].expand(2, -1) if documents else None
+    with counting() as calls:
+        result = loss_and_grads(model, ids, torch.arange(SEQ)[None].expand(2, -1), ids, docs)
+    return model, result, calls
+
+
+@pytest.mark.parametrize("mode,documents", [("none", False), ("full", False), ("none", True)])
+def test_compiled_blocks_match_eager(mode, documents):
+    torch._dynamo.reset()
+    _, eager, eager_calls = _run(False, mode, documents)
+    model, compiled, calls = _run(True, mode, documents)
+    assert_close(compiled, eager)
+    # The attention op runs once per layer, compiled or not: under full checkpointing
+    # the compiled backward reuses its saved output as the eager one does.
+    assert calls["attention"] == eager_calls["attention"] == 2
+    # Compiled in place: the names checkpoints and exports use are a plain model's.
+    assert list(model.state_dict()) == list(Transformer(model.cfg, RopeConfig(), VOCAB).state_dict())
+
+
+def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
+    from tests.test_parallel_training import make_config
+
+    results = {}
+    for compile in (False, True):
+        cfg = make_config(
+            Path(tmp) / str(compile), cp=2, extra=("model.activation_checkpointing=full", f"model.compile={compile}")
+        )
+        pd = init_parallel(cfg.parallel, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = build_model(cfg, VOCAB, pd)  # ring attention + FSDP2 + checkpointing (+ compile)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+        local = zigzag_shard(ids, pd.cp_rank, 2)
+        pos = zigzag_positions(SEQ, pd.cp_rank, 2)[None].expand(2, -1)
+        with counting() as calls:
+            results[compile] = loss_and_grads(model, local, pos, local, tokens=ids.numel())
+        results[f"{compile}_calls"] = calls
+    assert_close(results[True], results[False])
+    # Per layer: the ring forward posts cp−1 K/V hops, the backward cp−1 K/V and cp dK/dV;
+    # the compiled, checkpointed blocks post no more (the ring is never recomputed).
+    assert results["True_calls"]["p2p"] == results["False_calls"]["p2p"] == 2 * (1 + 1 + 2)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_ring_attention_and_fsdp2(tmp_path):
+    run_distributed(_cp2_worker, 2, str(tmp_path))
