@@ -16,8 +16,10 @@ fresh process, one step.
     python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --steps 7 --threads 1
 
 Implementations (`--impls`): hf (Qwen3ForCausalLM, SDPA), hf_gc (the same with HF's
-gradient checkpointing), and longtrain with each `model.activation_checkpointing` mode:
-none, full, selective, and full_tiled (full + `model.mlp_tile_tokens`).
+gradient checkpointing), hf_compiled (each decoder layer under torch.compile), and
+longtrain with each `model.activation_checkpointing` mode: none, full, selective, and
+full_tiled (full + `model.mlp_tile_tokens`), and compiled (none + `model.compile`). The
+warm-up step of a compiled implementation compiles; its peak RSS includes the compiler's.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from longtrain.config import OptimConfig
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 BYTE_VOCAB = 259
-LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled")
-IMPLS = ("hf", "hf_gc", *LONGTRAIN_IMPLS)
+LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled", "compiled")
+IMPLS = ("hf", "hf_gc", "hf_compiled", *LONGTRAIN_IMPLS)
 
 
 @dataclass
@@ -55,9 +57,11 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
 
     cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2)
     if impl in LONGTRAIN_IMPLS:
-        cfg.activation_checkpointing = impl.removesuffix("_tiled")
+        cfg.activation_checkpointing = "none" if impl == "compiled" else impl.removesuffix("_tiled")
         cfg.mlp_tile_tokens = mlp_tile if impl.endswith("_tiled") else 0
         model = Transformer(cfg, RopeConfig(), vocab_size=vocab)
+        if impl == "compiled":
+            model.compile_blocks()
 
         def loss_fn(ids, pos):
             docs = torch.arange(ids.shape[1])[None] // doc_len if doc_len else None
@@ -76,6 +80,9 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
     )
     if impl == "hf_gc":
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if impl == "hf_compiled":  # per layer, as longtrain's compiled blocks
+        for layer in hf.model.layers:
+            layer.compile()
     return hf, lambda ids, pos: hf(input_ids=ids, position_ids=pos, labels=ids).loss
 
 

@@ -56,3 +56,8 @@ def test_bench_commands_run(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [(r[0], r[2]) for r in rows] == [(v, i) for v in ("259", "1000") for i in ("hf", "none", "full")]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # CPU s, tok/cpu-s, peak GB
+    with mock.patch.object(sys, "argv", ["throughput", "--seq-lens", "256", "--impls", "hf_compiled", "compiled",
+                                         "--steps", "1"]):
+        throughput.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[2] for r in rows] == ["hf_compiled", "compiled"] and all(float(r[4]) > 0 for r in rows)
