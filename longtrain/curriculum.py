@@ -26,7 +26,7 @@ from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval import position_loss
-from longtrain.eval.grid import NeedleGrid
+from longtrain.eval.grid import NeedleGrid, recall_text
 from longtrain.eval.needle import write_results
 from longtrain.eval.suite import fit_error, run_suite
 from longtrain.export import EXPORT_DIR, export_model
@@ -95,7 +95,7 @@ def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Op
         grid = grids[task]
         recall = grid.recall_at(grid.lengths[0])
         if recall < threshold:
-            failures.append(f"{'' if task == cfg.gate.kind else task + ' '}recall {recall:.2f} (need ≥ {threshold})")
+            failures.append(f"{'' if task == cfg.gate.kind else task + ' '}recall {recall_text(recall, threshold)} (need ≥ {threshold})")
     row = grids[cfg.gate.kind].recall[0]  # the single needle's cells
     worst = int(np.argmin(row))
     if row[worst] < cfg.gate.min_cell_recall:
@@ -236,7 +236,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         failures = gate_failures(grids, short, reference, cfg)
         passed = not failures
         log(f"gate {cfg.stage.name}: "
-            + ", ".join(f"{task} {grids[task].recall_at(length):.2f}" + ("" if t is None else f" (≥ {t})")
+            + ", ".join(f"{task} {recall_text(grids[task].recall_at(length), t)}" + ("" if t is None else f" (≥ {t})")
                         for task, t in gate_tasks(cfg).items())
             + f", short loss {short:.4f}"
             + (f" (≤ {short_loss_limit(reference, cfg.gate.max_short_loss_increase):.4f})" if reference else "")

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 
 from longtrain.config import Config, RopeConfig
-from longtrain.eval.grid import NeedleGrid, draw_heatmap, pyplot
+from longtrain.eval.grid import NeedleGrid, draw_heatmap, pyplot, recall_text
 from longtrain.logging import log_report
 from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
 from longtrain.sweep_report import (
@@ -233,8 +233,9 @@ def _duration(seconds: Optional[float]) -> str:
 
 
 def _recall_cell(before: Optional[float], after: Optional[float], minimum: Optional[float]) -> str:
-    cell = f"{number_cell(before)} → {number_cell(after)}"
-    return cell + (f" (≥ {minimum:g})" if minimum is not None and after is not None else "")
+    if minimum is None or after is None:
+        return f"{number_cell(before)} → {number_cell(after)}"
+    return f"{number_cell(before)} → {recall_text(after, minimum)} (≥ {minimum:g})"
 
 
 def stage_table(report: RunReport) -> Table:

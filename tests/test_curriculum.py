@@ -19,7 +19,7 @@ SMALL = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "stage.steps=2", "stage.global_batch_size=2", "stage.micro_batch_size=2", "stage.warmup_steps=1",
     "data.max_docs=40", "logging.progress=false", "eval.val_every=0", "eval.val_batches=1",
-    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_samples=2", "gate.max_extra_steps=0",
+    "gate.depths=[0.0,1.0]", "gate.trials=1", "gate.short_val_samples=2", "gate.max_extra_steps=0", "gate.min_cell_recall=0",
     "gate.report_tasks=[]", "rope.original_max_position_embeddings=256",
 ]
 
@@ -52,6 +52,8 @@ def test_gate_thresholds(compose_config):
     cfg = load_config(compose_config("stage=pretrain", "gate.min_recall=0.9", "gate.max_short_loss_increase=0.1"))
     assert not gate_failures(grids(passkey=[0.9, 0.9]), 2.0, None, cfg)  # first stage: no short-loss reference
     assert gate_failures(grids(passkey=[0.9, 0.88]), 2.0, None, cfg) == ["recall 0.89 (need ≥ 0.9)"]
+    # A recall that two decimals would round up to its threshold is shown with three.
+    assert gate_failures(grids(passkey=[0.9, 0.89]), 2.0, None, cfg) == ["recall 0.895 (need ≥ 0.9)"]
     assert not gate_failures(grids(passkey=[0.95, 0.95]), 2.2, 2.0, cfg)  # exactly 1.1 × the reference
     assert gate_failures(grids(passkey=[0.95, 0.95]), 2.21, 2.0, cfg) == ["short loss 2.2100 (need ≤ 2.2000)"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +32,16 @@ class NeedleGrid:
             cells = " ".join(f"{r:>5.2f}" for r in row)
             rows.append(f"{length:>8} | {cells} | {self.recall_at(length):>5.2f}")
         return "\n".join(rows)
+
+
+def recall_text(recall: float, threshold: Optional[float] = None) -> str:
+    """A recall to two decimals, or more where two would round one below its threshold up
+    to it: 104 of 110 (0.9455) against 0.95 reads 0.945, not a failing "0.95"."""
+    for digits in range(2, 6):
+        text = f"{recall:.{digits}f}"
+        if threshold is None or not recall < threshold <= float(text):
+            break
+    return text
 
 
 def draw_heatmap(ax: Any, recall: Sequence[Sequence[float]], depths: Sequence[float], row_labels: Sequence[str],
