@@ -14,7 +14,7 @@ TRAIN = str(ROOT / "train.py")
 # The CPU demo's first stage cut to seconds: a few steps, a one-needle gate, small data.
 QUICK = [
     "preset=cpu_demo", "stage=cpu/induction", "stage.steps=6", "run.checkpoint_every=2", "eval.val_every=0",
-    "gate.trials=1", "gate.depths=[0.5]", "gate.short_val_samples=2", "gate.max_extra_steps=0",
+    "gate.trials=1", "gate.depths=[0.5]", "gate.short_val_samples=2", "gate.max_extra_steps=0", "gate.min_cell_recall=0",
     "logging.progress=false", "data.max_docs=30", "eval.position_buckets=0", "run.threads=1",
     "logging.report=false",  # seconds of figures per run; tests/test_report.py turns it on
 ]
