@@ -54,8 +54,7 @@ def run_suite(
 
 def fit_error(tokenizer: Tokenizer, task: str, length: int, cfg: Optional[RetrievalConfig] = None) -> Optional[str]:
     """Why a ``task`` sample cannot be ``length`` tokens long (None: it can), before any forward."""
-    specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    filler = Haystack(np.arange(tokenizer.vocab_size), specials, tokenizer.vocab_size)  # the length, not the text, matters
+    filler = Haystack.of_stream(np.arange(tokenizer.vocab_size), tokenizer)  # the length, not the text, matters
     try:
         needle_batch(tokenizer, filler, length, [(0.5, 0)], 0, task, cfg)
     except ValueError as e:
