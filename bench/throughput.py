@@ -90,6 +90,19 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def _batch(vocab: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, min(vocab, 256), (1, seq_len)), torch.arange(seq_len)[None]
+
+
+def _train_step(loss_fn, opt, ids: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
+    """One AdamW step: (wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss_fn(ids, pos).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int, doc_len: int,
          loss_chunk: int, max_gb: float, queue) -> None:
     if max_gb:  # a safety cap for configurations that would take the shared machine's memory
@@ -98,18 +111,14 @@ def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile
     torch.manual_seed(0)
     model, loss_fn = _build(impl, vocab, mlp_tile, doc_len, loss_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, min(vocab, 256), (1, seq_len))
-    pos = torch.arange(seq_len)[None]
+    ids, pos = _batch(vocab, seq_len)
     static = _peak_gb()
     times, cpu_times = [], []
     try:
         for i in range(steps + 1):  # the first step warms up allocators and kernels
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss_fn(ids, pos).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+            wall, cpu = _train_step(loss_fn, opt, ids, pos)
+            times.append(wall)
+            cpu_times.append(cpu)
     except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's failed allocation
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -155,16 +164,10 @@ def _interleaved(impls: list[str], vocab: int, seq_len: int, steps: int, threads
         torch.manual_seed(0)
         model, loss_fn = _build(impl, vocab, mlp_tile, 0, loss_chunk)
         runs[impl] = loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, min(vocab, 256), (1, seq_len))
-    pos = torch.arange(seq_len)[None]
+    ids, pos = _batch(vocab, seq_len)
 
     def step(impl: str) -> float:
-        loss_fn, opt = runs[impl]
-        c0 = time.process_time()
-        loss_fn(ids, pos).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.process_time() - c0
+        return _train_step(*runs[impl], ids, pos)[1]
 
     for impl in impls:  # warm-up: allocators, kernels, the optimizer state
         step(impl)
