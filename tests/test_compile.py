@@ -109,3 +109,25 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
 @pytest.mark.slow
 def test_compiled_blocks_under_ring_attention_and_fsdp2(tmp_path):
     run_distributed(_cp2_worker, 2, str(tmp_path))
+
+
+def test_config_key_compiles_every_block(compose_config):
+    from longtrain.config import load_config
+    from longtrain.parallel.mesh import ParallelDims
+
+    for compile in (False, True):
+        cfg = load_config(compose_config("preset=cpu_demo", f"model.compile={compile}"))
+        model = build_model(cfg, VOCAB, ParallelDims(1, 1, 0, 1, torch.device("cpu")))
+        assert [hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.layers] == [compile] * cfg.model.n_layers
+
+
+@pytest.mark.slow
+def test_readme_command_trains_and_gates_compiled(tmp_path):
+    """README: python train.py preset=cpu_demo model.compile=true — the first stage, cut short:
+    compiled training steps, then the gate's and validation's forwards at other shapes."""
+    from tests.cli_utils import QUICK, train
+
+    proc = train(*QUICK, "stage.steps=3", "gate.min_recall=0", "model.compile=true", f"run.dir={tmp_path}", cwd=tmp_path,
+                 timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "induction" / "gate.json").exists()
