@@ -1,16 +1,10 @@
 """model.compile: torch.compile'd blocks train like eager ones (loss, gradients), keep
 their parameter names, and keep activation checkpointing's promise not to rerun the ring."""
 
-import contextlib
-from collections import Counter
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
 
 import pytest
 import torch
-
-from longtrain.attention import ring
 
 from longtrain.config import ModelConfig, RopeConfig
 from longtrain.model.transformer import Transformer
@@ -18,34 +12,10 @@ from longtrain.parallel.mesh import init_parallel
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard
 from longtrain.trainer import build_model
 from tests.dist_utils import run_distributed
-from tests.test_activation_checkpointing import SEQ, VOCAB, loss_and_grads
+from tests.test_activation_checkpointing import SEQ, VOCAB, counting, loss_and_grads
 
 # Inductor fuses and reorders float sums; fp32 results agree to rounding, not bit for bit.
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-@contextlib.contextmanager
-def counting() -> Iterator[Counter]:
-    """Count attention forwards and P2P exchanges: both run eagerly inside the attention op.
-
-    (Not test_activation_checkpointing's counter, which also counts MLP calls: dynamo
-    replays a traced function's mutation of the counter after the graph ran, which would
-    overwrite what the op counted meanwhile.)
-    """
-    calls = Counter()
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    with (
-        mock.patch.object(ring, "ring_forward", wrap("attention", ring.ring_forward)),
-        mock.patch.object(ring._Ring, "exchange", wrap("p2p", ring._Ring.exchange)),
-    ):
-        yield calls
 
 
 def assert_close(got, want) -> None:
@@ -64,7 +34,7 @@ def _run(compile: bool, mode: str, documents: bool):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     docs = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([10, 30, 8]))[None].expand(2, -1) if documents else None
-    with counting() as calls:
+    with counting(mlp=False) as calls:
         result = loss_and_grads(model, ids, torch.arange(SEQ)[None].expand(2, -1), ids, docs)
     return model, result, calls
 
@@ -97,7 +67,7 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
         ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
         local = zigzag_shard(ids, pd.cp_rank, 2)
         pos = zigzag_positions(SEQ, pd.cp_rank, 2)[None].expand(2, -1)
-        with counting() as calls:
+        with counting(mlp=False) as calls:
             results[compile] = loss_and_grads(model, local, pos, local, tokens=ids.numel())
         results[f"{compile}_calls"] = calls
     assert_close(results[True], results[False])
