@@ -194,7 +194,7 @@ def test_nope_with_qk_norm_is_refused_before_training():
 
 def test_after_gate_exports_the_gated_stage(tmp_path):
     cfg = make_config(
-        f"run.dir={tmp_path}", "rope=yarn", "stage.steps=2", "export.after_gate=true", "gate.min_recall=0",
+        f"run.dir={tmp_path}", "rope=yarn", "stage.steps=2", "export.after_gate=true", "gate.min_recall=0", "gate.min_cell_recall=0",
         "gate.depths=[0.5]", "gate.trials=1", "gate.short_val_samples=2", "eval.position_buckets=0", "gate.report_tasks=[]",
         "stage.seq_len=320", "stage.global_batch_size=1", "stage.micro_batch_size=1",
     )
