@@ -182,7 +182,7 @@ def document_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of causal document-masked attention over one whole sequence."""
     acc = accum_dtype(q.dtype)
-    grads = tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    grads = tuple(torch.zeros_like(x, dtype=acc) for x in (q, k, v))  # laid out like the inputs
     document_backward_into(dout, q, k, v, out, lse, (doc_ids, doc_ids), True, scale, grads)
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 

@@ -213,7 +213,7 @@ def ring_backward(
     ring = _Ring(group)
     all_docs = _all_doc_ids(doc_ids, ring)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq = torch.zeros_like(q, dtype=acc)  # laid out like q: the op returns it without a copy
     kv = torch.stack((k, v))
     dkv_transfer: _Transfer | None = None
     for step in range(ring.size):
@@ -259,6 +259,14 @@ def _ring_attention_op(
     return out.transpose(1, 2).contiguous().transpose(1, 2), lse.contiguous()
 
 
+@_ring_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]):
+    """Shapes, dtypes and strides of the op's outputs, so ``torch.compile`` traces through it."""
+    B, H, T, _ = q.shape
+    out = q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty((B, H, T), dtype=accum_dtype(q.dtype))
+
+
 def _group(name: Optional[str]) -> Optional[dist.ProcessGroup]:
     return None if name is None else _resolve_process_group(name)
 
@@ -281,8 +289,9 @@ def _ring_attention_backward_op(
     group_name: Optional[str], doc_ids: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, scale, _group(group_name), doc_ids)
-    # Fresh tensors (the ring's dK and dV are views of one buffer, and op outputs may not
-    # alias) laid out like the inputs, as the fake below states (the kernels' layouts differ).
+    # Fresh tensors laid out like the inputs, as the fake below states. The backward paths
+    # allocate their gradients like their inputs; only the ring's dK and dV, views of the
+    # one buffer it passes around (op outputs may not alias), are copied out.
     return tuple(
         g if g._base is None and g.stride() == x.stride() else torch.empty_like(x).copy_(g)
         for g, x in zip(grads, (q, k, v))
@@ -299,14 +308,6 @@ def _backward(ctx, dout: Tensor, _dlse: Optional[Tensor]) -> tuple[Tensor | None
     q, k, v, out, lse = ctx.saved_tensors
     grads = _ring_attention_backward_op(dout, q, k, v, out, lse, ctx.scale, ctx.group_name, ctx.doc_ids)
     return *grads, None, None, None
-
-
-@_ring_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]):
-    """Shapes, dtypes and strides of the op's outputs, so ``torch.compile`` traces through it."""
-    B, H, T, _ = q.shape
-    out = q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
-    return out, q.new_empty((B, H, T), dtype=accum_dtype(q.dtype))
 
 
 _ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
