@@ -68,16 +68,18 @@ def assert_same(got, want) -> None:
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
-def _run_model(mode: str, documents: bool, mlp_tile_tokens: int = 0):
+def _run_model(mode: str, documents: bool, mlp_tile_tokens: int = 0, compile: bool = False):
     torch.manual_seed(0)
     cfg = ModelConfig(
         dim=64, n_layers=3, n_heads=4, n_kv_heads=2, activation_checkpointing=mode, mlp_tile_tokens=mlp_tile_tokens
     )
     model = Transformer(cfg, RopeConfig(), VOCAB)
+    if compile:
+        model.compile_blocks()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     docs = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([10, 30, 8]))[None].expand(2, -1) if documents else None
-    with counting() as calls:
+    with counting(mlp=not compile) as calls:
         result = loss_and_grads(model, ids, torch.arange(SEQ)[None].expand(2, -1), ids, docs)
     return result, calls
 

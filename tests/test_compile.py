@@ -12,7 +12,7 @@ from longtrain.parallel.mesh import init_parallel
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard
 from longtrain.trainer import build_model
 from tests.dist_utils import run_distributed
-from tests.test_activation_checkpointing import SEQ, VOCAB, counting, loss_and_grads
+from tests.test_activation_checkpointing import SEQ, VOCAB, _run_model, counting, loss_and_grads
 
 # Inductor fuses and reorders float sums; fp32 results agree to rounding, not bit for bit.
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -25,31 +25,23 @@ def assert_close(got, want) -> None:
         torch.testing.assert_close(got[1][name], want[1][name], **TOL, msg=name)
 
 
-def _run(compile: bool, mode: str, documents: bool):
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, activation_checkpointing=mode)
-    model = Transformer(cfg, RopeConfig(), VOCAB)
-    if compile:
-        model.compile_blocks()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    docs = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([10, 30, 8]))[None].expand(2, -1) if documents else None
-    with counting(mlp=False) as calls:
-        result = loss_and_grads(model, ids, torch.arange(SEQ)[None].expand(2, -1), ids, docs)
-    return model, result, calls
-
-
 @pytest.mark.parametrize("mode,documents", [("none", False), ("full", False), ("none", True)])
 def test_compiled_blocks_match_eager(mode, documents):
     torch._dynamo.reset()
-    _, eager, eager_calls = _run(False, mode, documents)
-    model, compiled, calls = _run(True, mode, documents)
+    eager, eager_calls = _run_model(mode, documents)
+    compiled, calls = _run_model(mode, documents, compile=True)
     assert_close(compiled, eager)
     # The attention op runs once per layer, compiled or not: under full checkpointing
     # the compiled backward reuses its saved output as the eager one does.
-    assert calls["attention"] == eager_calls["attention"] == 2
-    # Compiled in place: the names checkpoints and exports use are a plain model's.
-    assert list(model.state_dict()) == list(Transformer(model.cfg, RopeConfig(), VOCAB).state_dict())
+    assert calls["attention"] == eager_calls["attention"] == 3
+
+
+def test_compiled_in_place_keeps_parameter_names():
+    """The names checkpoints and exports use are a plain model's."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = Transformer(cfg, RopeConfig(), VOCAB)
+    model.compile_blocks()
+    assert list(model.state_dict()) == list(Transformer(cfg, RopeConfig(), VOCAB).state_dict())
 
 
 def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
