@@ -20,6 +20,11 @@ gradient checkpointing), hf_compiled (each decoder layer under torch.compile), a
 longtrain with each `model.activation_checkpointing` mode: none, full, selective, and
 full_tiled (full + `model.mlp_tile_tokens`), and compiled (none + `model.compile`). The
 warm-up step of a compiled implementation compiles; its peak RSS includes the compiler's.
+
+`--attention stub` puts one cheap elementwise function of q, k and v in place of the
+attention kernel on every side (HF's through its attention registry), so the times compare
+the rest of the step: projections, norms, RoPE, MLP, loss and optimizer (the CPU attention
+kernel is the same aten op on both sides, and most of a long step).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from longtrain.config import OptimConfig
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 BYTE_VOCAB = 259
+ATTENTION = ("kernel", "stub")
 LONGTRAIN_IMPLS = ("none", "full", "selective", "full_tiled", "compiled")
 IMPLS = ("hf", "hf_gc", "hf_compiled", *LONGTRAIN_IMPLS)
 
@@ -51,7 +57,18 @@ class Result:
     static_gb: float  # peak RSS before the first step (imports, model, data)
 
 
-def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
+def _stub_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``--attention stub``: q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D] laid out
+    [B, T, Hq, D] as the kernels write it, differentiable in all three, elementwise cost."""
+    kv = (k + v).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (q.transpose(1, 2) + kv.transpose(1, 2)).transpose(1, 2)
+
+
+def _hf_stub_attention(module, query, key, value, attention_mask, **kwargs):
+    return _stub_attention(query, key, value).transpose(1, 2).contiguous(), None  # HF's [B, T, H, D]
+
+
+def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int, attention: str = "kernel"):
     from longtrain.config import ModelConfig, RopeConfig
     from longtrain.model.transformer import Transformer
 
@@ -60,6 +77,8 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
         cfg.activation_checkpointing = "none" if impl == "compiled" else impl.removesuffix("_tiled")
         cfg.mlp_tile_tokens = mlp_tile if impl.endswith("_tiled") else 0
         model = Transformer(cfg, RopeConfig(), vocab_size=vocab)
+        if attention == "stub":
+            model.attention_fn = lambda q, k, v, scale, doc_ids=None: _stub_attention(q, k, v)
         if impl == "compiled":
             model.compile_blocks()
 
@@ -69,13 +88,14 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int):
             return sums.objective / sums.tokens
 
         return model, loss_fn
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AttentionInterface, Qwen3Config, Qwen3ForCausalLM
 
+    AttentionInterface.register("stub", _hf_stub_attention)
     hf = Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=vocab, hidden_size=256, intermediate_size=cfg.resolved_ffn_dim(), num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
-            attn_implementation="sdpa",
+            attn_implementation="sdpa" if attention == "kernel" else "stub",
         )
     )
     if impl == "hf_gc":
@@ -104,12 +124,12 @@ def _train_step(loss_fn, opt, ids: torch.Tensor, pos: torch.Tensor) -> tuple[flo
 
 
 def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int, doc_len: int,
-         loss_chunk: int, max_gb: float, queue) -> None:
+         loss_chunk: int, attention: str, max_gb: float, queue) -> None:
     if max_gb:  # a safety cap for configurations that would take the shared machine's memory
         resource.setrlimit(resource.RLIMIT_AS, (int(max_gb * 1024**3),) * 2)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, loss_fn = _build(impl, vocab, mlp_tile, doc_len, loss_chunk)
+    model, loss_fn = _build(impl, vocab, mlp_tile, doc_len, loss_chunk, attention)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, pos = _batch(vocab, seq_len)
     static = _peak_gb()
@@ -130,7 +150,7 @@ def _run(impl: str, vocab: int, seq_len: int, steps: int, threads: int, mlp_tile
 
 def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: int = BYTE_VOCAB,
             mlp_tile: int = 2048, doc_len: int = 0, max_gb: float = 0.0, mmap_threshold: int = 0,
-            loss_chunk: int = OptimConfig.loss_chunk_size) -> Result:
+            loss_chunk: int = OptimConfig.loss_chunk_size, attention: str = "kernel") -> Result:
     """One configuration in a fresh process: median step time over ``steps`` after a warm-up
     (``steps`` = 0: the one step's time) and peak RSS.
 
@@ -140,7 +160,7 @@ def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: in
     freed and serves later ones from a heap that does not shrink)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, loss_chunk, max_gb, queue))
+    p = ctx.Process(target=_run, args=(impl, vocab, seq_len, steps, threads, mlp_tile, doc_len, loss_chunk, attention, max_gb, queue))
     saved = os.environ.get(_MMAP_ENV)
     if mmap_threshold:
         os.environ[_MMAP_ENV] = str(mmap_threshold)  # read by glibc at the child's start
@@ -157,12 +177,12 @@ def measure(impl: str, seq_len: int, steps: int = 1, threads: int = 1, vocab: in
 
 
 def _interleaved(impls: list[str], vocab: int, seq_len: int, steps: int, threads: int, mlp_tile: int,
-                 loss_chunk: int, queue) -> None:
+                 loss_chunk: int, attention: str, queue) -> None:
     torch.set_num_threads(threads)
     runs = {}
     for impl in impls:
         torch.manual_seed(0)
-        model, loss_fn = _build(impl, vocab, mlp_tile, 0, loss_chunk)
+        model, loss_fn = _build(impl, vocab, mlp_tile, 0, loss_chunk, attention)
         runs[impl] = loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, pos = _batch(vocab, seq_len)
 
@@ -179,7 +199,8 @@ def _interleaved(impls: list[str], vocab: int, seq_len: int, steps: int, threads
 
 
 def interleaved_cpu_seconds(impls: list[str], seq_len: int, steps: int, threads: int = 1, vocab: int = BYTE_VOCAB,
-                            mlp_tile: int = 2048, loss_chunk: int = OptimConfig.loss_chunk_size) -> dict[str, list[float]]:
+                            mlp_tile: int = 2048, loss_chunk: int = OptimConfig.loss_chunk_size,
+                            attention: str = "kernel") -> dict[str, list[float]]:
     """CPU seconds of ``steps`` training steps of every implementation, built side by side in
     one fresh process and stepped in turn (one step each per round), so a change in the
     machine's speed over minutes reaches all of them alike. The order stays the same: with
@@ -187,7 +208,7 @@ def interleaved_cpu_seconds(impls: list[str], seq_len: int, steps: int, threads:
     optimizer state still in cache, and the rounds would split into two groups."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_interleaved, args=(impls, vocab, seq_len, steps, threads, mlp_tile, loss_chunk, queue))
+    p = ctx.Process(target=_interleaved, args=(impls, vocab, seq_len, steps, threads, mlp_tile, loss_chunk, attention, queue))
     p.start()
     times = queue.get()
     p.join()
@@ -208,6 +229,8 @@ def main() -> None:
     ap.add_argument("--mlp-tile", type=int, default=2048, help="model.mlp_tile_tokens of full_tiled")
     ap.add_argument("--loss-chunk", type=int, default=OptimConfig.loss_chunk_size,
                     help="optim.loss_chunk_size of longtrain (default: the config's)")
+    ap.add_argument("--attention", choices=ATTENTION, default="kernel",
+                    help="stub: a cheap stand-in for the attention kernel on every side, to time the rest of the step")
     ap.add_argument("--max-gb", type=float, default=0.0, help="address-space cap per memory process (0: none)")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="glibc mmap threshold in bytes (0: glibc's default)")
     args = ap.parse_args()
@@ -217,10 +240,11 @@ def main() -> None:
         for seq_len in args.seq_lens:
             # Peak RSS: each implementation alone in a fresh process, one step.
             peak = {impl: measure(impl, seq_len, 0, args.threads, vocab, args.mlp_tile, max_gb=args.max_gb,
-                                  mmap_threshold=args.mmap_threshold, loss_chunk=args.loss_chunk).peak_gb
+                                  mmap_threshold=args.mmap_threshold, loss_chunk=args.loss_chunk,
+                                  attention=args.attention).peak_gb
                     for impl in args.impls}
             times = interleaved_cpu_seconds(args.impls, seq_len, args.steps, args.threads, vocab, args.mlp_tile,
-                                            args.loss_chunk)
+                                            args.loss_chunk, args.attention)
 
             def speed(impl: str, base: str) -> Optional[float]:
                 """Median over rounds of base's step time / impl's, each pair from one round."""

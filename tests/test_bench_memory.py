@@ -6,6 +6,7 @@ import sys
 from unittest import mock
 
 import pytest
+import torch
 
 from bench import memory, throughput
 
@@ -35,6 +36,25 @@ def test_longest_bisects_to_the_last_length_that_fits():
         assert memory.longest("full", cap_gb=1.0, granule=1024, limit=1 << 20)[0] == 0
 
 
+@pytest.mark.parametrize("impl", ["hf", "none"])
+def test_stub_attention_replaces_the_kernel(impl):
+    """``--attention stub`` times the rest of the step only if the kernel is really gone on
+    that side: the same seed gives another loss. k and v still get gradients, so their
+    projections' backward is in the timed step as it is with the kernel."""
+    ids, pos = throughput._batch(throughput.BYTE_VOCAB, 64)
+    losses = {}
+    for attention in throughput.ATTENTION:
+        torch.manual_seed(0)
+        model, loss_fn = throughput._build(impl, throughput.BYTE_VOCAB, 2048, 0, 256, attention)
+        loss = loss_fn(ids, pos)
+        loss.backward()
+        losses[attention] = loss.item()
+        kv_grads = [p.grad for name, p in model.named_parameters() if name.endswith(("k_proj.weight", "v_proj.weight",
+                                                                                     "wk.weight", "wv.weight"))]
+        assert len(kv_grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in kv_grads)
+    assert losses["kernel"] != pytest.approx(losses["stub"], rel=1e-4)
+
+
 def test_loglog_slope():
     xs = [8192, 16384, 32768, 131072]
     assert memory.loglog_slope(xs, [3 * x for x in xs]) == pytest.approx(1.0)
@@ -61,3 +81,8 @@ def test_bench_commands_run(capsys):
         throughput.main()
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [r[2] for r in rows] == ["hf_compiled", "compiled"] and all(float(r[4]) > 0 for r in rows)
+    with mock.patch.object(sys, "argv", ["throughput", "--seq-lens", "256", "--impls", "hf", "none", "--steps", "1",
+                                         "--attention", "stub"]):
+        throughput.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[2] for r in rows] == ["hf", "none"] and all(float(r[4]) > 0 for r in rows)
