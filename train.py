@@ -28,11 +28,20 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longtrain.cli import hydra_error_line, plan_table, preflight, sweep_root, torchrun_env_from_submitit  # noqa: E402
-from longtrain.config import ConfigError, validate  # noqa: E402
-from longtrain.hardware import check_device  # noqa: E402
-from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env  # noqa: E402
+import torch  # noqa: E402
+
+from longtrain import preemption  # noqa: E402
+from longtrain.checkpoint import barrier  # noqa: E402
+from longtrain.cli import hydra_error_line, plan_table, sweep_root, torchrun_env_from_submitit  # noqa: E402
+from longtrain.config import ConfigError  # noqa: E402
+from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table  # noqa: E402
+from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts, init_parallel, world_size_from_env  # noqa: E402
+from longtrain.preflight import preflight  # noqa: E402
+from longtrain.report import report_at_end  # noqa: E402
+from longtrain.run_dir import clear_stage_folders  # noqa: E402
+from longtrain.sweep_job import JobRecord, job_objective, write_job_record  # noqa: E402
 from longtrain.sweep_report import ReportCallback  # noqa: E402
+from longtrain.trainer import Diverged  # noqa: E402
 
 
 class Stop(Exception):
@@ -81,8 +90,6 @@ def main(raw: DictConfig) -> float | None:
     """Run the command; return its objective (longtrain/sweep_job.py), which a sweeper
     maximises. A multirun job that fails prints its one line, records it in job.json and
     returns, so the sweep goes on; a single run exits with the failure's code."""
-    from longtrain.sweep_job import JobRecord, job_objective, write_job_record
-
     torchrun_env_from_submitit()
     hydra_cfg = HydraConfig.get()
     started = time.monotonic()
@@ -106,10 +113,6 @@ def main(raw: DictConfig) -> float | None:
 
 def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
-    from longtrain import preemption
-    from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table
-    from longtrain.trainer import Diverged
-
     chosen = hydra_cfg.runtime.choices.get("stage")
     try:
         job.overrides, job_number, run_dir = job_overrides(hydra_cfg)
@@ -122,12 +125,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
         names = stages[0].curriculum.stages
         to_run = stages_to_run(stages, chosen)
         job.stages = [cfg.stage.name for cfg in to_run]
-        for cfg in to_run:
-            validate(cfg, world_size=world_size_from_env())
-        preflight(to_run)
-        device = resolve_device(stages[0].run.device)
-        for cfg in to_run:  # the attention kernel this device runs, and what it needs
-            check_device(cfg, device)
+        device = preflight(to_run, world_size_from_env())
     except ConfigError as e:
         raise Stop("config error", str(e), 2) from None
     if stages[0].run.dry_run:
@@ -135,13 +133,6 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
         if is_rank0():
             print(plan_table(to_run, world_size_from_env()))
         return
-
-    import torch  # after validation: a bad config should not pay for importing torch's world
-
-    from longtrain.checkpoint import barrier
-    from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts
-    from longtrain.report import report_at_end
-    from longtrain.run_dir import clear_stage_folders
 
     if stages[0].run.threads:
         torch.set_num_threads(stages[0].run.threads)

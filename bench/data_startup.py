@@ -61,7 +61,7 @@ def repeat_corpus(src: Path, dst: Path, gigabytes: float) -> int:
 
 def startup_child(folder: str, mode: str) -> None:
     """One measurement in this (fresh) process; prints JSON."""
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
     from longtrain.data.loader import StatefulLoader
     from longtrain.data.mix import build_train_data
     from longtrain.data.packing import packed_dataset

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from hydra import initialize_config_dir
 
-from longtrain.curriculum import Gate, compose_stage_configs, gate_tasks
+from longtrain.config import gate_tasks
+from longtrain.curriculum import Gate, compose_stage_configs
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_dir import read_gate
 from longtrain.trainer import Trainer

@@ -1,12 +1,9 @@
-"""What train.py needs around Hydra: one-line errors, per-job run folders, checks before
-any compute.
+"""What train.py needs around Hydra: one-line errors, per-job run folders, the dry run's plan.
 
 Hydra reports its own errors (an unknown key, a missing group option, a sweep value
 without ``-m``) as several lines of text with exit code 1; :func:`hydra_error_line` turns
 them into the project's one line (``config error: KEY: what is wrong; valid: ...``, exit
-2). :func:`preflight` runs every check that needs the file system — stage folders owned
-by an earlier run, a ``run.resume`` checkpoint, the tokenizer and its vocabulary — before
-the process group starts or anything is written.
+2). The checks before any compute are longtrain/preflight.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from longtrain.config import Config, ConfigError
+from longtrain.config import Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -93,40 +90,6 @@ def _unknown_key(key: str) -> str:
         return f"{key}: not in {parent}; add it with +{key}=VALUE"
     valid = ", ".join(getattr(node, "__dataclass_fields__", {}))
     return f"{key}: unknown key; valid: {valid}"
-
-
-def preflight(stages: list[Config]) -> None:
-    """Checks that read files, for the stages this command runs; raise ConfigError."""
-    from longtrain import checkpoint as ckpt
-    from longtrain.curriculum import check_gate_tasks_fit
-    from longtrain.data.tokenizer import build_tokenizer
-    from longtrain.run_dir import check_stage_folders
-
-    check_stage_folders(stages)
-    resume = stages[0].run.resume
-    if resume not in ("none", "auto"):
-        if not ckpt.is_complete(Path(resume)):
-            raise ConfigError(
-                f"run.resume: {resume} is not a complete checkpoint (a step_XXXXXXXX folder with "
-                f"{ckpt.CHECKSUMS}); valid: none, auto, or such a folder"
-            )
-        problem = ckpt.verify_checkpoint(Path(resume))
-        if problem is not None:
-            raise ConfigError(f"run.resume: checkpoint {resume} is damaged: {problem}; use run.resume=auto to take the newest valid one")
-    try:
-        tokenizer = build_tokenizer(stages[0].tokenizer)
-    except Exception as e:  # transformers raises many kinds for a folder that is not a tokenizer
-        raise ConfigError(
-            f"tokenizer.path: {stages[0].tokenizer.path} is not a Hugging Face tokenizer folder "
-            f"({type(e).__name__}); give a folder saved with save_pretrained (tokenizer.json / tokenizer_config.json)"
-        ) from None
-    for cfg in stages:
-        if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
-                f"use >= {tokenizer.vocab_size} or null (the tokenizer's)"
-            )
-        check_gate_tasks_fit(cfg, tokenizer)
 
 
 def plan_table(stages: list[Config], world_size: int) -> str:

@@ -1,14 +1,16 @@
-"""Typed config schema and validation.
+"""Typed config schema and value checks; imports nothing from longtrain.
 
-Hydra composes YAML from ``configs/``; :func:`load_config` merges the result into these
-dataclasses (catching wrong types and unknown keys) and :func:`validate` checks every
-value that a type cannot express. Both raise :class:`ConfigError` with one line that
-names the offending key and what would be valid, before any compute starts.
+Hydra composes YAML from ``configs/``; :func:`merge_config` merges the result into these
+dataclasses (catching wrong types and unknown keys), :func:`resolve_stage` derives the
+stage's RoPE and micro-batch, and :func:`validate` checks every value that a type cannot
+express, one check function per section. All raise :class:`ConfigError` with one line
+that names the offending key and what would be valid, before any compute starts. What
+needs the world outside the config (files, the ranks, the device) is checked above this
+module: longtrain/preflight.py and ParallelDims.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -246,9 +248,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_config(raw: DictConfig | dict[str, Any], check: bool = True) -> Config:
-    """Merge a composed Hydra config into the schema and validate it (types always; values
-    unless ``check=False``, for a stage that is only read from, not run)."""
+def merge_config(raw: DictConfig | dict[str, Any]) -> Config:
+    """A composed Hydra config merged into the schema: unknown keys and wrong types are
+    ConfigErrors; values are checked by :func:`validate`."""
     schema = OmegaConf.structured(Config)
     raw = OmegaConf.create(raw) if isinstance(raw, dict) else raw
     unknown = [k for k in raw.keys() if k not in Config.__dataclass_fields__ and k != "hydra"]
@@ -257,25 +259,29 @@ def load_config(raw: DictConfig | dict[str, Any], check: bool = True) -> Config:
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
     try:
         merged = OmegaConf.merge(schema, raw)
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
-    if cfg.model.hf_path is not None:
-        from longtrain.hf import apply_hf_architecture
 
-        apply_hf_architecture(cfg)
-    # Keys stage_rope divides by or substitutes come first, so their errors name them.
+
+def resolve_stage(cfg: Config) -> None:
+    """Set the stage's RoPE and micro-batch (:func:`stage_rope`, :func:`stage_micro_batch`).
+    The keys they divide by or substitute are checked first, so their errors name them."""
     _positive(cfg.rope.original_max_position_embeddings, "rope.original_max_position_embeddings")
     _positive(cfg.stage.seq_len, "stage.seq_len")
     if cfg.stage.abf_theta is not None:
-        _require(cfg.stage.abf_theta > 1, "stage.abf_theta", f"must be > 1 (the stage's RoPE base), got {cfg.stage.abf_theta}")
+        require(cfg.stage.abf_theta > 1, "stage.abf_theta", f"must be > 1 (the stage's RoPE base), got {cfg.stage.abf_theta}")
     cfg.rope = stage_rope(cfg)
     cfg.stage = stage_micro_batch(cfg)
-    if check:
-        validate(cfg)
-    return cfg
+
+
+def gate_tasks(cfg: Config) -> dict[str, Optional[float]]:
+    """Every task a gate evaluates → its min recall (None: reported only); the single needle
+    first. A task both gated and listed as reported is gated."""
+    gated = {cfg.gate.kind: cfg.gate.min_recall, **cfg.gate.tasks}
+    return {**gated, **{t: None for t in cfg.gate.report_tasks if t not in gated}}
 
 
 def stage_micro_batch(cfg: Config) -> StageConfig:
@@ -302,65 +308,85 @@ def stage_rope(cfg: Config) -> RopeConfig:
     return replace(r, theta=theta, factor=factor)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
 def _one_of(value: str, key: str, valid: tuple[str, ...]) -> None:
-    _require(value in valid, key, f"unknown value {value!r}; valid: {', '.join(valid)}")
+    require(value in valid, key, f"unknown value {value!r}; valid: {', '.join(valid)}")
 
 
 def _positive(value: float, key: str) -> None:
-    _require(value > 0, key, f"must be > 0, got {value}")
+    require(value > 0, key, f"must be > 0, got {value}")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    m = cfg.model
+def validate(cfg: Config) -> None:
+    """Every value a type cannot express, section by section; the first bad one is a
+    ConfigError. What depends on the world outside the config (files, folders, the ranks,
+    the device) is checked by longtrain/preflight.py and ParallelDims."""
+    check_model(cfg.model)
+    check_rope(cfg.rope, cfg.parallel)
+    check_tokenizer(cfg.tokenizer)
+    check_data(cfg.data)
+    check_stage(cfg.stage)
+    check_optim(cfg.optim)
+    check_parallel(cfg.parallel)
+    check_gate(cfg.gate)
+    check_retrieval(cfg.retrieval)
+    require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
+    check_shard_size(cfg.export.max_shard_size, "export.max_shard_size")
+    check_logging(cfg.logging)
+    check_eval(cfg.eval)
+    check_run(cfg.run)
+
+
+def check_model(m: ModelConfig) -> None:
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
         _positive(getattr(m, key), f"model.{key}")
-    _require(
+    require(
         m.n_heads % m.n_kv_heads == 0,
         "model.n_heads",
         f"{m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
         "n_heads must be a multiple of n_kv_heads",
     )
     if m.head_dim is None:
-        _require(
+        require(
             m.dim % m.n_heads == 0,
             "model.dim",
             f"{m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly",
         )
     head_dim = m.resolved_head_dim()
-    _require(head_dim > 0 and head_dim % 2 == 0, "model.head_dim", f"must be even and > 0 for RoPE, got {head_dim}")
-    _require(m.resolved_ffn_dim() > 0, "model.ffn_dim", f"must be > 0, got {m.ffn_dim}")
-    _require(m.nope_every >= 0, "model.nope_every", f"must be >= 0 (0 = RoPE on every layer), got {m.nope_every}")
+    require(head_dim > 0 and head_dim % 2 == 0, "model.head_dim", f"must be even and > 0 for RoPE, got {head_dim}")
+    require(m.resolved_ffn_dim() > 0, "model.ffn_dim", f"must be > 0, got {m.ffn_dim}")
+    require(m.nope_every >= 0, "model.nope_every", f"must be >= 0 (0 = RoPE on every layer), got {m.nope_every}")
     _positive(m.norm_eps, "model.norm_eps")
     _positive(m.init_std, "model.init_std")
     if m.vocab_size is not None:
         _positive(m.vocab_size, "model.vocab_size")
     _one_of(m.activation_checkpointing, "model.activation_checkpointing", AC_MODES)
-    _require(m.mlp_tile_tokens >= 0, "model.mlp_tile_tokens", f"must be >= 0 (0 = no tiling), got {m.mlp_tile_tokens}")
+    require(m.mlp_tile_tokens >= 0, "model.mlp_tile_tokens", f"must be >= 0 (0 = no tiling), got {m.mlp_tile_tokens}")
 
-    r = cfg.rope
+
+def check_rope(r: RopeConfig, parallel: ParallelConfig) -> None:
     _one_of(r.type, "rope.type", ROPE_TYPES)
-    _require(r.theta > 1, "rope.theta", f"must be > 1, got {r.theta}")
-    _require(
+    require(r.theta > 1, "rope.theta", f"must be > 1, got {r.theta}")
+    require(
         r.factor >= 1,
         "rope.factor",
         f"must be >= 1, got {r.factor} (null means stage.seq_len / rope.original_max_position_embeddings)",
     )
     _positive(r.original_max_position_embeddings, "rope.original_max_position_embeddings")
     if r.type == "yarn":
-        _require(r.beta_fast > r.beta_slow > 0, "rope.beta_fast", "yarn needs beta_fast > beta_slow > 0")
+        require(r.beta_fast > r.beta_slow > 0, "rope.beta_fast", "yarn needs beta_fast > beta_slow > 0")
     if r.type == "llama3":
-        _require(
+        require(
             r.high_freq_factor > r.low_freq_factor > 0,
             "rope.high_freq_factor",
             "llama3 needs high_freq_factor > low_freq_factor > 0",
         )
-    _require(
-        not (r.type == "dynamic" and cfg.parallel.cp > 1),
+    require(
+        not (r.type == "dynamic" and parallel.cp > 1),
         "rope.type",
         "dynamic NTK depends on each rank's maximum position, which differs across zigzag shards; "
         "with parallel.cp > 1 use default, abf, linear, yarn or llama3",
@@ -368,152 +394,130 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if r.attention_factor is not None:
         _positive(r.attention_factor, "rope.attention_factor")
 
-    t = cfg.tokenizer
+
+def check_tokenizer(t: TokenizerConfig) -> None:
     _one_of(t.type, "tokenizer.type", TOKENIZERS)
     if t.type == "hf":
-        _require(t.path is not None, "tokenizer.path", "tokenizer.type=hf needs a local tokenizer folder")
-        _require(os.path.isdir(str(t.path)), "tokenizer.path", f"no such folder: {t.path}")
+        require(t.path is not None, "tokenizer.path", "tokenizer.type=hf needs a local tokenizer folder")
 
-    d = cfg.data
+
+def check_data(d: DataConfig) -> None:
     _one_of(d.source, "data.source", SOURCES)
     if d.source in ("local", "hf"):
-        _require(bool(d.path), "data.path", f"data.source={d.source} needs data.path")
-    if d.source == "local":
-        import glob
-
-        _require(
-            bool(glob.glob(str(d.path), recursive=True)),
-            "data.path",
-            f"no file matches {d.path!r}; give a glob of .txt, .jsonl or .parquet files",
-        )
-    _require(0 < d.val_percent < 100, "data.val_percent", f"must be in (0, 100), got {d.val_percent}")
+        require(bool(d.path), "data.path", f"data.source={d.source} needs data.path")
+    require(0 < d.val_percent < 100, "data.val_percent", f"must be in (0, 100), got {d.val_percent}")
     if d.max_docs is not None:
         _positive(d.max_docs, "data.max_docs")
 
-    s = cfg.stage
+
+def check_stage(s: StageConfig) -> None:
     _positive(s.seq_len, "stage.seq_len")
     _positive(s.steps, "stage.steps")
     _positive(s.global_batch_size, "stage.global_batch_size")
     _positive(s.micro_batch_size, "stage.micro_batch_size")
-    _require(s.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    _require(0 <= s.decay_fraction <= 1, "stage.decay_fraction", f"must be in [0, 1], got {s.decay_fraction}")
+    require(s.warmup_steps >= 0, "stage.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    require(0 <= s.decay_fraction <= 1, "stage.decay_fraction", f"must be in [0, 1], got {s.decay_fraction}")
     _one_of(s.decay_shape, "stage.decay_shape", DECAY_SHAPES)
     for key in ("long_doc_share", "retrieval_share"):
-        _require(0 <= getattr(s, key) <= 1, f"stage.{key}", f"must be in [0, 1], got {getattr(s, key)}")
-    _require(
+        require(0 <= getattr(s, key) <= 1, f"stage.{key}", f"must be in [0, 1], got {getattr(s, key)}")
+    require(
         s.long_doc_share + s.retrieval_share <= 1,
         "stage.retrieval_share",
         f"stage.long_doc_share + stage.retrieval_share = {s.long_doc_share + s.retrieval_share} must be <= 1",
     )
-    _require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
-    if s.init_from and s.init_from.startswith("hf:"):
-        from longtrain.data.tokenizer import build_tokenizer
-        from longtrain.hf import check_hf_init
+    require(0 <= s.final_lr_ratio <= 1, "stage.final_lr_ratio", f"must be in [0, 1], got {s.final_lr_ratio}")
+    check_mix(s)
 
-        check_hf_init(cfg, m.vocab_size or build_tokenizer(t).vocab_size)
-    _check_mix(s)
 
-    o = cfg.optim
+def check_mix(s: StageConfig) -> None:
+    if not s.mix:
+        return
+    require(not s.long_doc_share, "stage.long_doc_share", "must be 0 when stage.mix lists the sources (give a long source a min_doc_tokens instead)")
+    require(sum(e.weight for e in s.mix) > 0, "stage.mix", "weights must have a positive sum")
+    for i, e in enumerate(s.mix):
+        key = f"stage.mix[{i}]"
+        require(e.weight >= 0, f"{key}.weight", f"must be >= 0, got {e.weight}")
+        require(e.min_doc_tokens >= 0, f"{key}.min_doc_tokens", f"must be >= 0, got {e.min_doc_tokens}")
+        if e.max_doc_tokens is not None:
+            require(e.max_doc_tokens >= e.min_doc_tokens, f"{key}.max_doc_tokens", f"must be >= min_doc_tokens={e.min_doc_tokens}")
+
+
+def check_optim(o: OptimConfig) -> None:
     _positive(o.lr, "optim.lr")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
-    _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
+    require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
+    require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
     _positive(o.eps, "optim.eps")
-    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
-    _require(o.z_loss >= 0, "optim.z_loss", f"must be >= 0, got {o.z_loss}")
+    require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+    require(o.z_loss >= 0, "optim.z_loss", f"must be >= 0, got {o.z_loss}")
     _positive(o.loss_chunk_size, "optim.loss_chunk_size")
     _positive(o.max_nonfinite_steps, "optim.max_nonfinite_steps")
 
-    p = cfg.parallel
+
+def check_parallel(p: ParallelConfig) -> None:
+    """The sizes only; how they split a stage over the ranks is ParallelDims' check."""
     _positive(p.dp, "parallel.dp")
     _positive(p.cp, "parallel.cp")
     _positive(p.timeout_s, "parallel.timeout_s")
-    _require(
-        s.seq_len % (2 * p.cp) == 0 or p.cp == 1,
-        "stage.seq_len",
-        f"{s.seq_len} is not divisible by 2*parallel.cp={2 * p.cp} (zigzag ring attention cuts the sequence into 2*cp chunks)",
-    )
-    _require(
-        s.global_batch_size % p.dp == 0,
-        "stage.global_batch_size",
-        f"{s.global_batch_size} sequences cannot be split over parallel.dp={p.dp} ranks; "
-        f"use a multiple of {p.dp} (e.g. stage.global_batch_size={p.dp * max(1, s.global_batch_size // p.dp)})",
-    )
-    _require(
-        s.global_batch_size % (s.micro_batch_size * p.dp) == 0,
-        "stage.global_batch_size",
-        f"{s.global_batch_size} is not a multiple of stage.micro_batch_size*parallel.dp="
-        f"{s.micro_batch_size * p.dp}",
-    )
-    if world_size is not None:
-        _require(
-            p.dp * p.cp == world_size,
-            "parallel",
-            f"parallel.dp*parallel.cp = {p.dp}*{p.cp} = {p.dp * p.cp} must equal the world size {world_size}",
-        )
 
-    g = cfg.gate
-    _require(0 <= g.min_recall <= 1, "gate.min_recall", f"must be in [0, 1], got {g.min_recall}")
-    _require(g.max_short_loss_increase >= 0, "gate.max_short_loss_increase", f"must be >= 0, got {g.max_short_loss_increase}")
-    _require(g.max_extra_steps >= 0, "gate.max_extra_steps", f"must be >= 0, got {g.max_extra_steps}")
+
+def check_gate(g: GateConfig) -> None:
+    require(0 <= g.min_recall <= 1, "gate.min_recall", f"must be in [0, 1], got {g.min_recall}")
+    require(g.max_short_loss_increase >= 0, "gate.max_short_loss_increase", f"must be >= 0, got {g.max_short_loss_increase}")
+    require(g.max_extra_steps >= 0, "gate.max_extra_steps", f"must be >= 0, got {g.max_extra_steps}")
     _positive(g.extra_steps_increment, "gate.extra_steps_increment")
-    _require(0 < g.extra_lr_ratio <= 1, "gate.extra_lr_ratio", f"must be in (0, 1], got {g.extra_lr_ratio}")
-    _require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
+    require(0 < g.extra_lr_ratio <= 1, "gate.extra_lr_ratio", f"must be in (0, 1], got {g.extra_lr_ratio}")
+    require(bool(g.depths) and all(0 <= d <= 1 for d in g.depths), "gate.depths", f"need fractions in [0, 1], got {g.depths}")
     _positive(g.trials, "gate.trials")
-    _require(g.report_trials >= 0, "gate.report_trials", f"must be >= 0 (0: gate.trials), got {g.report_trials}")
+    require(g.report_trials >= 0, "gate.report_trials", f"must be >= 0 (0: gate.trials), got {g.report_trials}")
     _one_of(g.kind, "gate.kind", RETRIEVAL_KINDS)
-    _require(0 <= g.min_cell_recall <= 1, "gate.min_cell_recall", f"must be in [0, 1], got {g.min_cell_recall}")
+    require(0 <= g.min_cell_recall <= 1, "gate.min_cell_recall", f"must be in [0, 1], got {g.min_cell_recall}")
     for task, threshold in g.tasks.items():
         _one_of(task, f"gate.tasks.{task}", RETRIEVAL_KINDS)
-        _require(task != g.kind, f"gate.tasks.{task}", "is the gate's single needle (gate.kind); its threshold is gate.min_recall")
-        _require(0 <= threshold <= 1, f"gate.tasks.{task}", f"must be a recall in [0, 1], got {threshold}")
+        require(task != g.kind, f"gate.tasks.{task}", "is the gate's single needle (gate.kind); its threshold is gate.min_recall")
+        require(0 <= threshold <= 1, f"gate.tasks.{task}", f"must be a recall in [0, 1], got {threshold}")
     for task in g.report_tasks:
         _one_of(task, "gate.report_tasks", RETRIEVAL_KINDS)
-        _require(g.report_tasks.count(task) == 1, "gate.report_tasks", f"lists {task} twice")
+        require(g.report_tasks.count(task) == 1, "gate.report_tasks", f"lists {task} twice")
     _positive(g.short_val_samples, "gate.short_val_samples")
-    check_retrieval_kinds(cfg.retrieval.kinds)
-    rc = cfg.retrieval
+
+
+def check_retrieval(rc: RetrievalConfig) -> None:
+    check_retrieval_kinds(rc.kinds)
     for key in ("key_digits", "kv_pairs", "kv_key_chars", "multi_values", "vartrack_chains", "vartrack_hops", "cwe_words"):
         _positive(getattr(rc, key), f"retrieval.{key}")
-    _require(1 <= rc.multi_queries <= rc.kv_pairs, "retrieval.multi_queries", f"must be in [1, retrieval.kv_pairs={rc.kv_pairs}], got {rc.multi_queries}")
-    _require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
-    check_shard_size(cfg.export.max_shard_size, "export.max_shard_size")
-    if cfg.export.after_gate:  # refuse a model transformers cannot run before training it
-        from longtrain.hf import export_architecture
+    require(1 <= rc.multi_queries <= rc.kv_pairs, "retrieval.multi_queries", f"must be in [1, retrieval.kv_pairs={rc.kv_pairs}], got {rc.multi_queries}")
 
-        export_architecture(cfg.model, cfg.rope)
 
-    _positive(cfg.logging.log_every, "logging.log_every")
-    if cfg.logging.peak_tflops is not None:
-        _positive(cfg.logging.peak_tflops, "logging.peak_tflops")
-    _require(cfg.eval.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = off), got {cfg.eval.val_every}")
-    _positive(cfg.eval.val_batches, "eval.val_batches")
-    _require(cfg.eval.position_buckets >= 0, "eval.position_buckets", f"must be >= 0 (0 = off), got {cfg.eval.position_buckets}")
-    _positive(cfg.eval.position_windows, "eval.position_windows")
+def check_logging(lg: LoggingConfig) -> None:
+    _positive(lg.log_every, "logging.log_every")
+    if lg.peak_tflops is not None:
+        _positive(lg.peak_tflops, "logging.peak_tflops")
 
-    run = cfg.run
-    _require(bool(run.dir) and not os.path.isfile(run.dir), "run.dir", f"{run.dir!r} is a file; give a folder (created if missing)")
+
+def check_eval(e: EvalConfig) -> None:
+    require(e.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = off), got {e.val_every}")
+    _positive(e.val_batches, "eval.val_batches")
+    require(e.position_buckets >= 0, "eval.position_buckets", f"must be >= 0 (0 = off), got {e.position_buckets}")
+    _positive(e.position_windows, "eval.position_windows")
+
+
+def check_run(run: RunConfig) -> None:
     _positive(run.checkpoint_every, "run.checkpoint_every")
     _positive(run.keep_checkpoints, "run.keep_checkpoints")
     _one_of(run.device, "run.device", ("auto", "cpu", "cuda"))
     _one_of(run.dtype, "run.dtype", DTYPES)
-    _require(run.threads >= 0, "run.threads", f"must be >= 0, got {run.threads}")
-    _require(
+    require(run.threads >= 0, "run.threads", f"must be >= 0, got {run.threads}")
+    require(
         not (run.overwrite and run.resume != "none"),
         "run.overwrite",
         f"deletes the stages' earlier state; it cannot be combined with run.resume={run.resume}",
     )
-    if run.resume not in ("none", "auto"):
-        _require(
-            os.path.isdir(run.resume),
-            "run.resume",
-            f"no checkpoint folder {run.resume!r}; valid: none, auto, or a checkpoint folder",
-        )
 
 
 def check_shard_size(value: str, key: str) -> None:
     """A size huggingface_hub's shard splitter reads (config validation and the export CLI)."""
-    _require(
+    require(
         re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", value, re.IGNORECASE) is not None,
         key,
         f"{value!r} is not a size; valid: a number with KB, MB, GB or TB, e.g. 5GB, 500MB",
@@ -525,28 +529,9 @@ RETRIEVAL_KINDS = (  # longtrain/data/retrieval.py
 )
 
 
-def _check_mix(s: StageConfig) -> None:
-    if not s.mix:
-        return
-    _require(not s.long_doc_share, "stage.long_doc_share", "must be 0 when stage.mix lists the sources (give a long source a min_doc_tokens instead)")
-    _require(sum(e.weight for e in s.mix) > 0, "stage.mix", "weights must have a positive sum")
-    for i, e in enumerate(s.mix):
-        key = f"stage.mix[{i}]"
-        _require(e.weight >= 0, f"{key}.weight", f"must be >= 0, got {e.weight}")
-        _require(e.min_doc_tokens >= 0, f"{key}.min_doc_tokens", f"must be >= 0, got {e.min_doc_tokens}")
-        if e.max_doc_tokens is not None:
-            _require(e.max_doc_tokens >= e.min_doc_tokens, f"{key}.max_doc_tokens", f"must be >= min_doc_tokens={e.min_doc_tokens}")
-        if e.prepared:
-            _require(
-                os.path.exists(os.path.join(e.prepared, "manifest.json")),
-                f"{key}.prepared",
-                f"{e.prepared} is not prepared data (no manifest.json); run python -m longtrain.data.prepare ... out={e.prepared}",
-            )
-
-
 def check_retrieval_kinds(kinds: list[str]) -> None:
     """Config validation and RetrievalDataset (library callers) share this one check."""
-    _require(
+    require(
         bool(kinds) and all(k in RETRIEVAL_KINDS for k in kinds),
         "retrieval.kinds",
         f"{list(kinds)} is not a non-empty list of {', '.join(RETRIEVAL_KINDS)}",

@@ -21,17 +21,18 @@ import numpy as np
 
 from longtrain import checkpoint as ckpt
 from longtrain import preemption
-from longtrain.config import Config, ConfigError, load_config
+from longtrain.config import Config, ConfigError, gate_tasks
 from longtrain.data.packing import packed_dataset
 from longtrain.data.retrieval import Haystack
-from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval import position_loss
 from longtrain.eval.grid import NeedleGrid, recall_text
 from longtrain.eval.needle import write_results
-from longtrain.eval.suite import fit_error, run_suite
+from longtrain.eval.suite import run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
+from longtrain.preflight import check_gate_tasks_fit
 from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
+from longtrain.run_config import load_config
 from longtrain.trainer import Trainer, prepare_trainer
 
 
@@ -67,23 +68,6 @@ class GateRecord:
 
 def stage_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.stage.name
-
-
-def gate_tasks(cfg: Config) -> dict[str, Optional[float]]:
-    """Every task a gate evaluates → its min recall (None: reported only); the single needle
-    first. A task both gated and listed as reported is gated."""
-    gated = {cfg.gate.kind: cfg.gate.min_recall, **cfg.gate.tasks}
-    return {**gated, **{t: None for t in cfg.gate.report_tasks if t not in gated}}
-
-
-def check_gate_tasks_fit(cfg: Config, tokenizer: Tokenizer) -> None:
-    """A gate task whose samples do not fit the stage length is a config error, found
-    before any stage computes (train.py's preflight), not at the end of training."""
-    for task in gate_tasks(cfg):
-        why = fit_error(tokenizer, task, cfg.stage.seq_len, cfg.retrieval)
-        if why is not None:
-            key = "gate.kind" if task == cfg.gate.kind else f"gate.tasks.{task}" if task in cfg.gate.tasks else "gate.report_tasks"
-            raise ConfigError(f"{key}: {task} does not fit stage {cfg.stage.name} ({why}); drop it for that stage or lengthen it")
 
 
 def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Optional[float], cfg: Config) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -24,21 +25,18 @@ import torch
 from omegaconf import OmegaConf
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import Config, ConfigError, check_shard_size, load_config
+from longtrain.config import Config, ConfigError, check_shard_size
+from longtrain.data.packing import packed_dataset
+from longtrain.data.retrieval import build_haystack
+from longtrain.data.shards import open_prepared
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.data.tokenizer_export import save_tokenizer
+from longtrain.eval.needle import greedy_decode, needle_batch
 from longtrain.hf import MODEL_TYPES, export_architecture, hf_config_fields, hf_name
+from longtrain.model.load import LONGTRAIN_CONFIG, checkpoint_config, load_model
+from longtrain.optim.loss import IGNORE_INDEX
 
-LONGTRAIN_CONFIG = "longtrain.yaml"
 EXPORT_DIR = "hf"  # export.after_gate: STAGE/hf, next to gate.json
-
-
-def checkpoint_config(checkpoint: Path) -> Config:
-    """The run config stored with a checkpoint (ConfigError if the folder is not a complete checkpoint)."""
-    if not ckpt.is_complete(checkpoint):
-        raise ConfigError(f"checkpoint: {checkpoint} is not a complete checkpoint folder (step_XXXXXXXX with .metadata and {ckpt.TRAINER_STATE})")
-    state = torch.load(checkpoint / ckpt.TRAINER_STATE, weights_only=False)
-    return load_config(OmegaConf.create(state["config"]))
 
 
 def write_weights(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str) -> None:
@@ -78,8 +76,6 @@ def write_hf_folder(cfg: Config, model_state: dict[str, torch.Tensor], out_dir: 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, max_shard_size: Optional[str] = None) -> Path:
     """Load a checkpoint's weights in this process (any layout it was saved at) and export them."""
-    from longtrain.eval.needle import load_model
-
     cfg = checkpoint_config(checkpoint)
     export_architecture(cfg.model, cfg.rope)  # refuse before loading anything
     if max_shard_size is not None:
@@ -120,13 +116,7 @@ def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityRep
     scaling acts; then ``generate`` (greedy, with transformers' KV cache) on passkey
     prompts at depths spread over the window against our greedy decoding.
     """
-    from transformers import AutoModelForCausalLM
-
-    from longtrain.data.packing import packed_dataset
-    from longtrain.data.retrieval import build_haystack
-    from longtrain.data.shards import open_prepared
-    from longtrain.eval.needle import greedy_decode, load_model, needle_batch
-    from longtrain.optim.loss import IGNORE_INDEX
+    from transformers import AutoModelForCausalLM  # heavy; only --check needs it
 
     model, cfg, tokenizer, device = load_model(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).to(device).eval()
@@ -181,4 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    # Everything runs offline: transformers and datasets must never try the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from longtrain.config import Config, ConfigError, ModelConfig, RopeConfig
+from longtrain.model.transformer import Transformer
 
 HF_PREFIX = "hf:"
 # architecture → whether its layers have per-head QK-norm
@@ -195,8 +196,6 @@ def check_hf_init(cfg: Config, vocab_size: int) -> None:
         )
     if cfg.stage.load_optimizer:
         raise ConfigError(f"{key}: a Hugging Face folder holds no optimizer state; set stage.load_optimizer=false")
-    from longtrain.model.transformer import Transformer
-
     with torch.device("meta"):  # names and shapes only, no memory
         shapes = parameter_shapes(Transformer(cfg.model, cfg.rope, vocab_size))
     problem = weight_mismatches(shapes, path)

@@ -38,10 +38,17 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from longtrain.config import Config, ConfigError, validate
+from hydra import initialize_config_dir
+
+from longtrain.cli import CONFIG_DIR, hydra_error_line
+from longtrain.config import Config, ConfigError, stage_micro_batch
+from longtrain.curriculum import compose_stage_configs, stages_to_run
+from longtrain.data.tokenizer import build_tokenizer
+from longtrain.hardware import autocast_dtype
+from longtrain.run_config import check_config
 
 # model.activation_checkpointing, cheapest in compute first (the order --suggest tries).
 MODES = ("none", "selective", "full")
@@ -272,8 +279,6 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
 def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:
     """The memory plan of one rank for one validated stage config (every rank holds as many
     tokens: zigzag chunks are equal), with its checkpointing or ``checkpointing``."""
-    from longtrain.hardware import autocast_dtype
-
     mode = checkpointing or cfg.model.activation_checkpointing
     p = cfg.parallel
     world = p.dp * p.cp
@@ -360,17 +365,13 @@ def parse_size(text: str) -> int:
 def suggest(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int) -> Optional[tuple[int, str, MemoryPlan]]:
     """The smallest cp (a power of 2 dividing ``world``), then the cheapest checkpointing
     mode (in MODES order), whose plan fits ``device_memory``; None if nothing does."""
-    from dataclasses import replace
-
-    from longtrain.config import stage_micro_batch
-
     cp = 1
     while cp <= world:
         if world % cp == 0 and cfg.stage.seq_len % (2 * cp if cp > 1 else 1) == 0:
             trial = replace(cfg, parallel=replace(cfg.parallel, dp=world // cp, cp=cp))
             trial = replace(trial, stage=stage_micro_batch(trial))
             try:
-                validate(trial)
+                check_config(trial)
             except ConfigError:
                 cp *= 2
                 continue
@@ -421,11 +422,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 def compose(overrides: list[str]) -> list[Config]:
     """The stages train.py would run for these overrides (all, or the one ``stage=``
     names), validated as train.py validates them; Hydra's errors as one ConfigError line."""
-    from hydra import initialize_config_dir
-
-    from longtrain.cli import CONFIG_DIR, hydra_error_line
-    from longtrain.curriculum import compose_stage_configs, stages_to_run
-
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), None)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -437,15 +433,10 @@ def compose(overrides: list[str]) -> list[Config]:
         if line is None:
             raise
         raise ConfigError(line) from None
-    stages = stages_to_run(stages, chosen)
-    for cfg in stages:
-        validate(cfg)
-    return stages
+    return stages_to_run(stages, chosen)  # checked as they were loaded
 
 
 def vocab_size(cfg: Config) -> int:
-    from longtrain.data.tokenizer import build_tokenizer
-
     return build_tokenizer(cfg.tokenizer).vocab_size
 
 

@@ -114,7 +114,7 @@ def test_sequence_tiled_mlp_matches_whole(mode):
 
 
 def test_config_key_reaches_every_block(compose_config):
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
 
     for mode in AC_MODES:
         # The README's command line.

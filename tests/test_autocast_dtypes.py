@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from longtrain.attention import kernels
-from longtrain.config import load_config
 from longtrain.parallel.mesh import init_parallel
+from longtrain.run_config import load_config
 from longtrain.trainer import Trainer
 from tests.dist_utils import run_distributed
 from tests.test_parallel_training import ROPE

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import load_config
+from longtrain.run_config import load_config
 from longtrain.trainer import Diverged, Trainer, prepare_trainer
 from tests.test_trainer import TINY, single_process
 

@@ -74,7 +74,7 @@ def test_compiled_blocks_under_ring_attention_and_fsdp2(tmp_path):
 
 
 def test_config_key_compiles_every_block(compose_config):
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
     from longtrain.parallel.mesh import ParallelDims
 
     for compile in (False, True):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from longtrain.config import ConfigError, load_config, validate
+from longtrain.config import ConfigError
+from longtrain.run_config import check_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,9 @@ def test_a_stage_sets_its_gate_and_retrieval_mix(compose_config):
 
 def test_world_size_must_match_dp_times_cp(compose_config):
     cfg = load_config(compose_config("stage=pretrain", "parallel.dp=2", "parallel.cp=2"))
-    validate(cfg, world_size=4)
+    check_config(cfg, world_size=4)
     with pytest.raises(ConfigError, match=r"^parallel: .*world size 2"):
-        validate(cfg, world_size=2)
+        check_config(cfg, world_size=2)
 
 
 def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):

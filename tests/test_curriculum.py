@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import pytest
 
-from longtrain.config import load_config
+from longtrain.config import gate_tasks
 from longtrain.curriculum import (
-    Gate, StageError, compose_stage_configs, gate_failures, gate_tasks, read_gate, run_curriculum, starting_point,
-    summary_table,
+    Gate, StageError, compose_stage_configs, gate_failures, read_gate, run_curriculum, starting_point, summary_table,
 )
 from longtrain.eval.grid import NeedleGrid
+from longtrain.run_config import load_config
 from longtrain.trainer import Trainer
 from tests.test_trainer import single_process
 

@@ -169,7 +169,7 @@ def test_ring_document_attention_matches_reference(varlen):
 
 
 def test_readme_command_validates(compose_config):
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
 
     cfg = load_config(compose_config("preset=cpu_demo", "data.document_masking=true"))
     assert cfg.data.document_masking and not cfg.data.reset_positions

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from longtrain.config import ConfigError, load_config
+from longtrain.config import ConfigError
 from longtrain.hardware import check_backend, peak_bf16_tflops, run_compute_dtype
+from longtrain.run_config import load_config
 from longtrain.trainer import detect_peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]

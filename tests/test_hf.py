@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from longtrain import checkpoint as ckpt
 from longtrain import hf
-from longtrain.config import ConfigError, load_config, validate
+from longtrain.config import ConfigError
 from longtrain.curriculum import compose_stage_configs, run_gated_stage
 from longtrain.data.retrieval import build_haystack
 from longtrain.data.tokenizer import ByteTokenizer
@@ -31,7 +31,9 @@ from longtrain.data.tokenizer_export import save_tokenizer
 from longtrain.eval import needle
 from longtrain.export import export_checkpoint, export_model, main as export_main
 from longtrain.hf import hf_name
+from longtrain.model import load
 from longtrain.parallel.mesh import init_parallel
+from longtrain.run_config import check_config, load_config
 from longtrain.trainer import Trainer, prepare_trainer
 from tests.conftest import CONFIG_DIR
 from tests.dist_utils import run_distributed
@@ -151,7 +153,7 @@ def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
     trainer, path, out = yarn_export
     # What the CLI runs on hf:OUT: the exported tokenizer builds the same haystack, and
     # transformers' forward gives our logits on needle samples.
-    forward, cfg, tokenizer, _ = needle.load_hf_model(out)
+    forward, cfg, tokenizer, _ = load.load_hf_model(out)
     haystack = build_haystack(cfg, tokenizer, "val")
     assert (haystack.tokens == build_haystack(cfg, trainer.tokenizer, "val").tokens).all()
     batch = needle.needle_batch(tokenizer, haystack, 320, [(0.5, 0), (1.0, 1)], seed=0)
@@ -278,7 +280,7 @@ def test_model_hf_and_tokenizer_hf_take_everything_from_the_folder(tmp_path):
     ids = fixed_ids()
     torch.testing.assert_close(trainer.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
     # The needle CLI on a folder from elsewhere (no longtrain.yaml): default run config, its tokenizer.
-    forward, default_cfg, tokenizer, _ = needle.load_hf_model(folder)
+    forward, default_cfg, tokenizer, _ = load.load_hf_model(folder)
     assert default_cfg.stage.seq_len == 512 and tokenizer.vocab_size == 259
     torch.testing.assert_close(forward(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids))
     # Exported again, the folder's own tokenizer goes along.
@@ -387,7 +389,7 @@ def test_readme_extend_command_validates_every_stage(tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         stages = compose_stage_configs(["stage=cpu/extend_2k", *overrides])
     for cfg in stages:
-        validate(cfg, world_size=1)
+        check_config(cfg, world_size=1)
         assert (cfg.model.n_layers, cfg.model.n_kv_heads, cfg.model.tie_embeddings, cfg.tokenizer.path) == (4, 2, True, str(folder))
     assert [c.rope.factor for c in stages] == [1.0, 1.0, 4.0, 16.0]  # yarn on top of the imported plain RoPE
 

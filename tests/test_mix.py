@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from longtrain.config import load_config
 from longtrain.data.mix import MixedDataset, build_train_data
 from longtrain.data.shards import open_prepared
 from longtrain.data.tokenizer import ByteTokenizer
+from longtrain.run_config import load_config
 
 
 class Constant:

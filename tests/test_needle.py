@@ -13,6 +13,7 @@ from longtrain.config import ModelConfig, RopeConfig
 from longtrain.data.retrieval import PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, Haystack, depth_index, key_split
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.eval import needle, position_loss
+from longtrain.model import load
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
 from tests.checkpoint_utils import tiny_checkpoint
@@ -113,7 +114,7 @@ def test_cli_rebuilds_model_from_checkpoint(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "needle.png").is_file()
     assert "mean" in capsys.readouterr().out
     # Weights were loaded, not re-initialised.
-    loaded, _, _, _ = needle.load_model(path)
+    loaded, _, _, _ = load.load_model(path)
     assert torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
     position_loss.main([str(path), "--buckets", "4", "--windows", "2", "--out", str(tmp_path / "by_position")])
     by_position = json.loads((tmp_path / "by_position" / "position_loss.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longtrain.config import load_config
 from longtrain.parallel.mesh import init_parallel
+from longtrain.run_config import load_config
 from longtrain.trainer import Trainer, run_stage
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process

@@ -136,7 +136,7 @@ def test_checkpointed_accounting_equals_what_the_forward_leaves_alive(mode, tile
 
 
 def test_suggest_takes_the_smallest_cp_then_the_cheapest_checkpointing(compose_config):
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
 
     cfg = load_config(compose_config("model=1b", "stage=extend_32k", "parallel.dp=8"))
 

@@ -234,7 +234,7 @@ def test_readme_commands_validate(tmp_path, world, args):
 
 
 def test_dp_takes_its_share_of_the_global_batch(compose_config):
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
 
     cfg = load_config(compose_config("preset=cpu_demo", "stage=cpu/pretrain", "parallel.dp=2"))
     assert (cfg.stage.global_batch_size, cfg.stage.micro_batch_size) == (8, 4)  # the recipe's batch, split

@@ -195,7 +195,7 @@ def cp_config(run_dir: Path, cp: int):
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import CONFIG_DIR
-    from longtrain.config import load_config
+    from longtrain.run_config import load_config
     from tests.test_trainer import TINY
 
     overrides = [*TINY, f"stage.seq_len={LENGTH}", f"run.dir={run_dir}", f"parallel.cp={cp}", "rope=yarn",

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import load_config
 from longtrain.parallel.mesh import ParallelDims
+from longtrain.run_config import load_config
 from longtrain.trainer import Trainer, run_stage
 
 import torch

@@ -48,6 +48,7 @@ import numpy as np
 from longtrain.config import Config, ConfigError, DataConfig, TokenizerConfig
 from longtrain.data.sources import documents, in_val_split
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer, tokenizer_identity
+from longtrain.run_config import load_config
 
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4"), ("doc", "<i8")])
@@ -280,8 +281,6 @@ def _positive_int(args: dict[str, str], key: str, default: int) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-
-    from longtrain.config import load_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     own = {k: v for k, _, v in (a.partition("=") for a in args if a.split("=")[0] in ("out", "num_proc", "shard_tokens"))}

@@ -20,23 +20,19 @@ import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
-from longtrain import checkpoint as ckpt
-from longtrain.config import RETRIEVAL_KINDS, Config, RetrievalConfig, TokenizerConfig, load_config
+from longtrain.config import RETRIEVAL_KINDS, RetrievalConfig
 from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
-from longtrain.data.tokenizer import Tokenizer, build_tokenizer
+from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval.grid import NeedleGrid, save_heatmap
-from longtrain.hf import hf_path
-from longtrain.model.transformer import Transformer
+from longtrain.model.load import ForwardFn, load_source
 from longtrain.optim.loss import IGNORE_INDEX
 
-ForwardFn = Callable[[Tensor, Tensor], Tensor]  # (input_ids, position_ids) -> logits [B, T, V]
 Batch = dict[str, Tensor]
 
 DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))  # 0%, 10%, ..., 100%
@@ -65,6 +61,16 @@ def needle_batch(
         s = retrieval_sample(cfg, tokenizer, haystack, rng, length, "val", kind, depth)
         samples.append(s.tensors())
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def fit_error(tokenizer: Tokenizer, task: str, length: int, cfg: Optional[RetrievalConfig] = None) -> Optional[str]:
+    """Why a ``task`` sample cannot be ``length`` tokens long (None: it can), before any forward."""
+    filler = Haystack.of_stream(np.arange(tokenizer.vocab_size), tokenizer)  # the length, not the text, matters
+    try:
+        needle_batch(tokenizer, filler, length, [(0.5, 0)], 0, task, cfg)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @torch.no_grad()
@@ -126,53 +132,6 @@ def write_results(
     return json_path, png_path
 
 
-def load_model(checkpoint: Path) -> tuple[Transformer, Config, Tokenizer, torch.device]:
-    """Rebuild the model from the config stored with a checkpoint; load weights only.
-
-    For the command-line evaluators: offline (no hub access), on CUDA when there is one.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state = torch.load(checkpoint / ckpt.TRAINER_STATE, weights_only=False)
-    cfg = load_config(OmegaConf.create(state["config"]))
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = Transformer(cfg.model, cfg.rope, cfg.model.vocab_size or tokenizer.vocab_size)
-    ckpt.load_checkpoint(checkpoint, model)
-    return model.to(device).eval(), cfg, tokenizer, device
-
-
-def load_hf_model(folder: Path) -> tuple[ForwardFn, Config, Tokenizer, torch.device]:
-    """A Hugging Face folder evaluated through transformers' own forward and tokenizer.
-
-    The run config comes from the ``longtrain.yaml`` that export writes (data, gate kind,
-    stage length); a folder from elsewhere gets the defaults.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from longtrain.export import LONGTRAIN_CONFIG
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stored = folder / LONGTRAIN_CONFIG
-    cfg = load_config(OmegaConf.load(stored) if stored.is_file() else {})
-    cfg.tokenizer = TokenizerConfig(type="hf", path=str(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
-
-    def forward(input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        return model(input_ids=input_ids, position_ids=position_ids).logits.float()
-
-    return forward, cfg, build_tokenizer(cfg.tokenizer), device
-
-
-def load_source(checkpoint: str) -> tuple[ForwardFn, Config, Tokenizer, torch.device, Path]:
-    """A checkpoint folder, or ``hf:FOLDER``, as (forward, its run config, tokenizer, device, folder)."""
-    source = hf_path(checkpoint)
-    if source is not None:
-        return (*load_hf_model(source), source)
-    return (*load_model(Path(checkpoint)), Path(checkpoint))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m longtrain.eval.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX), or hf:FOLDER for a Hugging Face folder")
@@ -200,4 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    # Everything runs offline: transformers and datasets must never try the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main()

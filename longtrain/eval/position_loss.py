@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from longtrain.data.shards import open_prepared
 from longtrain.eval.grid import pyplot
-from longtrain.eval.needle import ForwardFn, load_model
+from longtrain.model.load import ForwardFn, load_model
 
 
 @dataclass
@@ -122,4 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    # Everything runs offline: transformers and datasets must never try the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main()

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from longtrain.config import RETRIEVAL_KINDS, RetrievalConfig
 from longtrain.data.retrieval import Haystack, build_haystack
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval.grid import pyplot
-from longtrain.eval.needle import DEFAULT_DEPTHS, ForwardFn, NeedleGrid, load_source, needle_batch, run_needle_grid
+from longtrain.eval.needle import DEFAULT_DEPTHS, NeedleGrid, fit_error, run_needle_grid
+from longtrain.model.load import ForwardFn, load_source
 
 DEFAULT_TASKS = ("passkey", "multikey", "multiquery", "multivalue", "vartrack", "cwe")
 
@@ -50,16 +51,6 @@ def run_suite(
         task: run_needle_grid(forward, tokenizer, haystack, lengths, depths, trials, seed, batch_size, task, device, cfg)
         for task in tasks
     }
-
-
-def fit_error(tokenizer: Tokenizer, task: str, length: int, cfg: Optional[RetrievalConfig] = None) -> Optional[str]:
-    """Why a ``task`` sample cannot be ``length`` tokens long (None: it can), before any forward."""
-    filler = Haystack.of_stream(np.arange(tokenizer.vocab_size), tokenizer)  # the length, not the text, matters
-    try:
-        needle_batch(tokenizer, filler, length, [(0.5, 0)], 0, task, cfg)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def suite_table(grids: dict[str, NeedleGrid]) -> str:
@@ -139,4 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    # Everything runs offline: transformers and datasets must never try the Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main()

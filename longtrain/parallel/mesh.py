@@ -12,7 +12,7 @@ import atexit
 import contextlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Iterator, Optional
 
@@ -21,11 +21,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from longtrain.config import ConfigError, ParallelConfig
+from longtrain.config import ConfigError, ParallelConfig, StageConfig, require
 
 
 @dataclass
 class ParallelDims:
+    """The run's layout over its ranks (dp × cp = world size, checked on construction) and,
+    once the process group is up, its mesh and groups."""
+
     dp: int
     cp: int
     rank: int
@@ -35,6 +38,40 @@ class ParallelDims:
     dp_cp_mesh: Optional[DeviceMesh] = None  # both dims flattened: FSDP2 shards over it
     health_group: Optional[dist.ProcessGroup] = None  # gloo, only to find ranks that stopped answering
     timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        require(
+            self.dp * self.cp == self.world_size,
+            "parallel",
+            f"parallel.dp*parallel.cp = {self.dp}*{self.cp} = {self.dp * self.cp} must equal the world size {self.world_size}",
+        )
+
+    @classmethod
+    def planned(cls, cfg: ParallelConfig, world_size: int, device: torch.device = torch.device("cpu")) -> ParallelDims:
+        """The layout of ``world_size`` ranks before any process group exists (rank 0's view)."""
+        return cls(cfg.dp, cfg.cp, 0, world_size, device, timeout_s=cfg.timeout_s)
+
+    def check_stage(self, stage: StageConfig) -> None:
+        """A stage's sequence must cut into the ring's 2·cp chunks, and its global batch into
+        micro-batches on every data-parallel rank."""
+        dp, cp = self.dp, self.cp
+        require(
+            stage.seq_len % (2 * cp) == 0 or cp == 1,
+            "stage.seq_len",
+            f"{stage.seq_len} is not divisible by 2*parallel.cp={2 * cp} (zigzag ring attention cuts the sequence into 2*cp chunks)",
+        )
+        require(
+            stage.global_batch_size % dp == 0,
+            "stage.global_batch_size",
+            f"{stage.global_batch_size} sequences cannot be split over parallel.dp={dp} ranks; "
+            f"use a multiple of {dp} (e.g. stage.global_batch_size={dp * max(1, stage.global_batch_size // dp)})",
+        )
+        require(
+            stage.global_batch_size % (stage.micro_batch_size * dp) == 0,
+            "stage.global_batch_size",
+            f"{stage.global_batch_size} is not a multiple of stage.micro_batch_size*parallel.dp="
+            f"{stage.micro_batch_size * dp}",
+        )
 
     @property
     def dp_rank(self) -> int:
@@ -73,13 +110,9 @@ def world_size_from_env() -> int:
 def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     """Join the process group started by torchrun (if any) and build the dp×cp mesh."""
     world_size = world_size_from_env()
-    if cfg.dp * cfg.cp != world_size:
-        raise ConfigError(
-            f"parallel: parallel.dp*parallel.cp = {cfg.dp}*{cfg.cp} = {cfg.dp * cfg.cp} "
-            f"must equal the world size {world_size} (torchrun --nproc_per_node × nodes)"
-        )
+    dims = ParallelDims.planned(cfg, world_size, device)  # refuses a layout that is not the world's before joining it
     if world_size == 1:
-        return ParallelDims(cfg.dp, cfg.cp, 0, 1, device, timeout_s=cfg.timeout_s)
+        return dims
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
@@ -92,7 +125,7 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
     dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
     health = dist.new_group(backend="gloo", timeout=timeout)
-    return ParallelDims(cfg.dp, cfg.cp, dist.get_rank(), world_size, device, mesh, dp_cp_mesh, health, cfg.timeout_s)
+    return replace(dims, rank=dist.get_rank(), mesh=mesh, dp_cp_mesh=dp_cp_mesh, health_group=health)
 
 
 def _destroy_process_group() -> None:
