@@ -37,10 +37,9 @@ from longtrain.config import ConfigError  # noqa: E402
 from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table  # noqa: E402
 from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts, init_parallel, world_size_from_env  # noqa: E402
 from longtrain.preflight import preflight  # noqa: E402
-from longtrain.report import report_at_end  # noqa: E402
+from longtrain.reporting.run_report import report_at_end  # noqa: E402
 from longtrain.run_dir import clear_stage_folders  # noqa: E402
 from longtrain.sweep_job import JobRecord, job_objective, write_job_record  # noqa: E402
-from longtrain.sweep_report import ReportCallback  # noqa: E402
 from longtrain.trainer import Diverged  # noqa: E402
 
 
@@ -177,9 +176,3 @@ if __name__ == "__main__":
         if is_rank0():
             print(f"config error: {line}", file=sys.stderr)
         sys.exit(2)
-    swept = ReportCallback.last  # a multirun: every job ran; the worst one decides the exit code
-    if swept is not None and swept.failed():
-        if is_rank0():
-            jobs = ", ".join(str(r.record.job) for r in swept.failed())
-            print(f"sweep: job(s) {jobs} failed (their errors are {ReportCallback.errors_at})", file=sys.stderr)
-        sys.exit(max(r.record.code for r in swept.failed()))

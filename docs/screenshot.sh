@@ -17,7 +17,7 @@ out=${2:-$(dirname "$0")/report.png}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python -m longtrain.report "$run_dir" --out "$work/report"   # a copy: the run folder is left as it is
+python -m longtrain.reporting "$run_dir" --out "$work/report"   # a copy: the run folder is left as it is
 # Offline and quiet: no network, no first-run UI, a throwaway profile.
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \

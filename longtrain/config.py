@@ -167,7 +167,7 @@ class LoggingConfig:
     wandb_project: str = "longtrain"
     progress: bool = True
     peak_tflops: Optional[float] = None  # device peak for MFU; default: known CUDA GPUs only
-    report: bool = True  # report.html + report.md in run.dir when the run ends (longtrain/report.py)
+    report: bool = True  # report.html + report.md in run.dir when the run ends (longtrain/reporting/run_report.py)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The run report (longtrain/report.py): written by train.py when a run ends, passed or
+"""The run report (longtrain/reporting/run_report.py): written by train.py when a run ends, passed or
 failed, and on demand for a run folder, a stopped run's folder and a sweep folder."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longtrain.report import read_run, write_run_report
+from longtrain.reporting.run_report import read_run, write_run_report
 from longtrain.run_dir import short_loss_limit, truncate_metrics
 from tests.cli_utils import QUICK, ROOT, env, torchrun_cmd, train
 
@@ -27,7 +27,7 @@ TWO_STAGES = [
 
 
 def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longtrain.report", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "longtrain.reporting", *args], capture_output=True, text=True,
                           cwd=cwd, env=env(), timeout=120)
 
 

@@ -49,7 +49,7 @@ def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_pat
     assert proc.stderr.strip().splitlines()[-1] == "sweep: job(s) 0, 2, 4, 6, 8 failed (their errors are above)"
 
     # On demand, for the same folder: the same table.
-    again = subprocess.run([sys.executable, "-m", "longtrain.sweep_report", str(sweep)], capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "longtrain.reporting.sweep_report", str(sweep)], capture_output=True,
                            text=True, env=env(), cwd=tmp_path, timeout=60)
     assert again.returncode == 0, again.stderr
     assert printed.split("\n\n")[0] in again.stdout
@@ -85,7 +85,7 @@ def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
     # written when the sweep ended, and again on demand.
     assert f"report: {tmp_path / 'seeds' / 'report.html'}" in proc.stdout
     (tmp_path / "seeds" / "report.html").unlink()
-    page = subprocess.run([sys.executable, "-m", "longtrain.report", str(tmp_path / "seeds")], capture_output=True,
+    page = subprocess.run([sys.executable, "-m", "longtrain.reporting", str(tmp_path / "seeds")], capture_output=True,
                           text=True, env=env(), cwd=tmp_path, timeout=60)
     assert page.returncode == 0, page.stderr
     assert (tmp_path / "seeds" / "report.md").read_text().startswith(text)  # sweep_report's Markdown, and the links
@@ -128,7 +128,7 @@ def test_a_sweep_without_multirun_is_one_line(tmp_path):
 
 
 def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "longtrain.sweep_report", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "longtrain.reporting.sweep_report", str(tmp_path)], capture_output=True,
                           text=True, env=env(), timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "job.json" in proc.stderr
 

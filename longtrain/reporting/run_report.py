@@ -1,48 +1,35 @@
 """The run report: one page that says how a curriculum run went, stage by stage.
 
-    python -m longtrain.report RUN_DIR [--out DIR]      # a run folder, finished or not
-    python -m longtrain.report SWEEP_DIR [--out DIR]    # a train.py -m folder: one row per job
+    python -m longtrain.reporting RUN_DIR [--out DIR]      # a run folder, finished or not
 
-For a run folder it reads what the stages left (``STAGE/config.yaml``, ``metrics.jsonl``,
+It reads what the stages left (``STAGE/config.yaml``, ``metrics.jsonl``,
 ``gate.json``, ``needle*/``, ``position_loss.json``) and writes ``report.html`` (one
 self-contained file: inline CSS, figures as PNG data URIs, no script) and ``report.md``
 (the same tables, the figures linked from ``report/``). train.py writes it when a run
 ends, passed or not (``logging.report``). A stage that never wrote its gate record (a run
-stopped mid-stage) is shown with what it has. For a sweep folder the page is the sweep's
-table (longtrain/sweep_report.py), with a link to each job's own report.
+stopped mid-stage) is shown with what it has.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import html
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
 from longtrain.config import Config, RopeConfig
 from longtrain.eval.grid import NeedleGrid, draw_heatmap, pyplot, recall_text
 from longtrain.logging import log_report
+from longtrain.reporting.tables import Table, Written, number_cell, short_loss_cell, write_page
 from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
-from longtrain.sweep_report import (
-    SEEDS_CAPTION, SweepReport, best_line, common_overrides, jobs_rows, markdown, markdown_table, number_cell,
-    read_sweep, seeds_rows, short_loss_cell,
-)
 
-REPORT_HTML = "report.html"
-REPORT_MD = "report.md"
 FIGURES_DIR = "report"  # the figures' PNG files, next to report.md
 NEEDLE_FILE = "needle.json"  # the gate's grid in runs before per-task <task>.json files
 STAGE_FILES = ("config.yaml", METRICS_FILE, GATE_FILE)  # any of them makes a folder a stage's
-
-Table = tuple[list[str], list[list[str]]]
 
 
 class ReportError(ValueError):
@@ -365,69 +352,6 @@ FIGURES = (  # (file name, caption, builder)
 
 # -- writing -----------------------------------------------------------------------------
 
-CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; white-space: normal; max-width: 9em; } td:first-child, th:first-child { text-align: left; }
-td.fail, td.pass, td.open { white-space: normal; max-width: 14em; text-align: left; }
-td.fail { background: #fbe3e3; } td.pass { background: #e5f5e5; } td.open { background: #fff5d6; }
-img { max-width: 100%; display: block; margin: 0.3em 0 1.5em; }
-.meta { color: #666; }
-"""
-
-
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(text: str) -> str:
-        kind = "fail" if "FAIL" in text or text == "gate failed" else "pass" if text.startswith("pass") else (
-            "open" if text.startswith(("not ", "stopped")) else "")
-        return f"<td class=\"{kind}\">{html.escape(text)}</td>" if kind else f"<td>{html.escape(text)}</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-@dataclass
-class Written:
-    html: Path
-    md: Path
-    figures: dict[str, Path]  # name (file stem) -> PNG file
-    tables: dict[str, Table] = field(default_factory=dict)
-
-
-def _write(out: Path, title: str, meta: str, blocks: list[tuple[str, Any]], md_text: Optional[str] = None) -> Written:
-    """report.html and report.md (``md_text``, or made from the blocks) from blocks: ("p", text),
-    ("h2", text), ("table", Table), ("img", (caption, path)), ("html", markup for the page only)."""
-    page = [f"<h1>{html.escape(title)}</h1>", f"<p class=\"meta\">{html.escape(meta)}</p>"]
-    md = [f"# {title}", "", meta, ""]
-    figures = {}
-    for kind, value in blocks:
-        if kind == "table":
-            page.append(html_table(*value))
-            md += [markdown_table(*value), ""]
-        elif kind == "img":
-            caption, path = value
-            figures[path.stem] = path
-            page.append(f"<img alt=\"{html.escape(caption)}\" src=\"{_data_uri(path)}\">")
-            md += [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
-        elif kind == "html":
-            page.append(value)
-        else:
-            page.append(f"<{kind}>{html.escape(value)}</{kind}>")
-            md += [("## " if kind == "h2" else "") + value, ""]
-    document = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(page) + "\n</body></html>\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_HTML).write_text(document)
-    (out / REPORT_MD).write_text(md_text or "\n".join(md).rstrip() + "\n")
-    return Written(out / REPORT_HTML, out / REPORT_MD, figures)
-
-
 def write_run_report(folder: Path, out: Optional[Path] = None) -> Written:
     out = out or folder
     report = read_run(folder)
@@ -439,7 +363,7 @@ def write_run_report(folder: Path, out: Optional[Path] = None) -> Written:
             blocks += [("h2", caption), ("img", (caption, path))]
     run = report.run
     meta = f"run folder {folder.resolve()}" + (f", run id {run['id']}, created {run.get('created', '?')}" if run else "")
-    written = _write(out, f"Run report: {folder.name or folder.resolve().name}", meta, blocks)
+    written = write_page(out, f"Run report: {folder.name or folder.resolve().name}", meta, blocks)
     written.tables["stages"] = stages
     return written
 
@@ -459,51 +383,3 @@ def report_at_end(cfg: Config) -> None:
             log_report(cfg.logging, run_id(folder), folder, run_config, written.figures, written.tables)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - any failure: the report is a by-product of the run
         print(f"report: not written for {folder} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-
-
-def write_sweep_report(report: SweepReport, out: Optional[Path] = None) -> Written:
-    """The sweep's table (longtrain/sweep_report.py) as a page, with each job's own report linked."""
-    out = out or report.folder
-    blocks: list[tuple[str, Any]] = [("p", f"common overrides: {common_overrides(report)}"), ("table", jobs_rows(report))]
-    seeds = seeds_rows(report)
-    if seeds is not None:
-        blocks += [("p", SEEDS_CAPTION), ("table", seeds)]
-    best = best_line(report)
-    if best is not None:
-        blocks.append(("p", best))
-    md = markdown(report)  # sweep_report's own text, as train.py -m writes it
-    links = [(row.record.job, Path(os.path.relpath(row.folder / REPORT_HTML, out)).as_posix())
-             for row in report.rows if (row.folder / REPORT_HTML).is_file()]
-    if links:
-        blocks.append(("html", "<p>job reports: " + " · ".join(f"<a href=\"{html.escape(p)}\">{job}</a>" for job, p in links) + "</p>"))
-        md += "\njob reports: " + " · ".join(f"[{job}]({p})" for job, p in links) + "\n"
-    return _write(out, f"Sweep report: {report.folder.name}", f"sweep folder {report.folder.resolve()}", blocks, md)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longtrain.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, help="a run folder (run.dir) or a sweep folder (train.py -m)")
-    p.add_argument("--out", type=Path, help="where report.html, report.md and report/ go (default: the folder)")
-    args = p.parse_args(argv)
-    folder: Path = args.folder
-    try:
-        if not folder.is_dir():
-            raise ReportError(f"{folder} is not a folder; give a run folder (run.dir) or a sweep folder (train.py -m)")
-        sweep = read_sweep(folder)
-        if sweep.rows:
-            written = write_sweep_report(sweep, args.out)
-            print(written.md.read_text(), flush=True)
-        elif is_run_folder(folder):
-            written = write_run_report(folder, args.out)
-        else:
-            raise ReportError(f"{folder} holds neither stage folders (STAGE/{METRICS_FILE}, {GATE_FILE} or config.yaml, "
-                              "written by train.py) nor sweep jobs (N/job.json, written by train.py -m)")
-    except ReportError as e:
-        print(f"report: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written.html} and {written.md}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

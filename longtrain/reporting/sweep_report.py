@@ -1,10 +1,10 @@
 """One table for a sweep: a row per job, read from the job folders.
 
 ``train.py -m`` prints it and writes it as ``report.md`` and ``report.csv`` into the sweep
-folder when the sweep ends (:class:`ReportCallback`, registered in configs/config.yaml),
-with ``logging.report`` also as ``report.html`` (longtrain/report.py);
-``python -m longtrain.sweep_report SWEEP_DIR`` does the same for any sweep folder, finished
-or not. A row holds the job's swept overrides, per stage the needle recall before → after
+folder when the sweep ends (longtrain/reporting/callback.py), with ``logging.report`` also
+as a page, ``report.html`` (:func:`write_sweep_report`);
+``python -m longtrain.reporting.sweep_report SWEEP_DIR`` does the same for any sweep
+folder, finished or not. A row holds the job's swept overrides, per stage the needle recall before → after
 and the short-context loss against its limit, the last validation loss, wall time, status
 and objective (longtrain/sweep_job.py). Jobs that differ only in ``run.seed`` are also
 summarised per recipe: mean ± standard deviation of each stage's recall and short loss.
@@ -13,6 +13,7 @@ summarised per recipe: mean ± standard deviation of each stage's recall and sho
 from __future__ import annotations
 
 import csv
+import html
 import io
 import os
 import statistics
@@ -21,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.experimental.callback import Callback
-
+from longtrain.reporting.tables import REPORT_HTML, REPORT_MD, Written, markdown_table, number_cell, short_loss_cell, write_page
 from longtrain.run_dir import METRICS_FILE, read_gate, read_metrics
 from longtrain.sweep_job import JobRecord, gate_limit, read_job_record
 
-REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
 SEED_KEY = "run.seed"
 
@@ -94,29 +93,10 @@ def read_sweep(folder: Path) -> SweepReport:
     return SweepReport(folder, rows)
 
 
-def number_cell(value: Optional[float], digits: int = 2) -> str:
-    """A table cell: the number to ``digits`` decimals, or – for none."""
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def recall_cell(gate: Optional[dict]) -> str:
     if gate is None:
         return ""
     return f"{number_cell(gate['recall_before'])} → {number_cell(gate['recall'])}"
-
-
-def short_loss_cell(gate: Optional[dict]) -> str:
-    if gate is None:
-        return ""
-    limit = gate_limit(gate)
-    if limit is None:
-        return number_cell(gate["short_loss"], 3)
-    return f"{number_cell(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {number_cell(limit, 3)}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def jobs_table(report: SweepReport) -> str:
@@ -232,36 +212,28 @@ def write_report(folder: Path) -> Optional[SweepReport]:
     return report
 
 
-class ReportCallback(Callback):
-    """Hydra callback: the sweep's table when the multirun ends (rank 0).
-
-    ``last`` keeps the report for train.py, which exits with the worst job's code: jobs
-    return normally (so that every job runs and a sweeper sees each value), and with
-    submitit they run in other processes, so their job.json files are what says how each ended.
-    """
-
-    last: Optional[SweepReport] = None
-    errors_at = "above"  # where the failed jobs' error lines are: this output, or submitit's logs
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from longtrain.cli import sweep_root
-
-        if os.environ.get("RANK", "0") != "0":
-            return
-        if "submitit" in str(config.hydra.launcher.get("_target_", "")):  # jobs ran in processes of their own
-            ReportCallback.errors_at = f"in {Path(config.hydra.sweep.dir) / '.submitit'}/*/*_log.err"
-        folder = Path(sweep_root(list(config.hydra.overrides.task), config.hydra.sweep.dir))
-        if folder.is_dir():
-            ReportCallback.last = write_report(folder)
-        if ReportCallback.last is not None and config.logging.report:  # the same as a page, jobs' reports linked
-            from longtrain.report import write_sweep_report
-
-            print(f"report: {write_sweep_report(ReportCallback.last).html}", flush=True)
+def write_sweep_report(report: SweepReport, out: Optional[Path] = None) -> Written:
+    """The sweep's table as a page, with each job's own report linked."""
+    out = out or report.folder
+    blocks: list[tuple[str, Any]] = [("p", f"common overrides: {common_overrides(report)}"), ("table", jobs_rows(report))]
+    seeds = seeds_rows(report)
+    if seeds is not None:
+        blocks += [("p", SEEDS_CAPTION), ("table", seeds)]
+    best = best_line(report)
+    if best is not None:
+        blocks.append(("p", best))
+    md = markdown(report)  # sweep_report's own text, as train.py -m writes it
+    links = [(row.record.job, Path(os.path.relpath(row.folder / REPORT_HTML, out)).as_posix())
+             for row in report.rows if (row.folder / REPORT_HTML).is_file()]
+    if links:
+        blocks.append(("html", "<p>job reports: " + " · ".join(f"<a href=\"{html.escape(p)}\">{job}</a>" for job, p in links) + "</p>"))
+        md += "\njob reports: " + " · ".join(f"[{job}]({p})" for job, p in links) + "\n"
+    return write_page(out, f"Sweep report: {report.folder.name}", f"sweep folder {report.folder.resolve()}", blocks, md)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m longtrain.sweep_report SWEEP_DIR (a folder of train.py -m jobs: multirun/<date> or the run.dir given)",
+        print("usage: python -m longtrain.reporting.sweep_report SWEEP_DIR (a folder of train.py -m jobs: multirun/<date> or the run.dir given)",
               file=sys.stderr)
         return 2
     if write_report(Path(argv[0])) is None:
