@@ -39,7 +39,8 @@ from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts, init
 from longtrain.preflight import preflight  # noqa: E402
 from longtrain.reporting.run_report import report_at_end  # noqa: E402
 from longtrain.run_dir import clear_stage_folders  # noqa: E402
-from longtrain.sweep_job import JobRecord, job_objective, write_job_record  # noqa: E402
+from longtrain.run_files import JobRecord, write_job_record  # noqa: E402
+from longtrain.sweep_job import job_objective  # noqa: E402
 from longtrain.trainer import Diverged  # noqa: E402
 
 

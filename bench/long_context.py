@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.proc_status import status_kib
+from longtrain.run_files import read_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {32768: "extend_32k", 131072: "extend_128k"}
@@ -71,13 +72,13 @@ def run(seq: int, cp: int, init_from: str, extra: list[str]) -> dict:
         stage_dir = run_dir / STAGES[seq]
         rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in rows if "train/loss" in r]
-        gate = json.loads((stage_dir / "gate.json").read_text())
+        gate = read_gate(stage_dir)
     return {
         "losses": [r["train/loss"] for r in train],
         # tokens_per_s is per device: a step of seq tokens took seq / (tokens_per_s · cp) seconds.
         "step_s": statistics.median(seq / (r["train/tokens_per_s"] * cp) for r in train),
-        "recall_before": gate["recall_before"],
-        "recall": gate["recall"],
+        "recall_before": gate.recall_before,
+        "recall": gate.recall,
         "peaks_mib": sorted(v / 1024 for v in peaks.values()),
     }
 

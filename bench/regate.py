@@ -24,7 +24,7 @@ from hydra import initialize_config_dir
 from longtrain.config import gate_tasks
 from longtrain.curriculum import Gate, compose_stage_configs
 from longtrain.parallel.mesh import ParallelDims
-from longtrain.run_dir import read_gate
+from longtrain.run_files import read_gate
 from longtrain.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -54,14 +54,14 @@ def main(run_dir: Path, overrides: list[str]) -> None:
         if previous is not None:
             trainer.load_weights(Path(previous["checkpoint"]))
             before, _ = timed_grids(gate, length)
-        trainer.load_weights(Path(record["checkpoint"]))
+        trainer.load_weights(Path(record.checkpoint))
         after, seconds = timed_grids(gate, length)
         old = replace(scratch, gate=replace(scratch.gate, trials=4, tasks={}, report_tasks=[]))
         trainer.cfg = old
         _, old_seconds = timed_grids(gate, length)
         trainer.cfg = scratch
         print(f"{cfg.stage.name} ({length} tokens, {len(cfg.gate.depths)}×{cfg.gate.trials} per task, trained "
-              f"{record['step']} steps, gated then at {record['recall']:.2f}): all tasks {seconds:.0f} s, "
+              f"{record.step} steps, gated then at {record.recall:.2f}): all tasks {seconds:.0f} s, "
               f"the old grid ({len(cfg.gate.depths)}×4, single needle) {old_seconds:.0f} s (ratio {seconds / old_seconds:.1f})")
         for task, threshold in gate_tasks(cfg).items():
             b = f"{before[task].recall_at(length):.2f}" if before else "-"

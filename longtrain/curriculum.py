@@ -13,7 +13,7 @@ folder, which is also what lets the next stage start, in this process or a later
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +31,7 @@ from longtrain.eval.suite import run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.preflight import check_gate_tasks_fit
-from longtrain.run_dir import GATE_FILE, read_gate, short_loss_limit
+from longtrain.run_files import GATE_FILE, GateRecord, read_gate, short_loss_limit, write_gate
 from longtrain.run_config import load_config
 from longtrain.trainer import Trainer, prepare_trainer
 
@@ -42,28 +42,6 @@ class StageError(RuntimeError):
 
 class GateFailed(StageError):
     """A stage trained and was gated, and did not pass (its gate.json says by how much)."""
-
-
-@dataclass
-class GateRecord:
-    stage: str
-    seq_len: int
-    passed: bool
-    forced: bool  # entered although the stage before had not passed its gate
-    recall: float
-    recall_before: Optional[float]  # the starting checkpoint's recall at this length
-    short_loss: float
-    reference_short_loss: Optional[float]  # the stage before's short loss
-    min_recall: float
-    max_short_loss_increase: float
-    extra_steps: int
-    step: int
-    checkpoint: str
-    rope: dict
-    # Every task evaluated (the single needle too): {"recall", "recall_before", "min_recall"
-    # (null: reported only), "worst_cell"}; defaults let a gate.json from before them load.
-    tasks: dict[str, dict] = field(default_factory=dict)
-    min_cell_recall: float = 0.0
 
 
 def stage_dir(cfg: Config) -> Path:
@@ -90,7 +68,7 @@ def gate_failures(grids: dict[str, NeedleGrid], short_loss: float, reference: Op
     return failures
 
 
-def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Path], bool, Optional[dict]]:
+def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Path], bool, Optional[GateRecord]]:
     """(weights to start from, whether entry is forced, the previous stage's gate record).
 
     Refuses, unless ``gate.force``, when the stage before has not passed its gate.
@@ -100,8 +78,8 @@ def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Pa
     before = read_gate(stage_dir(previous))
     if cfg.stage.init_from:
         return Path(cfg.stage.init_from), False, before
-    if before is not None and before["passed"]:
-        return Path(before["checkpoint"]), False, before
+    if before is not None and before.passed:
+        return Path(before.checkpoint), False, before
     latest = ckpt.latest_checkpoint(stage_dir(previous) / "checkpoints")
     if not cfg.gate.force or latest is None:
         if latest is None:
@@ -111,7 +89,7 @@ def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Pa
             why = "has no gate.json"
             hint = "run it first, or set gate.force=true"
         else:
-            why = f"failed its gate (recall {before['recall']:.2f})"
+            why = f"failed its gate (recall {before.recall:.2f})"
             hint = "train it further (more stage.steps or gate.max_extra_steps), or set gate.force=true"
         raise StageError(
             f"stage {cfg.stage.name}: the stage before, {previous.stage.name}, {why} in {stage_dir(previous)}; {hint}"
@@ -183,7 +161,7 @@ def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, extra: dict) -> Non
         write_results(grid, out_dir, extra, name=task)
 
 
-def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[dict]) -> GateRecord:
+def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[GateRecord]) -> GateRecord:
     cfg, pd = trainer.cfg, trainer.pd
     check_gate_tasks_fit(cfg, trainer.tokenizer)  # train.py checked already; a library caller has not
     gate = Gate(trainer)
@@ -212,7 +190,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
             + ", ".join(f"{task} {r:.2f}" for task, r in recall_before.items()))
 
     result = trainer.fit()
-    reference = before["short_loss"] if before else None
+    reference = before.short_loss if before else None
     extra = 0
     while True:
         grids = gate.grids(length)
@@ -257,7 +235,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
         write_grids(grids, directory / "needle", {"checkpoint": str(result.checkpoint)})
         if by_position is not None:
             position_loss.write_results(by_position, directory, {"checkpoint": str(result.checkpoint)})
-        (directory / GATE_FILE).write_text(json.dumps(asdict(record), indent=2))
+        write_gate(directory, record)
         trainer.logger.log(result.step, gate_metrics(record), prefix="gate")
         trainer.logger.log_images(result.step, gate_images(directory))
     ckpt.barrier()  # a failed gate exits and torchrun kills the other ranks: not before rank 0 wrote its report
@@ -355,8 +333,8 @@ def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional
         if only is not None and i != only:
             continue
         done = read_gate(stage_dir(cfg))
-        if only is None and done is not None and done["passed"]:
-            records.append(GateRecord(**done))
+        if only is None and done is not None and done.passed:
+            records.append(done)
             continue
         records.append(run_gated_stage(cfg, pd, stage_configs[i - 1] if i else None))
     return records

@@ -14,13 +14,11 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from longtrain.config import Config, ConfigError
+from longtrain.run_files import GATE_FILE, RunRecord, read_run_record, write_run_record
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-GATE_FILE = "gate.json"  # a stage's gate record (longtrain/curriculum.py)
 _STATE_FILES = (METRICS_FILE, GATE_FILE, "recall_before.json")
 
 
@@ -48,11 +46,6 @@ def check_stage_folders(stages: list[Config]) -> None:
             )
 
 
-def short_loss_limit(reference: float, max_increase: float) -> float:
-    """The highest short-context loss a gate accepts, given the stage before's."""
-    return (1 + max_increase) * reference
-
-
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl (longtrain/logging.py), without a line cut short by a kill."""
     if not path.is_file():
@@ -66,11 +59,6 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def read_gate(stage_dir: Path) -> Optional[dict]:
-    path = stage_dir / GATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def clear_stage_folders(stages: list[Config]) -> None:
     """``run.overwrite=true``: delete the earlier state of the stages about to run (rank 0)."""
     for cfg in stages:
@@ -81,13 +69,11 @@ def clear_stage_folders(stages: list[Config]) -> None:
 
 def run_id(run_dir: Path) -> str:
     """The id in ``run.dir/run.json``, written there first if the folder has none (rank 0)."""
-    path = run_dir / RUN_FILE
-    if path.is_file():
-        return json.loads(path.read_text())["id"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    new = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    path.write_text(json.dumps({"id": new, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-    return new
+    record = read_run_record(run_dir)
+    if record is None:
+        record = RunRecord(f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_run_record(run_dir, record)
+    return record.id
 
 
 def truncate_metrics(stage_dir: Path, step: int) -> None:

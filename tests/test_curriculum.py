@@ -7,10 +7,11 @@ import pytest
 
 from longtrain.config import gate_tasks
 from longtrain.curriculum import (
-    Gate, StageError, compose_stage_configs, gate_failures, read_gate, run_curriculum, starting_point, summary_table,
+    Gate, StageError, compose_stage_configs, gate_failures, run_curriculum, starting_point, summary_table,
 )
 from longtrain.eval.grid import NeedleGrid
 from longtrain.run_config import load_config
+from longtrain.run_files import read_gate
 from longtrain.trainer import Trainer
 from tests.test_trainer import single_process
 
@@ -118,7 +119,7 @@ def test_entering_a_stage_needs_the_previous_gate(compose_config, tmp_path, monk
     scripted_recall(monkeypatch, [0.0])  # pretrain fails its gate
     with pytest.raises(StageError, match="failed its gate"):
         run_curriculum([first, second], single_process())
-    assert read_gate(tmp_path / "pretrain")["passed"] is False
+    assert read_gate(tmp_path / "pretrain").passed is False
     with pytest.raises(StageError, match=r"failed its gate \(recall 0.00\) in .*; train it further .* or set gate.force=true"):
         starting_point(second, first)
     forced = replace(second, gate=replace(second.gate, force=True))
@@ -132,7 +133,7 @@ def test_extra_steps_until_the_gate_passes(compose_config, tmp_path, monkeypatch
     (record,) = run_curriculum([first], single_process())
     assert record.passed and record.extra_steps == 2 and record.step == 4 and record.recall == 0.95
     on_disk = read_gate(tmp_path / "pretrain")
-    assert on_disk["passed"] and on_disk["checkpoint"].endswith("step_00000004")
+    assert on_disk.passed and on_disk.checkpoint.endswith("step_00000004")
 
 
 def test_failing_after_all_extra_steps_stops(compose_config, tmp_path, monkeypatch):
@@ -140,7 +141,7 @@ def test_failing_after_all_extra_steps_stops(compose_config, tmp_path, monkeypat
     scripted_recall(monkeypatch, [0.1, 0.2, 0.3])
     with pytest.raises(StageError, match="failed its gate after 4 extra steps: recall 0.30"):
         run_curriculum([first], single_process())
-    assert read_gate(tmp_path / "pretrain")["extra_steps"] == 4
+    assert read_gate(tmp_path / "pretrain").extra_steps == 4
 
 
 def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path, monkeypatch):
@@ -149,8 +150,8 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
     records = run_curriculum([first, second], single_process())  # the real needle grid
     assert [r.stage for r in records] == ["pretrain", "extend_2k"] and all(r.passed for r in records)
     gate2 = read_gate(tmp_path / "extend_2k")
-    assert gate2["reference_short_loss"] == records[0].short_loss
-    assert gate2["recall_before"] is not None  # the starting checkpoint, evaluated at 512
+    assert gate2.reference_short_loss == records[0].short_loss
+    assert gate2.recall_before is not None  # the starting checkpoint, evaluated at 512
     before = json.loads((tmp_path / "extend_2k" / "recall_before.json").read_text())
     assert before["checkpoint"] == records[0].checkpoint
     # Every task's grid after and before, once each.
@@ -159,9 +160,9 @@ def test_curriculum_hands_over_and_skips_passed_stages(compose_config, tmp_path,
         assert json.loads((tmp_path / "extend_2k" / f"{name}.json").read_text())["lengths"] == [512]
     grid = {n: json.loads((tmp_path / "extend_2k" / f"needle/{n}.json").read_text()) for n in ("passkey", "multikey")}
     assert grid["passkey"]["trials"] == 1 and grid["multikey"]["trials"] == 2  # gate.trials, gate.report_trials
-    multikey = gate2["tasks"]["multikey"]
+    multikey = gate2.tasks["multikey"]
     assert multikey["min_recall"] is None and multikey["recall_before"] is not None and 0 <= multikey["recall"] <= 1
-    assert gate2["tasks"]["passkey"]["recall"] == gate2["recall"] and gate2["tasks"]["passkey"]["min_recall"] == 0.0
+    assert gate2.tasks["passkey"]["recall"] == gate2.recall and gate2.tasks["passkey"]["min_recall"] == 0.0
     logged = [json.loads(line) for line in (tmp_path / "extend_2k" / "metrics.jsonl").read_text().splitlines()]
     gate_row = next(r for r in logged if "gate/recall" in r)
     assert gate_row["gate/multikey/recall"] == multikey["recall"] and "gate/multikey/recall_before" in gate_row

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from longtrain.reporting.run_report import read_run, write_run_report
-from longtrain.run_dir import short_loss_limit, truncate_metrics
+from longtrain.run_dir import truncate_metrics
+from longtrain.run_files import short_loss_limit
 from tests.cli_utils import QUICK, ROOT, env, torchrun_cmd, train
 
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),

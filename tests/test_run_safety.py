@@ -17,8 +17,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from longtrain import checkpoint as ckpt
-from longtrain.curriculum import read_gate
 from longtrain.preemption import PREEMPTED_EXIT_CODE
+from longtrain.run_files import read_gate
 from tests.cli_utils import QUICK, TRAIN, env, train, train_losses
 
 
@@ -249,7 +249,7 @@ def test_dp_launches_of_the_cpu_demo(tmp_path, dp, cp):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp * cp}",
                            TRAIN, *args], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert f"dp=2 cp={cp}" in proc.stdout and read_gate(tmp_path / "induction")["passed"]
+    assert f"dp=2 cp={cp}" in proc.stdout and read_gate(tmp_path / "induction").passed
 
 
 @pytest.mark.slow

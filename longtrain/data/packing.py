@@ -10,15 +10,13 @@ how many samples it has consumed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from longtrain.config import DataConfig
-
-if TYPE_CHECKING:
-    from longtrain.data.shards import TokenStream
+from longtrain.data.shards import TokenStream
 
 
 class PackedDataset:

@@ -17,7 +17,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -25,7 +25,10 @@ from longtrain.config import Config, RopeConfig
 from longtrain.eval.grid import NeedleGrid, draw_heatmap, pyplot, recall_text
 from longtrain.logging import log_report
 from longtrain.reporting.tables import Table, Written, number_cell, short_loss_cell, write_page
-from longtrain.run_dir import GATE_FILE, METRICS_FILE, RUN_FILE, read_metrics, run_id
+from longtrain.run_dir import METRICS_FILE, read_metrics, run_id
+from longtrain.run_files import GATE_FILE, RUN_FILE, GateRecord, RunRecord, read_gate, read_run_record
+
+R = TypeVar("R")
 
 FIGURES_DIR = "report"  # the figures' PNG files, next to report.md
 NEEDLE_FILE = "needle.json"  # the gate's grid in runs before per-task <task>.json files
@@ -34,6 +37,14 @@ STAGE_FILES = ("config.yaml", METRICS_FILE, GATE_FILE)  # any of them makes a fo
 
 class ReportError(ValueError):
     """A folder the report cannot be built from; the message names it and says why."""
+
+
+def _record(read: Callable[[Path], Optional[R]], folder: Path, name: str) -> Optional[R]:
+    """A record of the run folder (longtrain/run_files.py), None when absent."""
+    try:
+        return read(folder)
+    except ValueError as e:
+        raise ReportError(f"{folder / name}: not valid JSON ({e})") from None
 
 
 def _json(path: Path) -> Any:
@@ -68,7 +79,7 @@ class StageRun:
     name: str
     folder: Path
     config: dict  # its config.yaml ({}: none written yet)
-    gate: Optional[dict]
+    gate: Optional[GateRecord]
     metrics: list[dict]
     after: dict[str, NeedleGrid] = field(default_factory=dict)  # the gate's grids, by task
     before: dict[str, NeedleGrid] = field(default_factory=dict)  # the starting checkpoint's
@@ -78,10 +89,10 @@ class StageRun:
     def read(cls, folder: Path) -> "StageRun":
         config_file = folder / "config.yaml"
         config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
-        gate_file, position_file = folder / GATE_FILE, folder / "position_loss.json"
+        position_file = folder / "position_loss.json"
         return cls(
             name=folder.name, folder=folder, config=config,  # type: ignore[arg-type]
-            gate=_json(gate_file) if gate_file.is_file() else None,
+            gate=_record(read_gate, folder, GATE_FILE),
             metrics=read_metrics(folder / METRICS_FILE),
             after=read_grids(folder / "needle"), before=read_grids(folder / "needle_before"),
             position=_json(position_file) if position_file.is_file() else None,
@@ -92,13 +103,13 @@ class StageRun:
 
     @property
     def seq_len(self) -> Optional[int]:
-        return self.gate["seq_len"] if self.gate else self._setting("stage", "seq_len")
+        return self.gate.seq_len if self.gate else self._setting("stage", "seq_len")
 
     @property
     def step(self) -> int:
         """The step the gate was taken at, or else the last training step logged (extra gate steps included)."""
         if self.gate is not None:
-            return self.gate["step"]
+            return self.gate.step
         return max((r["step"] for r in self.metrics if "train/loss" in r), default=0)
 
     def steps(self) -> str:
@@ -125,17 +136,17 @@ class StageRun:
 
     @property
     def rope(self) -> str:
-        rope = (self.gate or {}).get("rope") or self.config.get("rope")
+        rope = (self.gate.rope if self.gate else None) or self.config.get("rope")
         return RopeConfig(**rope).label() if rope else "–"
 
     def recalls(self) -> dict[str, tuple[Optional[float], Optional[float], Optional[float]]]:
         """Per task: (recall before, recall after, the gate's minimum) at the stage length."""
         gate = self.gate
-        if gate is not None and "tasks" in gate:
-            return {t: (v.get("recall_before"), v["recall"], v.get("min_recall")) for t, v in gate["tasks"].items()}
+        if gate is not None and gate.tasks:  # none in a gate.json from before per-task results
+            return {t: (v.get("recall_before"), v["recall"], v.get("min_recall")) for t, v in gate.tasks.items()}
         kind = self._setting("gate", "kind") or next(iter(self.after or self.before), "passkey")
         if gate is not None:
-            return {kind: (gate["recall_before"], gate["recall"], gate["min_recall"])}
+            return {kind: (gate.recall_before, gate.recall, gate.min_recall)}
         # Not gated: only the starting checkpoint's grids, if it got that far.
         return {t: (g.recall_at(g.lengths[-1]), None, None) for t, g in self.before.items()}
 
@@ -143,13 +154,13 @@ class StageRun:
         gate = self.gate
         if gate is None:
             return f"not gated: no {GATE_FILE} (running, or stopped)"
-        return ("pass" if gate["passed"] else "FAIL") + (", forced entry" if gate["forced"] else "")
+        return ("pass" if gate.passed else "FAIL") + (", forced entry" if gate.forced else "")
 
 
 @dataclass
 class RunReport:
     folder: Path
-    run: dict  # run.json ({} if absent)
+    run: Optional[RunRecord]
     stages: list[StageRun]
     not_started: list[str]  # curriculum stages without a folder
 
@@ -161,10 +172,10 @@ class RunReport:
 
     def summary(self) -> str:
         gated = [s for s in self.stages if s.gate is not None]
-        passed = [s for s in gated if s.gate["passed"]]  # type: ignore[index]
+        passed = [s for s in gated if s.gate.passed]  # type: ignore[union-attr]
         total = len(self.stages) + len(self.not_started)
         text = f"{len(passed)} of {total} stages passed their gate"
-        failed = [s.name for s in gated if not s.gate["passed"]]  # type: ignore[index]
+        failed = [s.name for s in gated if not s.gate.passed]  # type: ignore[union-attr]
         if failed:
             text += f"; failed: {', '.join(failed)}"
         stopped = [s.name for s in self.stages if s.gate is None]
@@ -199,7 +210,7 @@ def read_run(folder: Path) -> RunReport:
         return (order.index(stage.name) if stage.name in order else len(order), started)
 
     stages = sorted(found, key=position)
-    run = _json(folder / RUN_FILE) if (folder / RUN_FILE).is_file() else {}
+    run = _record(read_run_record, folder, RUN_FILE)
     names = {s.name for s in stages}
     return RunReport(folder, run, stages, [n for n in order if n not in names])
 
@@ -235,7 +246,7 @@ def stage_table(report: RunReport) -> Table:
         rows.append(
             [s.name, str(s.seq_len or "–"), s.rope, s.steps(), _tokens(s.tokens), _duration(s.wall_s)]
             + [_recall_cell(*recalls[t]) if t in recalls else "" for t in tasks]
-            + [short_loss_cell(s.gate) or "–", s.verdict(), str(s.gate["extra_steps"]) if s.gate else "–"]
+            + [short_loss_cell(s.gate) or "–", s.verdict(), str(s.gate.extra_steps) if s.gate else "–"]
         )
     rows += [[name, *["–"] * (len(header) - 3), "not started", "–"] for name in report.not_started]
     return header, rows
@@ -362,7 +373,7 @@ def write_run_report(folder: Path, out: Optional[Path] = None) -> Written:
         if path is not None:
             blocks += [("h2", caption), ("img", (caption, path))]
     run = report.run
-    meta = f"run folder {folder.resolve()}" + (f", run id {run['id']}, created {run.get('created', '?')}" if run else "")
+    meta = f"run folder {folder.resolve()}" + (f", run id {run.id}, created {run.created or '?'}" if run else "")
     written = write_page(out, f"Run report: {folder.name or folder.resolve().name}", meta, blocks)
     written.tables["stages"] = stages
     return written

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from longtrain.reporting.tables import REPORT_HTML, REPORT_MD, Written, markdown_table, number_cell, short_loss_cell, write_page
-from longtrain.run_dir import METRICS_FILE, read_gate, read_metrics
-from longtrain.sweep_job import JobRecord, gate_limit, read_job_record
+from longtrain.run_dir import METRICS_FILE, read_metrics
+from longtrain.run_files import GateRecord, JobRecord, read_gate, read_job_record
 
 REPORT_CSV = "report.csv"
 SEED_KEY = "run.seed"
@@ -34,7 +34,7 @@ SEED_KEY = "run.seed"
 class JobRow:
     record: JobRecord
     folder: Path
-    gates: dict[str, dict]  # stage name -> its gate.json, for the stages that wrote one
+    gates: dict[str, GateRecord]  # stage name -> its gate.json, for the stages that wrote one
     val_loss: Optional[float]  # the last val/loss logged by the last stage that logged one
 
     @property
@@ -93,10 +93,10 @@ def read_sweep(folder: Path) -> SweepReport:
     return SweepReport(folder, rows)
 
 
-def recall_cell(gate: Optional[dict]) -> str:
+def recall_cell(gate: Optional[GateRecord]) -> str:
     if gate is None:
         return ""
-    return f"{number_cell(gate['recall_before'])} → {number_cell(gate['recall'])}"
+    return f"{number_cell(gate.recall_before)} → {number_cell(gate.recall)}"
 
 
 def jobs_table(report: SweepReport) -> str:
@@ -148,8 +148,8 @@ def seeds_rows(report: SweepReport) -> Optional[tuple[list[str], list[list[str]]
         per_stage = [[r.gates[s] for r in group if s in r.gates] for s in stages]
         rows.append(
             [recipe, str(len(group))]
-            + [_mean_sd([g["recall"] for g in gates], len(group), 2) for gates in per_stage]
-            + [_mean_sd([g["short_loss"] for g in gates], len(group), 3) for gates in per_stage]
+            + [_mean_sd([g.recall for g in gates], len(group), 2) for gates in per_stage]
+            + [_mean_sd([g.short_loss for g in gates], len(group), 3) for gates in per_stage]
         )
     return header, rows
 
@@ -195,7 +195,7 @@ def csv_text(report: SweepReport) -> str:
         for s in stages:
             gate = row.gates.get(s)
             cells += [None] * 5 if gate is None else [
-                gate["recall_before"], gate["recall"], gate["short_loss"], gate_limit(gate), gate["passed"]]
+                gate.recall_before, gate.recall, gate.short_loss, gate.short_loss_limit(), gate.passed]
         writer.writerow(["" if c is None else c for c in cells])
     return out.getvalue()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from longtrain.sweep_job import gate_limit
+from longtrain.run_files import GateRecord
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -22,13 +22,13 @@ def number_cell(value: Optional[float], digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def short_loss_cell(gate: Optional[dict]) -> str:
+def short_loss_cell(gate: Optional[GateRecord]) -> str:
     if gate is None:
         return ""
-    limit = gate_limit(gate)
+    limit = gate.short_loss_limit()
     if limit is None:
-        return number_cell(gate["short_loss"], 3)
-    return f"{number_cell(gate['short_loss'], 3)} {'≤' if gate['short_loss'] <= limit else '>'} {number_cell(limit, 3)}"
+        return number_cell(gate.short_loss, 3)
+    return f"{number_cell(gate.short_loss, 3)} {'≤' if gate.short_loss <= limit else '>'} {number_cell(limit, 3)}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
