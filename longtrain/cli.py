@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
 from longtrain.config import Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -31,8 +33,6 @@ def group_options(group: str) -> list[str]:
 
 def hydra_error_line(error: Exception) -> Optional[str]:
     """Hydra's multi-line composition and parse errors as one ``KEY: message`` line."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-
     text = str(error)
     missing = _missing_module(error)
     if missing in SWEEP_EXTRA_MODULES:
@@ -72,7 +72,7 @@ def torchrun_env_from_submitit() -> None:
     give every task the variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT), so the job is one torch distributed world like a torchrun job."""
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "RANK" not in os.environ:
-        from submitit.helpers import TorchDistributedEnvironment
+        from submitit.helpers import TorchDistributedEnvironment  # the optional extra "sweep"
 
         # Every task keeps every GPU in sight and takes cuda:LOCAL_RANK, as under torchrun.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

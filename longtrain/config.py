@@ -5,8 +5,9 @@ dataclasses (catching wrong types and unknown keys), :func:`resolve_stage` deriv
 stage's RoPE and micro-batch, and :func:`validate` checks every value that a type cannot
 express, one check function per section. All raise :class:`ConfigError` with one line
 that names the offending key and what would be valid, before any compute starts. What
-needs the world outside the config (files, the ranks, the device) is checked above this
-module: longtrain/preflight.py and ParallelDims.
+needs the world outside the config is checked above this module: the layout over the
+ranks by ParallelDims, the files and folders a config names by longtrain/run_config.py,
+what a command runs as a whole (run folders, tokenizer, device) by longtrain/preflight.py.
 """
 
 from __future__ import annotations
@@ -323,8 +324,8 @@ def _positive(value: float, key: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every value a type cannot express, section by section; the first bad one is a
-    ConfigError. What depends on the world outside the config (files, folders, the ranks,
-    the device) is checked by longtrain/preflight.py and ParallelDims."""
+    ConfigError. What depends on the world outside the config (the ranks, files, folders,
+    the device) is checked above: ParallelDims, longtrain/run_config.py, longtrain/preflight.py."""
     check_model(cfg.model)
     check_rope(cfg.rope, cfg.parallel)
     check_tokenizer(cfg.tokenizer)

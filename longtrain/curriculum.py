@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from hydra import compose
 
 from longtrain import checkpoint as ckpt
 from longtrain import preemption
@@ -301,8 +302,6 @@ def compose_stage_configs(overrides: list[str], only: Optional[str] = None) -> l
     Called inside Hydra's app (or an ``initialize_config_dir`` block), so every stage's
     config errors surface before any stage computes anything.
     """
-    from hydra import compose
-
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("stage=")]
     # The stage list only: the stage-less config is not a runnable one (its stage block holds
     # defaults that a stage file replaces), so it is not validated.

@@ -41,7 +41,7 @@ EXPORT_DIR = "hf"  # export.after_gate: STAGE/hf, next to gate.json
 
 def write_weights(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index past ``max_shard_size``."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub import split_torch_state_dict_into_shards  # heavy, like transformers below: export only
     from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
@@ -55,7 +55,7 @@ def write_weights(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_
 
 def write_hf_folder(cfg: Config, model_state: dict[str, torch.Tensor], out_dir: Path) -> Path:
     """Write ``model_state`` (our names, full tensors) with ``cfg``'s model, RoPE and tokenizer."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig  # heavy; only writing a folder needs it
 
     tokenizer = build_tokenizer(cfg.tokenizer)
     vocab_size = model_state["tok_embeddings.weight"].shape[0]
@@ -141,7 +141,7 @@ def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityRep
 
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path) -> None:
     """Export a model in training (plain or FSDP2-sharded); collective, rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # export.after_gate only
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ckpt._is_rank0():

@@ -3,7 +3,7 @@ it selects and that kernel's preconditions, and the device's peak TFLOP/s for MF
 
 The decisions are pure functions of facts passed in (device type, compute capability,
 flash-attn version, device name), so the CUDA rules are tested on a CPU; ``check_device``
-gathers the facts of the real device. ``train.py`` calls it once per stage config before
+gathers the facts of the real device. ``longtrain/preflight.py`` calls it once per stage config before
 any compute: a failure is a ``ConfigError``, one line that says what to change, exit 2.
 
 The kernels are called below torch's and flash-attn's public APIs (for the per-row

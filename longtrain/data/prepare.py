@@ -279,7 +279,7 @@ def _positive_int(args: dict[str, str], key: str, default: int) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir  # only the command line composes; workers need not import Hydra
     from hydra.errors import HydraException
 
     args = list(sys.argv[1:] if argv is None else argv)
