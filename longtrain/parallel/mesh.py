@@ -178,7 +178,7 @@ def apply_fsdp(model: nn.Module, pd: ParallelDims) -> nn.Module:
     gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1, with
     plain SUM collectives (gloo has no PREMUL_SUM, which FSDP would otherwise pick).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard  # slow to import; only dp·cp > 1 runs wrap
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = pd.dp_cp_mesh
     for block in model.layers:
