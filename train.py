@@ -108,7 +108,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
     from longtrain import preemption
     from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table
-    from longtrain.trainer import Diverged
+    from longtrain.trainer.checkpointer import Diverged
 
     chosen = hydra_cfg.runtime.choices.get("stage")
     try:
