@@ -52,12 +52,11 @@ class Meter:
         self.world_size = world_size
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
-        self.window_start, self.window_tokens = time.perf_counter(), 0
-        self.started, self.first_step = time.perf_counter(), 0
+        self.start(0)
 
     def start(self, step: int) -> None:
         """A (re)started loop at ``step``: the window and the clock for the ETA begin now."""
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.restart_window()
         self.started, self.first_step = time.perf_counter(), step
 
     def count_step(self) -> None:
