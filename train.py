@@ -41,7 +41,7 @@ from longtrain.reporting.run_report import report_at_end  # noqa: E402
 from longtrain.run_dir import clear_stage_folders  # noqa: E402
 from longtrain.run_files import JobRecord, write_job_record  # noqa: E402
 from longtrain.sweep_job import job_objective  # noqa: E402
-from longtrain.trainer import Diverged  # noqa: E402
+from longtrain.trainer.checkpointer import Diverged  # noqa: E402
 
 
 class Stop(Exception):

@@ -60,7 +60,8 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
     from longtrain.optim.optimizer import build_optimizer
     from longtrain.parallel.mesh import init_parallel
     from longtrain.plan import compose
-    from longtrain.trainer import build_model, shard_batch
+    from longtrain.trainer.builder import build_model
+    from longtrain.trainer.evaluator import shard_batch
 
     torch.set_num_threads(1)
     if world > 1:

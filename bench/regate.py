@@ -25,7 +25,7 @@ from longtrain.config import gate_tasks
 from longtrain.curriculum import Gate, compose_stage_configs
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_files import read_gate
-from longtrain.trainer import Trainer
+from longtrain.trainer.builder import build_trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -48,18 +48,16 @@ def main(run_dir: Path, overrides: list[str]) -> None:
             break
         # A scratch folder for the trainer's metrics file: nothing is written into the run.
         scratch = replace(cfg, run=replace(cfg.run, dir=tempfile.mkdtemp(prefix="regate-")))
-        trainer = Trainer(scratch, pd)
-        gate, length = Gate(trainer), cfg.stage.seq_len
+        trainer = build_trainer(scratch, pd)
+        gate, length = Gate(trainer.evaluator, scratch), cfg.stage.seq_len
         before = {}
         if previous is not None:
-            trainer.load_weights(Path(previous["checkpoint"]))
+            trainer.checkpointer.load_weights(Path(previous["checkpoint"]))
             before, _ = timed_grids(gate, length)
-        trainer.load_weights(Path(record.checkpoint))
+        trainer.checkpointer.load_weights(Path(record.checkpoint))
         after, seconds = timed_grids(gate, length)
         old = replace(scratch, gate=replace(scratch.gate, trials=4, tasks={}, report_tasks=[]))
-        trainer.cfg = old
-        _, old_seconds = timed_grids(gate, length)
-        trainer.cfg = scratch
+        _, old_seconds = timed_grids(Gate(trainer.evaluator, old), length)
         print(f"{cfg.stage.name} ({length} tokens, {len(cfg.gate.depths)}×{cfg.gate.trials} per task, trained "
               f"{record.step} steps, gated then at {record.recall:.2f}): all tasks {seconds:.0f} s, "
               f"the old grid ({len(cfg.gate.depths)}×4, single needle) {old_seconds:.0f} s (ratio {seconds / old_seconds:.1f})")

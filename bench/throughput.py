@@ -71,6 +71,8 @@ def _hf_stub_attention(module, query, key, value, attention_mask, **kwargs):
 def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int, attention: str = "kernel"):
     from longtrain.config import ModelConfig, RopeConfig
     from longtrain.model.transformer import Transformer
+    from longtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+    from longtrain.parallel.parallelize import apply_compile
 
     cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2)
     if impl in LONGTRAIN_IMPLS:
@@ -79,8 +81,9 @@ def _build(impl: str, vocab: int, mlp_tile: int, doc_len: int, loss_chunk: int, 
         model = Transformer(cfg, RopeConfig(), vocab_size=vocab)
         if attention == "stub":
             model.attention_fn = lambda q, k, v, scale, doc_ids=None: _stub_attention(q, k, v)
+        apply_activation_checkpointing(model.layers, cfg.activation_checkpointing)
         if impl == "compiled":
-            model.compile_blocks()
+            apply_compile(model)
 
         def loss_fn(ids, pos):
             docs = torch.arange(ids.shape[1])[None] // doc_len if doc_len else None

@@ -1,4 +1,4 @@
-"""Distributed checkpoints: atomic, with retention, loadable at another parallel layout.
+"""Distributed checkpoints on disk: atomic, checksummed, loadable at another parallel layout.
 
 Model and optimizer go through ``torch.distributed.checkpoint`` (DCP), which stores each
 tensor once with its global shape, so a checkpoint written by FSDP2 shards over dp×cp
@@ -7,7 +7,8 @@ position, RNG) is small and written by rank 0 beside it. Everything is written i
 ``step_XXXXXXXX.tmp`` and renamed when complete, so a crash mid-save never leaves a
 folder that ``latest_checkpoint`` would pick. ``checksums.json`` records every file's size
 and SHA-256 (and the run that wrote it): a checkpoint that fails them is never loaded, and
-resuming falls back to the newest one that passes.
+resuming falls back to the newest one that passes. When to save, which to keep and which
+to resume from is the trainer's checkpointer (``trainer/checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -126,11 +127,10 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
-    keep: int,
     run_id: str,
 ) -> Path:
-    """Write model + optimizer (sharded), trainer state and checksums; keep the newest
-    ``keep`` of this run's checkpoints (another run's are never pruned)."""
+    """Write model + optimizer (sharded), trainer state and checksums, recording ``run_id``
+    as the checkpoint's owner."""
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if _is_rank0():
@@ -152,19 +152,12 @@ def save_checkpoint(
         (tmp / CHECKSUMS).write_text(json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        _prune(root, final, keep, run_id)
     barrier()
     return final
 
 
-def _prune(root: Path, newest: Path, keep: int, run_id: str) -> None:
-    """Delete this run's checkpoints older than ``newest`` beyond the ``keep`` newest."""
-    mine = [p for p in complete_checkpoints(root) if p < newest and _owner(p) == run_id]
-    for old in mine[: max(0, len(mine) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _owner(path: Path) -> Optional[str]:
+def owner(path: Path) -> Optional[str]:
+    """The run id that wrote a checkpoint (None: unreadable checksums)."""
     try:
         return read_checksums(path).get("run_id")
     except (OSError, ValueError):

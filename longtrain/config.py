@@ -48,7 +48,7 @@ class ModelConfig:
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # default: the tokenizer's
     hf_path: Optional[str] = None  # model=hf: every field above (and rope.theta) from this local HF folder
-    # Activation checkpointing per block (model/checkpointing.py): none keeps every
+    # Activation checkpointing per block (parallel/activation_checkpointing.py): none keeps every
     # activation; full recomputes all but the attention output (never the ring's P2P);
     # selective also keeps matmul outputs and recomputes only norms, RoPE and pointwise ops.
     activation_checkpointing: str = "none"

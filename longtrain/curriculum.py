@@ -13,11 +13,13 @@ folder, which is also what lets the next stage start, in this process or a later
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+import torch
 from hydra import compose
 
 from longtrain import checkpoint as ckpt
@@ -31,10 +33,17 @@ from longtrain.eval.needle import write_results
 from longtrain.eval.suite import run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
+from longtrain.logging import MetricsLogger
 from longtrain.preflight import check_gate_tasks_fit
 from longtrain.run_files import GATE_FILE, GateRecord, read_gate, short_loss_limit, write_gate
 from longtrain.run_config import load_config
-from longtrain.trainer import Trainer, prepare_trainer
+from longtrain.trainer.builder import prepare_trainer
+from longtrain.trainer.evaluator import Evaluator
+from longtrain.trainer.meter import duration
+from longtrain.trainer.trainer import Trainer
+
+# A gate evaluation at 8K tokens takes minutes: say how far it is this often.
+PROGRESS_EVERY_S = 30.0
 
 
 class StageError(RuntimeError):
@@ -98,48 +107,74 @@ def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Pa
     return latest, True, before
 
 
-class Gate:
-    """Needle recall at the stage length and short-context loss for one trainer's model."""
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg
+
+def counting_progress(forward: ForwardFn, label: str, total: int, logger: MetricsLogger) -> ForwardFn:
+    """``forward``, saying how many of ``total`` samples it has been given: a line every
+    PROGRESS_EVERY_S seconds and one when the last arrives (not one per sample)."""
+    started = last_line = time.perf_counter()
+    done = 0
+
+    def forward_counted(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal done, last_line
+        logits = forward(input_ids, position_ids)
+        done += input_ids.shape[0]
+        now = time.perf_counter()
+        if done >= total or now - last_line >= PROGRESS_EVERY_S:
+            logger.progress(f"[gate] {label}: {done}/{total} samples  {duration(now - started)} elapsed")
+            last_line = now
+        return logits
+
+    return forward_counted
+
+
+class Gate:
+    """Needle recall at the stage length and short-context loss, asked of an evaluator."""
+
+    def __init__(self, evaluator: Evaluator, cfg: Config):
+        self.evaluator, self.cfg = evaluator, cfg
         # The prepared validation split serves the needles, the short loss and loss by position.
-        self.val_tokens = trainer.prepared.stream("val")
+        self.val_tokens = evaluator.prepared.stream("val")
         self.val_doc_starts = self.val_tokens.doc_starts
-        self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), trainer.tokenizer)
+        self.haystack = Haystack.of_stream(self.val_tokens.haystack_tokens(), evaluator.tokenizer)
         self.short_val = packed_dataset(self.val_tokens, cfg.rope.original_max_position_embeddings, cfg.data)
 
     def grids(self, length: int) -> dict[str, NeedleGrid]:
-        """Every gate task's recall over the depth grid at ``length``."""
-        cfg = self.trainer.cfg
+        """Every gate task's recall over the depth grid at ``length``, one task after another
+        (a task's samples do not depend on which other tasks run)."""
+        cfg = self.cfg
         tasks = gate_tasks(cfg)
         # Gated tasks on gate.trials per depth; reported ones on gate.report_trials if set.
         trials = {True: cfg.gate.trials, False: cfg.gate.report_trials or cfg.gate.trials}
-        with self.trainer.eval_mode():
+        with self.evaluator.eval_mode():
             grids = {}
             for gated in (True, False):
-                grids.update(run_suite(
-                    self.trainer.logits_fn(), self.trainer.tokenizer, self.haystack,
-                    [t for t, threshold in tasks.items() if (threshold is not None) == gated], [length],
-                    cfg.gate.depths, trials[gated], cfg.run.seed, cfg.stage.micro_batch_size, self.trainer.pd.device,
-                    cfg.retrieval,
-                ))
+                for task in [t for t, threshold in tasks.items() if (threshold is not None) == gated]:
+                    forward = counting_progress(self.evaluator.logits_fn(), f"{task} at {length}",
+                                                len(cfg.gate.depths) * trials[gated], self.evaluator.logger)
+                    grids.update(run_suite(
+                        forward, self.evaluator.tokenizer, self.haystack, [task], [length], cfg.gate.depths,
+                        trials[gated], cfg.run.seed, cfg.stage.micro_batch_size, self.evaluator.dims.device,
+                        cfg.retrieval,
+                    ))
             return {task: grids[task] for task in tasks}
 
     def short_loss(self) -> float:
-        cfg = self.trainer.cfg
+        cfg = self.cfg
         # As many short samples per forward as a training micro-batch holds tokens.
         per_forward = cfg.stage.micro_batch_size * max(1, cfg.stage.seq_len // self.short_val.seq_len)
-        return self.trainer.validate(self.short_val, cfg.gate.short_val_samples, per_forward)
+        self.evaluator.logger.progress(f"[gate] short loss: {cfg.gate.short_val_samples} samples of {self.short_val.seq_len} tokens")
+        return self.evaluator.validate(self.short_val, cfg.gate.short_val_samples, per_forward)
 
     def position_loss(self, length: int) -> position_loss.PositionLoss:
         """Loss by position on validation documents at least ``length`` tokens long."""
-        cfg = self.trainer.cfg
-        with self.trainer.eval_mode():
+        cfg = self.cfg
+        self.evaluator.logger.progress(f"[gate] loss by position: up to {cfg.eval.position_windows} windows of {length} tokens")
+        with self.evaluator.eval_mode():
             return position_loss.position_loss(
-                self.trainer.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
-                cfg.eval.position_windows, cfg.stage.micro_batch_size, self.trainer.pd.device,
+                self.evaluator.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
+                cfg.eval.position_windows, cfg.stage.micro_batch_size, self.evaluator.dims.device,
             )
 
 
@@ -163,9 +198,9 @@ def write_grids(grids: dict[str, NeedleGrid], out_dir: Path, extra: dict) -> Non
 
 
 def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, before: Optional[GateRecord]) -> GateRecord:
-    cfg, pd = trainer.cfg, trainer.pd
-    check_gate_tasks_fit(cfg, trainer.tokenizer)  # train.py checked already; a library caller has not
-    gate = Gate(trainer)
+    cfg, pd = trainer.cfg, trainer.dims
+    check_gate_tasks_fit(cfg, trainer.evaluator.tokenizer)  # train.py checked already; a library caller has not
+    gate = Gate(trainer.evaluator, cfg)
     log = trainer.logger.info
     directory = stage_dir(cfg)
     single, length = cfg.gate.kind, cfg.stage.seq_len
@@ -213,7 +248,7 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
             )
         increment = min(cfg.gate.extra_steps_increment, cfg.gate.max_extra_steps - extra)
         extra += increment
-        result = trainer.train_more(increment)
+        result = trainer.train_more(trainer.total_steps + increment)
 
     tasks = {
         task: {"recall": grids[task].recall_at(length), "recall_before": recall_before.get(task),

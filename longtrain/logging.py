@@ -38,7 +38,9 @@ class MetricsLogger:
         if cfg.wandb:
             self._wandb = init_wandb(cfg, run_id, stage, wandb_dir, run_config)
 
-    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train", progress: str = "") -> None:
+        """One record in metrics.jsonl (and wandb); on the terminal, ``progress`` (step of
+        total, elapsed, ETA) in place of the bare step when given."""
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
@@ -48,7 +50,7 @@ class MetricsLogger:
             self._wandb.log(record)
         if self.cfg.progress:
             shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-            print(f"[{prefix}] step {step:6d}  {shown}", flush=True)
+            print(f"[{prefix}] {progress or f'step {step:6d}'}  {shown}", flush=True)
 
     def log_images(self, step: int, images: dict[str, Path]) -> None:
         """Pictures for wandb (the files themselves are already in the stage folder)."""
@@ -59,6 +61,11 @@ class MetricsLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
+            print(message, flush=True)
+
+    def progress(self, message: str) -> None:
+        """A line for a person watching (``logging.progress``); never in metrics.jsonl."""
+        if self.enabled and self.cfg.progress:
             print(message, flush=True)
 
     def close(self) -> None:

@@ -173,7 +173,7 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list
 
 
 def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Row]:
-    """Bytes one checkpointed block keeps through the forward (model/checkpointing.py):
+    """Bytes one checkpointed block keeps through the forward (parallel/activation_checkpointing.py):
     the block's input, held by the checkpoint, and the outputs its op-level policy saves:
     the attention op's out and lse (full), and every matmul's output too (selective)."""
     m = cfg.model
@@ -247,7 +247,7 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
     rows.append(Row("loss backward", saved + residual_grads, "all saved + dh + residual gradients"))
     # By the last block's backward the final norm's and the loss's saved tensors are released.
     released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss gradients"))
-    # A checkpointed block first rebuilds its plain saved set (model/checkpointing.py).
+    # A checkpointed block first rebuilds its plain saved set (parallel/activation_checkpointing.py).
     block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing, bool(plan.mlp_tile))
     if plan.mlp_tile:
         # One tile at a time: its plain saved set rebuilt (and its bf16 weight casts), then

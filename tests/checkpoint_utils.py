@@ -22,4 +22,4 @@ def tiny_checkpoint(folder: Path, seq_len: int) -> tuple[Path, Transformer]:
     cfg.data.max_docs = 20  # a few validation files are enough for a haystack
     model = Transformer(cfg.model, cfg.rope, ByteTokenizer().vocab_size)
     state = {"step": 1, "config": OmegaConf.to_yaml(OmegaConf.structured(cfg))}
-    return ckpt.save_checkpoint(folder, 1, model, build_optimizer(model, cfg.optim), state, keep=1, run_id="test"), model
+    return ckpt.save_checkpoint(folder, 1, model, build_optimizer(model, cfg.optim), state, run_id="test"), model

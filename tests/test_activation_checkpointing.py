@@ -3,6 +3,7 @@ loss and gradients of plain ones, recompute what they should, and under context
 parallelism never run the ring's P2P exchanges again."""
 
 import contextlib
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -15,9 +16,11 @@ from longtrain.attention import ring
 from longtrain.config import AC_MODES, ConfigError, ModelConfig, RopeConfig
 from longtrain.model import transformer
 from longtrain.model.transformer import Transformer
+from longtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from longtrain.parallel.mesh import ParallelDims, init_parallel
+from longtrain.parallel.parallelize import apply_compile
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard
-from longtrain.trainer import build_model
+from longtrain.trainer.builder import build_model
 from tests.dist_utils import run_distributed
 
 TOL = dict(rtol=0, atol=1e-6)  # fp32, as the issue asks
@@ -74,8 +77,9 @@ def _run_model(mode: str, documents: bool, mlp_tile_tokens: int = 0, compile: bo
         dim=64, n_layers=3, n_heads=4, n_kv_heads=2, activation_checkpointing=mode, mlp_tile_tokens=mlp_tile_tokens
     )
     model = Transformer(cfg, RopeConfig(), VOCAB)
+    apply_activation_checkpointing(model.layers, mode)
     if compile:
-        model.compile_blocks()
+        apply_compile(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     docs = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([10, 30, 8]))[None].expand(2, -1) if documents else None
@@ -113,6 +117,11 @@ def test_sequence_tiled_mlp_matches_whole(mode):
     assert set(tile_lengths) == {20, 8} and max(tile_lengths) == 20
 
 
+def checkpoint_mode(block: torch.nn.Module) -> str:
+    """The mode ``apply_activation_checkpointing`` wrapped a block's forward with ("none": not wrapped)."""
+    return block.forward.args[0] if isinstance(block.forward, functools.partial) else "none"
+
+
 def test_config_key_reaches_every_block(compose_config):
     from longtrain.run_config import load_config
 
@@ -120,7 +129,7 @@ def test_config_key_reaches_every_block(compose_config):
         # The README's command line.
         cfg = load_config(compose_config("preset=cpu_demo", f"model.activation_checkpointing={mode}", "model.mlp_tile_tokens=2048"))
         model = build_model(cfg, VOCAB, ParallelDims(1, 1, 0, 1, torch.device("cpu")))
-        assert [b.activation_checkpointing for b in model.layers] == [mode] * cfg.model.n_layers
+        assert [checkpoint_mode(b) for b in model.layers] == [mode] * cfg.model.n_layers
         assert [b.feed_forward.tile_tokens for b in model.layers] == [2048] * cfg.model.n_layers
     with pytest.raises(ConfigError, match="model.activation_checkpointing: unknown value 'some'; valid: none, full, selective"):
         load_config(compose_config("model=tiny", "model.activation_checkpointing=some"))

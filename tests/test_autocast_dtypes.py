@@ -23,7 +23,8 @@ from torch import nn
 from longtrain.attention import kernels
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import load_config
-from longtrain.trainer import Trainer
+from longtrain.trainer.builder import build_trainer
+from longtrain.trainer.trainer import Trainer
 from tests.dist_utils import run_distributed
 from tests.test_parallel_training import ROPE
 from tests.test_trainer import TINY, single_process
@@ -125,7 +126,7 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
             originals.setdefault(name, getattr(module, name))
             setattr(module, name, value)
 
-        results[dtype] = first_step(Trainer(cfg, pd), patch)
+        results[dtype] = first_step(build_trainer(cfg, pd), patch)
         for name, value in originals.items():
             setattr(kernels, name, value)
     torch.save(results, tmp / f"cp2_rank{rank}.pt")
@@ -138,7 +139,7 @@ def runs(tmp_path_factory) -> dict[tuple[int, str], dict]:
     out = {}
     for dtype in DTYPES:
         with pytest.MonkeyPatch.context() as mp:
-            trainer = Trainer(make_config(tmp / f"cp1_{dtype}", dtype), single_process())
+            trainer = build_trainer(make_config(tmp / f"cp1_{dtype}", dtype), single_process())
             out[(1, dtype)] = first_step(trainer, mp.setattr)
     run_distributed(_cp2_worker, 2, str(tmp), timeout=240)
     for rank in range(2):

@@ -11,14 +11,15 @@ import torch
 
 from longtrain import checkpoint as ckpt
 from longtrain.run_config import load_config
-from longtrain.trainer import Diverged, Trainer, prepare_trainer
+from longtrain.trainer.builder import build_trainer, prepare_trainer
+from longtrain.trainer.checkpointer import Diverged
 from tests.test_trainer import TINY, single_process
 
 
 def trained(compose_config, run_dir, steps=3, *extra):
     """A trainer with a checkpoint after each of ``steps`` steps."""
     cfg = load_config(compose_config(*TINY, f"run.dir={run_dir}", "run.keep_checkpoints=5", *extra))
-    trainer = Trainer(cfg, single_process())
+    trainer = build_trainer(cfg, single_process())
     for _ in range(steps):
         trainer.train_step()
         trainer.save()
@@ -46,7 +47,7 @@ def corrupt(path, how):
 )
 def test_resume_falls_back_past_a_damaged_checkpoint(compose_config, tmp_path, capsys, how):
     trainer = trained(compose_config, tmp_path)
-    newest = trainer.ckpt_root / "step_00000003"
+    newest = trainer.checkpointer.folder / "step_00000003"
     corrupt(newest, how)
     assert ckpt.verify_checkpoint(newest) is not None
     capsys.readouterr()
@@ -62,10 +63,10 @@ def test_resume_falls_back_past_a_damaged_checkpoint(compose_config, tmp_path, c
 
 def test_weights_from_a_damaged_checkpoint_are_refused(compose_config, tmp_path):
     trainer = trained(compose_config, tmp_path, 1)
-    corrupt(trainer.ckpt_root / "step_00000001", "overwritten 4 KB")
+    corrupt(trainer.checkpointer.folder / "step_00000001", "overwritten 4 KB")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(ckpt.CheckpointError, match="fails its SHA-256 checksum"):
-        trainer.load_weights(trainer.ckpt_root / "step_00000001")
+        trainer.checkpointer.load_weights(trainer.checkpointer.folder / "step_00000001")
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
@@ -75,9 +76,9 @@ def test_retention_prunes_only_this_runs_checkpoints(compose_config, tmp_path):
     other = trained(compose_config, tmp_path / "other", 1)
     root = tmp_path / "run" / "pretrain" / "checkpoints"
     root.mkdir(parents=True)
-    shutil.copytree(other.ckpt_root / "step_00000001", root / "step_00000100")
+    shutil.copytree(other.checkpointer.folder / "step_00000001", root / "step_00000100")
     cfg = load_config(compose_config(*TINY, f"run.dir={tmp_path / 'run'}", "run.keep_checkpoints=2", "run.id=second"))
-    trainer = Trainer(cfg, single_process())
+    trainer = build_trainer(cfg, single_process())
     for _ in range(3):
         trainer.train_step()
         trainer.save()
@@ -87,7 +88,7 @@ def test_retention_prunes_only_this_runs_checkpoints(compose_config, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop(compose_config, tmp_path):
     cfg = load_config(compose_config(*TINY, f"run.dir={tmp_path}", "optim.max_nonfinite_steps=3"))
-    trainer = Trainer(cfg, single_process())
+    trainer = build_trainer(cfg, single_process())
     trainer.train_step()
     trainer.save()
     good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -101,7 +102,7 @@ def test_non_finite_steps_are_skipped_then_stop(compose_config, tmp_path):
         trainer.train_step()
     with pytest.raises(Diverged, match="not finite"):
         trainer.save()  # never saved
-    assert [p.name for p in ckpt.complete_checkpoints(trainer.ckpt_root)] == ["step_00000001"]
-    loaded = Trainer(cfg, single_process())
-    loaded.load_weights(trainer.ckpt_root / "step_00000001")
+    assert [p.name for p in ckpt.complete_checkpoints(trainer.checkpointer.folder)] == ["step_00000001"]
+    loaded = build_trainer(cfg, single_process())
+    loaded.checkpointer.load_weights(trainer.checkpointer.folder / "step_00000001")
     assert all(torch.equal(good[k], v) for k, v in loaded.model.state_dict().items())

@@ -9,8 +9,9 @@ import torch
 from longtrain.config import ModelConfig, RopeConfig
 from longtrain.model.transformer import Transformer
 from longtrain.parallel.mesh import init_parallel
+from longtrain.parallel.parallelize import apply_compile
 from longtrain.parallel.sharding import zigzag_positions, zigzag_shard
-from longtrain.trainer import build_model
+from longtrain.trainer.builder import build_model
 from tests.dist_utils import run_distributed
 from tests.test_activation_checkpointing import SEQ, VOCAB, _run_model, counting, loss_and_grads
 
@@ -40,7 +41,7 @@ def test_compiled_in_place_keeps_parameter_names():
     """The names checkpoints and exports use are a plain model's."""
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
     model = Transformer(cfg, RopeConfig(), VOCAB)
-    model.compile_blocks()
+    apply_compile(model)
     assert list(model.state_dict()) == list(Transformer(cfg, RopeConfig(), VOCAB).state_dict())
 
 

@@ -12,7 +12,7 @@ from longtrain.curriculum import (
 from longtrain.eval.grid import NeedleGrid
 from longtrain.run_config import load_config
 from longtrain.run_files import read_gate
-from longtrain.trainer import Trainer
+from longtrain.trainer.builder import build_trainer
 from tests.test_trainer import single_process
 
 SMALL = [
@@ -92,10 +92,10 @@ def test_short_loss_uses_the_same_samples_in_every_stage(compose_config, tmp_pat
     """Stages differ in length and micro-batch; their short-loss checks must see the same tokens."""
     first, second = stages(compose_config, tmp_path, "gate.short_val_samples=6")
     second = replace(second, stage=replace(second.stage, micro_batch_size=1))
-    a, b = Trainer(first, single_process()), Trainer(second, single_process())
+    a, b = build_trainer(first, single_process()), build_trainer(second, single_process())
     b.model.load_state_dict(a.model.state_dict())  # the same weights, at the same (pretraining) RoPE
     b.model.rotary = a.model.rotary
-    assert Gate(a).short_loss() == pytest.approx(Gate(b).short_loss(), rel=1e-6)
+    assert Gate(a.evaluator, a.cfg).short_loss() == pytest.approx(Gate(b.evaluator, b.cfg).short_loss(), rel=1e-6)
 
 
 def test_stage_rope_per_stage(compose_config):

@@ -12,7 +12,7 @@ import torch
 from longtrain.config import ConfigError
 from longtrain.hardware import check_backend, peak_bf16_tflops, run_compute_dtype
 from longtrain.run_config import load_config
-from longtrain.trainer import detect_peak_tflops
+from longtrain.trainer.meter import detect_peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = dict(capability=(9, 0), device_name="NVIDIA H100 80GB HBM3")

@@ -34,7 +34,8 @@ from longtrain.hf import hf_name
 from longtrain.model import load
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import check_config, load_config
-from longtrain.trainer import Trainer, prepare_trainer
+from longtrain.trainer.builder import build_trainer, prepare_trainer
+from longtrain.trainer.trainer import Trainer
 from tests.conftest import CONFIG_DIR
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
@@ -50,7 +51,7 @@ def make_config(*overrides: str, base: tuple[str, ...] = (*TINY, *SHORT)):
 
 def trained_checkpoint(run_dir: Path, *overrides: str, steps: int = 3) -> tuple[Trainer, Path]:
     """A few steps at 64 tokens with a 16-token original length: RoPE scaled ×4."""
-    trainer = Trainer(make_config(f"run.dir={run_dir}", *overrides), single_process())
+    trainer = build_trainer(make_config(f"run.dir={run_dir}", *overrides), single_process())
     for _ in range(steps):
         trainer.train_step()
     return trainer, trainer.save()
@@ -155,7 +156,7 @@ def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
     # transformers' forward gives our logits on needle samples.
     forward, cfg, tokenizer, _ = load.load_hf_model(out)
     haystack = build_haystack(cfg, tokenizer, "val")
-    assert (haystack.tokens == build_haystack(cfg, trainer.tokenizer, "val").tokens).all()
+    assert (haystack.tokens == build_haystack(cfg, trainer.evaluator.tokenizer, "val").tokens).all()
     batch = needle.needle_batch(tokenizer, haystack, 320, [(0.5, 0), (1.0, 1)], seed=0)
     torch.testing.assert_close(forward(batch["input_ids"], batch["position_ids"]),
                                our_logits(trainer.model, batch["input_ids"]), rtol=1e-5, atol=1e-5)
@@ -203,7 +204,7 @@ def test_after_gate_exports_the_gated_stage(tmp_path):
     record = run_gated_stage(cfg, single_process(), None)
     out = tmp_path / cfg.stage.name / "hf"
     assert record.passed and (tmp_path / cfg.stage.name / "gate.json").is_file()
-    trainer = Trainer(cfg, single_process())
+    trainer = build_trainer(cfg, single_process())
     ckpt.load_checkpoint(Path(record.checkpoint), trainer.model)
     ids = torch.randint(0, 259, (1, 64), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(hf_logits(out, ids), our_logits(trainer.model, ids), rtol=1e-5, atol=1e-5)
@@ -265,7 +266,7 @@ def test_import_equals_transformers_then_trains(tmp_path, name):
     cfg = make_config(*import_overrides(folder, name, tmp_path / "run"))
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
-    torch.testing.assert_close(trainer.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trainer.evaluator.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
     result = trainer.fit()
     assert result.step == 5 and sorted(losses(result.stage_dir)) == [1, 2, 3, 4, 5]
 
@@ -278,7 +279,7 @@ def test_model_hf_and_tokenizer_hf_take_everything_from_the_folder(tmp_path):
     assert (cfg.model.n_layers, cfg.model.nope_every, cfg.model.qk_norm, cfg.model.ffn_dim) == (4, 2, False, 160)
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
-    torch.testing.assert_close(trainer.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trainer.evaluator.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
     # The needle CLI on a folder from elsewhere (no longtrain.yaml): default run config, its tokenizer.
     forward, default_cfg, tokenizer, _ = load.load_hf_model(folder)
     assert default_cfg.stage.seq_len == 512 and tokenizer.vocab_size == 259
@@ -295,7 +296,7 @@ def test_import_train_export_import_is_bitwise(tmp_path):
     folder = random_hf_model(tmp_path / "qwen3", "qwen3")
     cfg = make_config(*import_overrides(folder, "qwen3", tmp_path / "run"))
     result = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from)).fit()
-    trained = Trainer(cfg, single_process()).model
+    trained = build_trainer(cfg, single_process()).model
     ckpt.load_checkpoint(result.checkpoint, trained)
     out = export_checkpoint(result.checkpoint, tmp_path / "hf")
     again = make_config(*import_overrides(out, "qwen3", tmp_path / "again"))
@@ -333,9 +334,9 @@ def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, c
     trainer = prepare_trainer(cfg, pd, Path(cfg.stage.init_from))
     assert counter.most == 1, f"rank {rank} held {counter.most} full tensors at once"
     assert counter.alive == 0
-    logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
+    logits = trainer.evaluator.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
     result = trainer.fit()
-    trained_logits = trainer.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
+    trained_logits = trainer.evaluator.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
     export_model(trainer.model, cfg, Path(tmp) / "hf_live")  # export.after_gate's path: gathered from the shards
     if rank == 0:
         torch.save({"logits": logits, "trained_logits": trained_logits, "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")

@@ -13,7 +13,8 @@ import torch
 
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import load_config
-from longtrain.trainer import Trainer, run_stage
+from longtrain.trainer.builder import build_trainer, run_stage
+from longtrain.trainer.trainer import Trainer
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
@@ -45,14 +46,14 @@ def whole_sequence_logits(trainer: Trainer) -> torch.Tensor:
     """The evaluators' forward (needle grid, loss by position) on a fixed batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, trainer.cfg.stage.seq_len), generator=g)
-    return trainer.logits_fn()(ids, torch.arange(ids.shape[1]).expand(2, -1))
+    return trainer.evaluator.logits_fn()(ids, torch.arange(ids.shape[1]).expand(2, -1))
 
 
 def _layout_worker(rank: int, world_size: int, tmp: str, dp: int, cp: int, resume_from: str) -> None:
     tmp = Path(tmp)
     cfg = make_config(tmp / f"dp{dp}cp{cp}", dp, cp)
     pd = init_parallel(cfg.parallel, torch.device("cpu"))
-    trainer = Trainer(cfg, pd)
+    trainer = build_trainer(cfg, pd)
     logits = whole_sequence_logits(trainer)
     loss, grads = first_step_grads(trainer)
     if rank == 0:
@@ -67,7 +68,7 @@ def _layout_worker(rank: int, world_size: int, tmp: str, dp: int, cp: int, resum
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     ref_cfg = make_config(tmp / "dp1cp1")
-    ref_trainer = Trainer(ref_cfg, single_process())
+    ref_trainer = build_trainer(ref_cfg, single_process())
     logits = whole_sequence_logits(ref_trainer)
     loss, grads = first_step_grads(ref_trainer)
     run_stage(ref_cfg, single_process())
@@ -131,7 +132,7 @@ def _masking(tmp: Path) -> tuple[str, ...]:
 
 def _masked_step_worker(rank: int, world_size: int, tmp: str) -> None:
     cfg = make_config(Path(tmp) / "masked_cp2", cp=2, extra=_masking(Path(tmp)))
-    loss, grads = first_step_grads(Trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu"))))
+    loss, grads = first_step_grads(build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu"))))
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, Path(tmp) / "masked_cp2.pt")
 
@@ -145,7 +146,7 @@ def test_document_masking_step_at_cp2_matches_single_rank(tmp_path):
         (tmp_path / "short" / f"{i:03d}.txt").write_text("".join(chr(97 + (i * 7 + j) % 26) for j in range(n)))
     run_distributed(_masked_step_worker, 2, str(tmp_path), timeout=240)
     got = torch.load(tmp_path / "masked_cp2.pt")
-    trainer = Trainer(make_config(tmp_path / "masked_cp1", extra=_masking(tmp_path)), single_process())
+    trainer = build_trainer(make_config(tmp_path / "masked_cp1", extra=_masking(tmp_path)), single_process())
     batch = trainer.loader.next_batch()
     assert all(int(mb["doc_ids"].max()) >= 2 for mb in batch)  # boundaries inside every sample
     trainer.loader.samples_consumed = 0

@@ -15,6 +15,7 @@ import torch
 
 from longtrain.config import Config, ModelConfig, RopeConfig
 from longtrain.model.transformer import Transformer
+from longtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -72,7 +73,9 @@ def _model(qk_norm: bool = True, checkpointing: str = "none", mlp_tile_tokens: i
     cfg = Config(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=qk_norm,
                                    activation_checkpointing=checkpointing, mlp_tile_tokens=mlp_tile_tokens))
     torch.manual_seed(0)
-    return cfg, Transformer(cfg.model, RopeConfig(), vocab_size=300)
+    model = Transformer(cfg.model, RopeConfig(), vocab_size=300)
+    apply_activation_checkpointing(model.layers, checkpointing)
+    return cfg, model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

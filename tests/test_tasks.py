@@ -209,33 +209,33 @@ def hinted_grids(trainer) -> dict:
     added at about the random model's top logit above its mean: whether a sample counts
     as recalled then depends on the model's exact logits at the answer positions, so a
     shard mix-up changes the result where a random model's zeros would not."""
-    model_forward = trainer.logits_fn()
+    model_forward = trainer.evaluator.logits_fn()
 
     def forward(input_ids, position_ids):
         logits = model_forward(input_ids, position_ids)
         return logits + 0.75 * solver_logits(input_ids).to(logits.dtype)
 
-    with trainer.eval_mode():
+    with trainer.evaluator.eval_mode():
         grids = suite.run_suite(forward, TOK, code_haystack(), CP_TASKS, [LENGTH], CP_DEPTHS, trials=3, batch_size=2)
     return {task: g.recall for task, g in grids.items()}
 
 
 def _cp_worker(rank: int, world_size: int, tmp: str) -> None:
     from longtrain.parallel.mesh import init_parallel
-    from longtrain.trainer import Trainer
+    from longtrain.trainer.builder import build_trainer
 
     cfg = cp_config(Path(tmp) / "cp2", cp=2)
-    trainer = Trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu")))
+    trainer = build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu")))
     recall = hinted_grids(trainer)
     if rank == 0:
         Path(tmp, "cp2.json").write_text(json.dumps(recall))
 
 
 def test_suite_sharded_over_cp_equals_one_rank(tmp_path):
-    from longtrain.trainer import Trainer
+    from longtrain.trainer.builder import build_trainer
     from tests.test_trainer import single_process
 
-    reference = hinted_grids(Trainer(cp_config(tmp_path / "cp1", cp=1), single_process()))
+    reference = hinted_grids(build_trainer(cp_config(tmp_path / "cp1", cp=1), single_process()))
     cells = [r for rows in reference.values() for r in rows[0]]
     assert 0 < np.mean(cells) < 1  # some recalled, some not: the comparison can fail
     run_distributed(_cp_worker, 2, str(tmp_path), timeout=240)

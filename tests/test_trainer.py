@@ -8,7 +8,7 @@ import pytest
 from longtrain import checkpoint as ckpt
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.run_config import load_config
-from longtrain.trainer import Trainer, run_stage
+from longtrain.trainer.builder import build_trainer, run_stage
 
 import torch
 
@@ -38,7 +38,7 @@ def test_resume_matches_uninterrupted_run(compose_config, tmp_path):
 
     # The interrupted run: 4 steps, a checkpoint, then the process "dies".
     cfg = load_config(compose_config(*TINY, f"run.dir={tmp_path / 'resumed'}"))
-    first = Trainer(cfg, single_process())
+    first = build_trainer(cfg, single_process())
     for _ in range(4):
         first.train_step()
     first.save()
@@ -52,11 +52,11 @@ def test_resume_matches_uninterrupted_run(compose_config, tmp_path):
 
 def test_checkpoint_is_atomic_and_retained(compose_config, tmp_path):
     cfg = load_config(compose_config(*TINY, f"run.dir={tmp_path}", "run.keep_checkpoints=2"))
-    trainer = Trainer(cfg, single_process())
+    trainer = build_trainer(cfg, single_process())
     for step in range(1, 4):
         trainer.train_step()
         trainer.save()
-    root = trainer.ckpt_root
+    root = trainer.checkpointer.folder
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
     # A half-written checkpoint (crash during save) is never picked for resume.
     (root / "step_00000009.tmp").mkdir()
@@ -72,7 +72,7 @@ def test_validation_loss_falls(compose_config, tmp_path):
     cfg = load_config(
         compose_config(*TINY, f"run.dir={tmp_path}", "stage.steps=60", "eval.val_every=60", "optim.lr=3e-3")
     )
-    trainer = Trainer(cfg, single_process())
-    start = trainer.validate()
+    trainer = build_trainer(cfg, single_process())
+    start = trainer.evaluator.validate()
     result = trainer.fit()
     assert result.val_loss < 0.7 * start

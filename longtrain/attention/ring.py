@@ -243,7 +243,7 @@ def ring_backward(
 
 
 # A custom op rather than an autograd.Function so that activation checkpointing's op-level
-# policy (``model/checkpointing.py``) sees the whole ring as one op and saves its outputs:
+# policy (``parallel/activation_checkpointing.py``) sees the whole ring as one op and saves its outputs:
 # recomputing a checkpointed block then reuses out/lse instead of running the ring (and its
 # P2P exchanges) again. A process group is not an op argument type; its name is.
 @torch.library.custom_op("longtrain::ring_attention", mutates_args=())

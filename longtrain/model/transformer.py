@@ -1,9 +1,11 @@
 """Decoder-only GQA Transformer: pre-norm RMSNorm, SwiGLU, per-head QK-norm, RoPE.
 
 The model knows nothing about distribution: attention goes through an injected
-``attention_fn(q, k, v, scale, doc_ids) -> out`` (local causal kernel or ring attention),
-and positions come in explicitly, so a context-parallel shard is just a shorter batch
-with non-contiguous global position ids. ``doc_ids`` (None: no document masking) keeps
+``attention_fn(q, k, v, scale, doc_ids) -> out`` (the local causal kernel unless
+``parallel/parallelize.py`` sets ring attention), and positions come in explicitly, so a
+context-parallel shard is just a shorter batch with non-contiguous global position ids.
+Activation checkpointing, compile and FSDP2 are applied from outside, by the same
+``parallelize``. ``doc_ids`` (None: no document masking) keeps
 attention within packed documents.
 """
 
@@ -20,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 from longtrain.attention.kernels import compute_dtype
 from longtrain.attention.ring import ring_attention
 from longtrain.config import ModelConfig, RopeConfig
-from longtrain.model.checkpointing import run_checkpointed
 from longtrain.model.rope import RotaryEmbedding, apply_rope
 from longtrain.optim.loss import LossSums, chunked_cross_entropy
 
@@ -31,7 +32,7 @@ def local_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc_id
     """Whole sequence on one rank: the local kernel, causal (within documents given ``doc_ids``).
 
     The ring's op with no group, so activation checkpointing saves its output as it does
-    the ring's (``checkpointing.py``)."""
+    the ring's (``parallel/activation_checkpointing.py``)."""
     return ring_attention(q, k, v, scale, None, doc_ids)
 
 
@@ -109,17 +110,10 @@ class Block(nn.Module):
         self.attention = Attention(cfg, use_rope)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.resolved_ffn_dim(), cfg.mlp_tile_tokens)
-        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
         q_scale: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
-    ) -> Tensor:
-        return run_checkpointed(self.activation_checkpointing, self._forward, x, cos, sin, attention_fn, q_scale, doc_ids)
-
-    def _forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attention_fn: AttentionFn,
-        q_scale: Optional[Tensor], doc_ids: Optional[Tensor],
     ) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, attention_fn, q_scale, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -135,7 +129,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
-        # Set by the trainer: ring attention when the sequence is sharded over cp ranks.
+        # Set by parallelize: ring attention when the sequence is sharded over cp ranks.
         self.attention_fn: AttentionFn = local_causal_attention
         self.init_weights()
 
@@ -149,17 +143,6 @@ class Transformer(nn.Module):
                 continue  # RMSNorm weights keep their ones
             is_residual_out = name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight")
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` every block's forward in place (``model.compile``).
-
-        The forward, not the module: hooks (FSDP2's all-gathers) stay in eager around it,
-        the compiled graph holds the block's activation checkpointing (whose op-level
-        policy inductor's partitioner honours), and parameter names are unchanged, so
-        checkpoints and exports do not see a compiled model.
-        """
-        for block in self.layers:
-            block.forward = torch.compile(block.forward, fullgraph=True)
 
     def set_rope(self, rope: RopeConfig) -> None:
         """Rescale RoPE (a new stage): the tables are derived from config, never stored."""

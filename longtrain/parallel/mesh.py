@@ -1,4 +1,4 @@
-"""Process group, device mesh (dp × cp) and FSDP2 wrapping.
+"""Process group and device mesh (dp × cp).
 
 Rank layout: rank = dp_rank · cp + cp_rank, so the ranks that share one sequence
 (a cp group) are neighbours, as in torchtitan. Parameters are sharded by FSDP2 over the
@@ -18,7 +18,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from longtrain.config import ConfigError, ParallelConfig, StageConfig, require
@@ -169,26 +168,6 @@ def silent_ranks(pd: ParallelDims) -> list[int]:
         if found := re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(e)):
             return [int(r) for r in found.group(1).replace(",", " ").split()]
     return []
-
-
-def apply_fsdp(model: nn.Module, pd: ParallelDims) -> nn.Module:
-    """FSDP2 per transformer block, then the root (embeddings, final norm, head).
-
-    The loss on each rank is its token sum divided by the *global* token count, so the
-    gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1, with
-    plain SUM collectives (gloo has no PREMUL_SUM, which FSDP would otherwise pick).
-    """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    mesh = pd.dp_cp_mesh
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return model
 
 
 def all_reduce_sum(t: torch.Tensor, pd: ParallelDims) -> torch.Tensor:

@@ -12,9 +12,11 @@ as torchtitan's ``apply_ac``). Modes:
 - ``selective``: also keeps every matmul's output and recomputes only the cheap ops in
   between (norms, RoPE, SiLU, products, casts): less memory saved, little compute added.
 
-The checkpoint runs inside ``Block.forward``, so under FSDP2 it sits inside the block's
-``fully_shard`` unit (as torchtitan's wrapper does): the recomputation sees the block's
-parameters unsharded by FSDP's pre-backward all-gather.
+The checkpoint wraps each block's forward in place (``parallelize`` applies it before
+compile and FSDP2), so under FSDP2 it sits inside the block's ``fully_shard`` unit (as
+torchtitan's wrapper does): the recomputation sees the block's parameters unsharded by
+FSDP's pre-backward all-gather. Wrapping the forward rather than the module keeps the
+parameter names, so checkpoints and exports do not see it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from longtrain.attention.ring import RING_ATTENTION_OP
@@ -42,7 +45,13 @@ def _context_fn(mode: str) -> Callable:
 
 
 def run_checkpointed(mode: str, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``fn(*args)``, its activations kept as ``mode`` says (see the module doc)."""
-    if mode == "none":
-        return fn(*args)
+    """``fn(*args)``, its activations kept as ``mode`` (full or selective) says (see the module doc)."""
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_context_fn(mode))
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
+    """Checkpoint every block's forward as ``mode`` says (``none``: leave it as it is)."""
+    if mode == "none":
+        return
+    for block in blocks:
+        block.forward = functools.partial(run_checkpointed, mode, block.forward)

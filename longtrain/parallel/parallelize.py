@@ -1,0 +1,62 @@
+"""Make a plain Transformer a parallel one, in torchtitan's order (``models/llama3/infra/
+parallelize.py``): attention method → activation checkpointing → compile → FSDP2.
+
+The model knows nothing of any of it: each step here replaces a block's attention or
+forward in place, or wraps modules in FSDP2 units, and none changes a parameter's name,
+so checkpoints and exports see the plain model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from longtrain.attention.ring import ring_attention
+from longtrain.config import Config
+from longtrain.model.transformer import Transformer
+from longtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from longtrain.parallel.mesh import ParallelDims
+
+
+def parallelize(model: Transformer, cfg: Config, dims: ParallelDims) -> Transformer:
+    """Ring attention over the cp group (cp > 1), checkpointing, compile, FSDP2 (world > 1)."""
+    if dims.cp > 1:
+        model.attention_fn = functools.partial(ring_attention, group=dims.cp_group)
+    apply_activation_checkpointing(model.layers, cfg.model.activation_checkpointing)
+    if cfg.model.compile:  # after the attention is chosen and the blocks checkpointed, before FSDP2 wraps them
+        apply_compile(model)
+    if dims.world_size > 1:
+        apply_fsdp(model, dims)
+    return model
+
+
+def apply_compile(model: Transformer) -> None:
+    """``torch.compile`` every block's forward in place (``model.compile``).
+
+    The forward, not the module: hooks (FSDP2's all-gathers) stay in eager around it,
+    the compiled graph holds the block's activation checkpointing (whose op-level
+    policy inductor's partitioner honours), and parameter names are unchanged, so
+    checkpoints and exports do not see a compiled model.
+    """
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
+def apply_fsdp(model: Transformer, dims: ParallelDims) -> Transformer:
+    """FSDP2 per transformer block, then the root (embeddings, final norm, head).
+
+    The loss on each rank is its token sum divided by the *global* token count, so the
+    gradient we want is the sum over ranks, not FSDP's default mean: divide factor 1, with
+    plain SUM collectives (gloo has no PREMUL_SUM, which FSDP would otherwise pick).
+    """
+    mesh = dims.dp_cp_mesh
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model

@@ -1,0 +1,113 @@
+"""The model's forward over whole sequences, sharded over the cp group, and what is
+evaluated with it: validation loss for the trainer, and for the gate the tokenizer, the
+prepared validation data, the logger and full logits.
+
+Training and evaluation go through the one ``loss_sums``, so both shard and cast alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, ContextManager, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.config import Config
+from longtrain.data.packing import PackedDataset
+from longtrain.data.shards import PreparedData
+from longtrain.data.tokenizer import Tokenizer
+from longtrain.hardware import autocast_dtype
+from longtrain.logging import MetricsLogger
+from longtrain.model.transformer import Transformer
+from longtrain.optim.loss import LossSums
+from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
+from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
+
+Batch = dict[str, torch.Tensor]
+
+
+def shard_batch(batch: Batch, dims: ParallelDims) -> Batch:
+    """This rank's zigzag chunks of every per-token tensor (labels were shifted before)."""
+    if dims.cp == 1:
+        return batch
+    return {k: zigzag_shard(v, dims.cp_rank, dims.cp, dim=1) for k, v in batch.items()}
+
+
+def autocast_context(dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
+    """``run.dtype``'s autocast on the device, or nothing (fp32)."""
+    dtype = autocast_dtype(dtype_name, device.type)
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+class Evaluator:
+    def __init__(
+        self, model: Transformer, cfg: Config, dims: ParallelDims, tokenizer: Tokenizer, prepared: PreparedData,
+        val_data: PackedDataset, logger: MetricsLogger,
+    ):
+        self.model, self.cfg, self.dims = model, cfg, dims
+        self.tokenizer, self.prepared, self.val_data = tokenizer, prepared, val_data
+        self.logger = logger
+        self.autocast = autocast_context(cfg.run.dtype, dims.device)
+
+    def loss_sums(self, batch: Batch) -> LossSums:
+        """Summed CE and z-loss terms of this rank's shard of whole-sequence samples."""
+        batch = {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
+        with self.autocast():
+            return self.model(
+                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size,
+                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None, z_loss=self.cfg.optim.z_loss,
+            )
+
+    def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(input_ids, position_ids) of whole sequences → full logits, sharded over cp if needed."""
+
+        def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+            batch = shard_batch({"input_ids": input_ids, "position_ids": position_ids}, self.dims)
+            with torch.no_grad(), self.autocast():
+                logits = self.model(batch["input_ids"], batch["position_ids"]).float()
+            if self.dims.cp == 1:
+                return logits
+            shards = [torch.empty_like(logits) for _ in range(self.dims.cp)]
+            dist.all_gather(shards, logits.contiguous(), group=self.dims.cp_group)
+            return zigzag_unshard(shards, self.dims.cp, dim=1)
+
+        return forward
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model in eval mode for an evaluation, back in train mode after it (even on error)."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def validate(
+        self, data: Optional[PackedDataset] = None, samples: Optional[int] = None, batch_size: Optional[int] = None
+    ) -> float:
+        """Mean loss per token over validation samples 0 … samples-1 (nats/token).
+
+        Defaults to eval.val_batches micro-batches of the stage's validation set; the gate
+        passes a short-context set with its own fixed sample count and batch size.
+        """
+        data = data or self.val_data
+        mb = batch_size or self.cfg.stage.micro_batch_size
+        n = samples or self.cfg.eval.val_batches * self.cfg.stage.micro_batch_size
+        # Split the fixed set evenly over dp: every rank must run as many forwards (FSDP collectives).
+        n = max(n - n % self.dims.dp, self.dims.dp)
+        indices = list(range(self.dims.dp_rank, n, self.dims.dp))
+        ce = torch.zeros((), device=self.dims.device)
+        tokens = torch.zeros((), device=self.dims.device)
+        with self.eval_mode():
+            for start in range(0, len(indices), mb):
+                chunk = [data.sample(i) for i in indices[start : start + mb]]
+                batch = {k: torch.stack([s[k] for s in chunk]) for k in chunk[0]}
+                sums = self.loss_sums(batch)
+                ce += sums.ce
+                tokens += sums.tokens
+        return float(all_reduce_sum(ce, self.dims) / all_reduce_sum(tokens, self.dims))
