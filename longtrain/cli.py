@@ -1,5 +1,13 @@
-"""What train.py needs around Hydra: one-line errors, per-job run folders, checks before
-any compute.
+"""The train.py command: ``main(argv) -> exit code``, and what it needs around Hydra:
+one-line errors, per-job run folders, checks before any compute.
+
+``main`` composes the config with Hydra, runs the whole curriculum or the one stage named
+by ``stage=...`` (one job per setting with ``-m``), reports every bad input as one line
+(before any compute, nothing written) and maps the outcome to an exit code: 0 done; 1 a
+stage failed its gate, diverged or a rank hung; 2 bad input; 75 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (requeue with run.resume=auto). With -m (multirun) each job gets
+its own run folder, and a failing job does not stop the jobs after it; the sweep exits
+with the worst job's code. Tests call ``main([...])`` in-process; train.py is its entry.
 
 Hydra reports its own errors (an unknown key, a missing group option, a sweep value
 without ``-m``) as several lines of text with exit code 1; :func:`hydra_error_line` turns
@@ -13,10 +21,22 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from longtrain.config import Config, ConfigError
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from longtrain.config import Config, ConfigError, validate
+from longtrain.hardware import check_device
+from longtrain.parallel.mesh import init_parallel, resolve_device, world_size_from_env
+from longtrain.sweep_report import ReportCallback
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -146,3 +166,181 @@ def sweep_root(task_overrides: list[str], sweep_dir: str) -> str:
     line (jobs go to run.dir/<job>), else Hydra's sweep folder (multirun/<date>/<job>)."""
     given = [o.split("=", 1)[1] for o in task_overrides if o.lstrip("+").startswith("run.dir=")]
     return given[-1] if given else sweep_dir
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python train.py ARGV``: compose with Hydra, run, and return the exit code (the
+    failure's one line already on stderr). Tests call it in-process."""
+    # Hydra raises its errors to us instead of printing them over several lines.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    ReportCallback.last = None  # a sweep before this call, in the same process, is not this one's
+    saved_argv, sys.argv = sys.argv, [str(CONFIG_DIR.parent / "train.py"), *argv]  # Hydra parses sys.argv
+    try:
+        hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(run_job)()
+    except SystemExit as e:  # a single run's failure, or Hydra's own exit (--help)
+        return exit_code(e)
+    except Exception as e:  # Hydra's own errors: an unknown key or option, a parse error
+        line = hydra_error_line(e)
+        if line is None:
+            raise
+        if is_rank0():
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()  # so that the next call in this process composes afresh
+    swept = ReportCallback.last  # a multirun: every job ran; the worst one decides the exit code
+    if swept is not None and swept.failed():
+        if is_rank0():
+            jobs = ", ".join(str(r.record.job) for r in swept.failed())
+            print(f"sweep: job(s) {jobs} failed (their errors are {ReportCallback.errors_at})", file=sys.stderr)
+        return max(r.record.code for r in swept.failed())
+    return 0
+
+
+def exit_code(exit: SystemExit) -> int:
+    """The status the interpreter would exit with for ``sys.exit(code)``."""
+    if exit.code is None or isinstance(exit.code, int):
+        return exit.code or 0
+    print(exit.code, file=sys.stderr)  # sys.exit("message"): printed, status 1
+    return 1
+
+
+class Stop(Exception):
+    """Ends a single run with its exit code, or a multirun job with its status (the sweep goes on)."""
+
+    def __init__(self, kind: str, message: str, code: int, status: str | None = None):
+        super().__init__(message)
+        self.kind, self.code, self.status = kind, code, status or kind
+
+
+@dataclass
+class Job:
+    """What the job record needs, filled in as the command goes."""
+
+    overrides: list[str]
+    run_dir: str  # where its stages' folders are (and, in a multirun, its job.json)
+    stages: list[str] = field(default_factory=list)  # stage folder names this command runs
+    dry_run: bool = False
+
+
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def job_overrides(hydra_cfg: DictConfig) -> tuple[list[str], int | None, str | None]:
+    """The command line's overrides and, in a multirun, the job's number and run.dir: its
+    own folder, the sweep's (multirun/<date>/<job>) or run.dir/<job>."""
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        sweeps = [o for o in overrides if o.lstrip("+").startswith("sweep=")]
+        if sweeps:  # without -m Hydra would run the recipe's defaults once, as if one job
+            raise ConfigError(f"sweep: {sweeps[0]} is a sweep (one job per setting); add -m: python train.py -m {sweeps[0]} ...")
+        return overrides, None, None
+    job = int(hydra_cfg.job.num)
+    given = any(o.lstrip("+").startswith("run.dir=") for o in overrides)
+    # Under torchrun each rank would date the sweep folder by its own clock; a submitit
+    # job's folder was named once, by the process that launched the sweep.
+    if not given and world_size_from_env() > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
+        raise ConfigError("run.dir: a multirun under torchrun needs run.dir=FOLDER (jobs go to FOLDER/<job>)")
+    run_dir = os.path.join(sweep_root(overrides, hydra_cfg.runtime.output_dir), str(job)) if given else hydra_cfg.runtime.output_dir
+    return [*(o for o in overrides if not o.lstrip("+").startswith("run.dir=")), f"run.dir={run_dir}"], job, run_dir
+
+
+def run_job(raw: DictConfig) -> float | None:
+    """Run the command; return its objective (longtrain/sweep_job.py), which a sweeper
+    maximises. A multirun job that fails prints its one line, records it in job.json and
+    returns, so the sweep goes on; a single run exits with the failure's code."""
+    from longtrain.sweep_job import JobRecord, job_objective, write_job_record
+
+    torchrun_env_from_submitit()
+    hydra_cfg = HydraConfig.get()
+    started = time.monotonic()
+    job_number = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    job = Job(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+    try:
+        run_command(hydra_cfg, job)
+        status, code = "passed", 0
+    except Stop as stop:
+        if is_rank0():  # every rank fails the same way; one line is enough
+            print(f"{stop.kind}: {stop}", file=sys.stderr, flush=True)
+        if job_number is None:
+            sys.exit(stop.code)
+        status, code = stop.status, stop.code
+    objective = job_objective(Path(job.run_dir), job.stages)
+    if job_number is not None and not job.dry_run and is_rank0():
+        record = JobRecord(job_number, job.overrides, status, code, round(time.monotonic() - started, 1), job.stages, objective)
+        write_job_record(Path(job.run_dir), record)
+    return objective
+
+
+def run_command(hydra_cfg: DictConfig, job: Job) -> None:
+    """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
+    from longtrain import preemption
+    from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table
+    from longtrain.trainer import Diverged
+
+    chosen = hydra_cfg.runtime.choices.get("stage")
+    try:
+        job.overrides, job_number, run_dir = job_overrides(hydra_cfg)
+        if run_dir is not None:  # a multirun job: its record goes there even if its config is bad
+            job.run_dir = run_dir
+        if job_number is not None and is_rank0():
+            print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
+        stages = compose_stage_configs(job.overrides, only=chosen)
+        job.run_dir = stages[0].run.dir
+        names = stages[0].curriculum.stages
+        to_run = stages_to_run(stages, chosen)
+        job.stages = [cfg.stage.name for cfg in to_run]
+        for cfg in to_run:
+            validate(cfg, world_size=world_size_from_env())
+        preflight(to_run)
+        device = resolve_device(stages[0].run.device)
+        for cfg in to_run:  # the attention kernel this device runs, and what it needs
+            check_device(cfg, device)
+    except ConfigError as e:
+        raise Stop("config error", str(e), 2) from None
+    if stages[0].run.dry_run:
+        job.dry_run = True
+        if is_rank0():
+            print(plan_table(to_run, world_size_from_env()))
+        return
+
+    import torch  # after validation: a bad config should not pay for importing torch's world
+
+    from longtrain.checkpoint import barrier
+    from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts
+    from longtrain.report import report_at_end
+    from longtrain.run_dir import clear_stage_folders
+
+    if stages[0].run.threads:
+        torch.set_num_threads(stages[0].run.threads)
+    preemption.install_handlers()
+    pd = init_parallel(stages[0].parallel, device)
+    if pd.is_rank0:
+        clear_stage_folders(to_run)
+    barrier()
+    stopped = None  # how the run ended, if not passed; a run that trained gets its report first
+    try:
+        with collective_timeouts(pd):
+            records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
+    except ConfigError as e:  # found only once a stage reads its data (a file it cannot use)
+        raise Stop("config error", str(e), 2) from None
+    except GateFailed as e:
+        stopped = Stop("stage error", str(e), 1, status="gate failed")
+    except StageError as e:  # a stage could not start
+        raise Stop("stage error", str(e), 1) from None
+    except Diverged as e:
+        stopped = Stop("diverged", str(e), 1)
+    except preemption.Preempted as e:
+        stopped = Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE)
+    except CollectiveTimeout as e:
+        stopped = Stop("parallel error", str(e), 1)
+    # The report is most useful after a failed gate. Other ranks may exit first; torchrun then
+    # sends rank 0 SIGTERM, which preemption records, and kills it only 30 s later.
+    if pd.is_rank0:
+        report_at_end(stages[0])
+    if stopped is not None:
+        raise stopped
+    if pd.is_rank0:
+        print(summary_table(records))

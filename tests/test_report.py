@@ -49,7 +49,7 @@ def finished_run(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_finished_run_has_its_report(finished_run, tmp_path):
     page, md = (finished_run / "report.html").read_text(), (finished_run / "report.md").read_text()
     gates = {s: json.loads((finished_run / s / "gate.json").read_text()) for s in ("induction", "pretrain")}
@@ -81,7 +81,7 @@ def test_a_finished_run_has_its_report(finished_run, tmp_path):
     assert len(embedded_pngs((tmp_path / "again" / "report.html").read_text())) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
     proc = train(*QUICK, "stage.steps=2", "gate.min_recall=1.0", "logging.report=true", f"run.dir={tmp_path / 'run'}",
                  cwd=tmp_path)
@@ -92,7 +92,7 @@ def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
     assert '<td class="fail">FAIL</td>' in (tmp_path / "run" / "report.html").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_under_torchrun_a_failed_gate_gets_its_report(tmp_path):
     """Rank 1 exits first and torchrun ends rank 0 (SIGTERM, recorded by preemption; SIGKILL 30 s later):
     the report is written all the same."""
@@ -103,7 +103,7 @@ def test_under_torchrun_a_failed_gate_gets_its_report(tmp_path):
     assert len(embedded_pngs((tmp_path / "run" / "report.html").read_text())) == 3  # no loss by position: QUICK has none
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_stopped_before_its_last_gate(finished_run, tmp_path):
     """A run killed mid-stage: the last stage has metrics up to the kill (the last line cut short)
     and no gate record."""
@@ -126,7 +126,7 @@ def test_a_run_stopped_before_its_last_gate(finished_run, tmp_path):
     assert len(embedded_pngs((run / "report.html").read_text())) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_gate_over_several_tasks_has_a_column_each(finished_run, tmp_path):
     """gate.json's per-task results and per-task grids (needle/<task>.json), when the gate has them."""
     run = tmp_path / "run"

@@ -24,7 +24,7 @@ def report_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_path):
     # gate.min_recall=1.0 cannot be met after 2 steps, 0.0 always is: every method has a failed
     # job, and the jobs after each failure still run.
@@ -55,7 +55,7 @@ def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_pat
     assert printed.split("\n\n")[0] in again.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_path):
     proc = train("-m", *SHORT, "gate.min_recall=0.0", "optim.lr=-1,1e-3", f"run.dir={tmp_path / 'lr'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr  # the worst job's code
@@ -66,7 +66,7 @@ def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_
     assert not (tmp_path / "lr" / "0" / "induction").exists()  # nothing computed for the bad job
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
     proc = train("-m", "+sweep=seeds", *SHORT, "gate.min_recall=0.0", "rope=abf,yarn", f"run.dir={tmp_path / 'seeds'}",
                  "logging.report=true", cwd=tmp_path)
@@ -133,7 +133,7 @@ def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "job.json" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_optuna_search_runs_trials_through_submitit_local_and_prints_the_best(tmp_path):
     # min_recall 1.0 fails every gate after 2 steps: failed gates are finished trials with values.
     proc = train("-m", "+sweep=search_lr_retrieval", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=3",
