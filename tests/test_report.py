@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from longtrain import report as report_module
 from longtrain.report import read_run, write_run_report
 from longtrain.run_dir import short_loss_limit, truncate_metrics
-from tests.cli_utils import QUICK, ROOT, env, torchrun_cmd, train
+from tests.cli_utils import QUICK, ROOT, env, run_main, torchrun_cmd, train
 
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),
 # validation and loss by position, so every part of the report has something to show.
@@ -27,8 +28,8 @@ TWO_STAGES = [
 
 
 def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longtrain.report", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env(), timeout=120)
+    """``python -m longtrain.report ARGS``, in this process."""
+    return run_main(report_module.main, args, cwd)
 
 
 def table_row(md: str, stage: str) -> list[str]:
