@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -34,10 +33,10 @@ from longtrain.hf import hf_name
 from longtrain.parallel.mesh import init_parallel
 from longtrain.trainer import Trainer, prepare_trainer
 from tests.conftest import CONFIG_DIR
+from tests.cli_utils import ROOT, run_main, train_in_process
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
-ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["rope.original_max_position_embeddings=16", "logging.progress=false", "eval.val_every=0"]
 
 
@@ -166,9 +165,7 @@ def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
 
 def test_export_refuses_logn_attention_in_one_line(tmp_path):
     _, path = trained_checkpoint(tmp_path, "rope=abf", steps=1)  # rope=abf turns logn attention on
-    result = subprocess.run(
-        [sys.executable, "-m", "longtrain.export", str(path), str(tmp_path / "hf")], capture_output=True, text=True, cwd=ROOT
-    )
+    result = run_main(export_main, [str(path), str(tmp_path / "hf")], ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "logn" in lines[0] and "rope=yarn" in lines[0], result.stderr
@@ -353,7 +350,8 @@ def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, n
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *TINY, *SHORT, *overrides], capture_output=True, text=True, cwd=ROOT)
+    """``python train.py`` with the tiny model's short run and these overrides, in this process."""
+    return train_in_process(*TINY, *SHORT, *overrides, cwd=ROOT)
 
 
 def test_config_mismatch_is_one_line_naming_the_keys(tmp_path):

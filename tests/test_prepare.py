@@ -4,7 +4,6 @@ resumes to the same bytes, bad inputs are one line or a counted skip, memmap rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

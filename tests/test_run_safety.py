@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from longtrain import checkpoint as ckpt
 from longtrain.curriculum import read_gate
 from longtrain.preemption import PREEMPTED_EXIT_CODE
-from tests.cli_utils import QUICK, TRAIN, env, train, train_losses
+from tests.cli_utils import QUICK, TRAIN, env, train, train_in_process, train_losses
 
 
 def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
@@ -224,11 +224,10 @@ README_COMMANDS = [
 
 
 @pytest.mark.parametrize("world,args", README_COMMANDS, ids=[" ".join(a) for _, a in README_COMMANDS])
-def test_readme_commands_validate(tmp_path, world, args):
+def test_readme_commands_validate(tmp_path, monkeypatch, world, args):
     """The README's launch commands, checked as their world size would see them (dry run)."""
-    proc = subprocess.run([sys.executable, TRAIN, *args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env={**env(), "WORLD_SIZE": str(world)}, capture_output=True, text=True,
-                          timeout=120)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    proc = train_in_process(*args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing written" in proc.stdout and list(tmp_path.iterdir()) == []
 
@@ -300,8 +299,7 @@ def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
 
 def test_readme_sweep_command_validates(tmp_path):
     """`python train.py -m optim.lr=1e-3,3e-3`: one plan per job, each in its own folder."""
-    proc = subprocess.run([sys.executable, TRAIN, "-m", "optim.lr=1e-3,3e-3", "run.dry_run=true"], cwd=tmp_path,
-                          env=env(), capture_output=True, text=True, timeout=120)
+    proc = train_in_process("-m", "optim.lr=1e-3,3e-3", "run.dry_run=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("nothing written") == 2
     assert "multirun/" in proc.stdout and "/0/pretrain" in proc.stdout and "/1/pretrain" in proc.stdout
