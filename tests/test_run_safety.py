@@ -36,7 +36,7 @@ def test_a_second_run_in_the_same_folder(tmp_path):
     metrics = tmp_path / "run" / "induction" / "metrics.jsonl"
     logged = metrics.read_text()
 
-    refused = train(*run, cwd=tmp_path)  # a fresh start would mix two runs' state
+    refused = train_in_process(*run, cwd=tmp_path)  # a fresh start would mix two runs' state
     assert refused.returncode == 2 and "run.resume=auto" in one_line(refused, "config error: run.dir:")
     assert metrics.read_text() == logged
 
