@@ -336,6 +336,7 @@ def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, c
         torch.save({"logits": logits, "trained_logits": trained_logits, "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")
 
 
+@pytest.mark.e2e  # training on spawned gloo ranks, then an export: the slowest of this file
 @pytest.mark.parametrize("name,dp,cp", [("smollm3", 1, 2), ("qwen3", 2, 1)])
 def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, name, dp, cp):
     folder = random_hf_model(tmp_path / name, name)
