@@ -15,4 +15,4 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from longtrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog=sys.argv[0]))

@@ -168,13 +168,14 @@ def sweep_root(task_overrides: list[str], sweep_dir: str) -> str:
     return given[-1] if given else sweep_dir
 
 
-def main(argv: Sequence[str]) -> int:
-    """``python train.py ARGV``: compose with Hydra, run, and return the exit code (the
-    failure's one line already on stderr). Tests call it in-process."""
+def main(argv: Sequence[str], prog: str = "train.py") -> int:
+    """``python PROG ARGV``: compose with Hydra, run, and return the exit code (the
+    failure's one line already on stderr). Tests call it in-process. ``prog`` is the
+    script as the user typed it; Hydra shows it in its messages (--info, completion)."""
     # Hydra raises its errors to us instead of printing them over several lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     ReportCallback.last = None  # a sweep before this call, in the same process, is not this one's
-    saved_argv, sys.argv = sys.argv, [str(CONFIG_DIR.parent / "train.py"), *argv]  # Hydra parses sys.argv
+    saved_argv, sys.argv = sys.argv, [prog, *argv]  # Hydra parses sys.argv
     try:
         hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(run_job)()
     except SystemExit as e:  # a single run's failure, or Hydra's own exit (--help)
