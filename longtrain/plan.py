@@ -43,7 +43,7 @@ from typing import Optional
 
 from hydra import initialize_config_dir
 
-from longtrain.cli import CONFIG_DIR, hydra_error_line
+from longtrain.command_line import CONFIG_DIR, hydra_error_line
 from longtrain.config import Config, ConfigError, stage_micro_batch
 from longtrain.curriculum import compose_stage_configs, stages_to_run
 from longtrain.data.tokenizer import build_tokenizer

@@ -1,12 +1,17 @@
-"""Run train.py (or torchrun train.py) as a user would, in a subprocess."""
+"""Run train.py (or torchrun train.py) as a user would: in a subprocess (the e2e tier), or
+its ``main(argv)`` in this process (the fast tier), with the same result either way."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -36,3 +41,30 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
 def train_losses(stage_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def run_main(main: Callable[[list[str]], int], argv: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``main(argv)`` in this process, from ``cwd``, as a process would run it: its exit code
+    and what it printed. The signal handlers a run installs are put back afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as e:  # a module's main that exits instead of returning
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(here)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
+def train_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in this process (longtrain.cli.main)."""
+    from longtrain.cli import main
+
+    return run_main(main, args, cwd)

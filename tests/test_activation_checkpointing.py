@@ -163,6 +163,6 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
         assert calls["mlp"] == 2 * plain["mlp"]  # the rest of the block is recomputed
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpointed_matches_plain_at_cp2_without_rerunning_the_ring(tmp_path):
     run_distributed(_cp2_worker, 2, str(tmp_path))

@@ -63,7 +63,7 @@ def test_loglog_slope():
     assert not math.isnan(memory.loglog_slope(xs, [1.0] * 4))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_commands_run(capsys):
     with mock.patch.object(sys, "argv", ["memory", "scaling", "--impls", "full_tiled", "--mlp-tile", "128",
                                          "--seq-lens", "256", "512", "--doc-len", "128"]):

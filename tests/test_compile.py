@@ -69,7 +69,7 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
     assert results["True_calls"]["p2p"] == results["False_calls"]["p2p"] == 2 * (1 + 1 + 2)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compiled_blocks_under_ring_attention_and_fsdp2(tmp_path):
     run_distributed(_cp2_worker, 2, str(tmp_path))
 
@@ -84,7 +84,7 @@ def test_config_key_compiles_every_block(compose_config):
         assert [hasattr(b.forward, "_torchdynamo_orig_callable") for b in model.layers] == [compile] * cfg.model.n_layers
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_readme_command_trains_and_gates_compiled(tmp_path):
     """README: python train.py preset=cpu_demo model.compile=true — the first stage, cut short:
     compiled training steps, then the gate's and validation's forwards at other shapes."""

@@ -1,13 +1,8 @@
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from longtrain.config import ConfigError
 from longtrain.run_config import check_config, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_utils import ROOT, train_in_process
 
 
 def test_defaults_and_presets_validate(compose_config):
@@ -66,13 +61,7 @@ def test_world_size_must_match_dp_times_cp(compose_config):
 
 def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "model.n_heads=6", f"run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    proc = train_in_process("model.n_heads=6", f"run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["config error: model.n_heads: 6 is not divisible by model.n_kv_heads=4; "
@@ -82,9 +71,6 @@ def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_cli_prints_resolved_config():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "preset=cpu_demo", "stage=cpu/pretrain"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
+    proc = train_in_process("--cfg", "job", "preset=cpu_demo", "stage=cpu/pretrain", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "name: tiny" in proc.stdout and "seq_len: 512" in proc.stdout

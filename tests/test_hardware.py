@@ -4,17 +4,17 @@ the CUDA rules are tested on a CPU, and through train.py with torch.cuda's answe
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from longtrain import hardware
 from longtrain.config import ConfigError
 from longtrain.hardware import check_backend, peak_bf16_tflops, run_compute_dtype
 from longtrain.run_config import load_config
 from longtrain.trainer.meter import detect_peak_tflops
+from tests.cli_utils import ROOT, train_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
 H100 = dict(capability=(9, 0), device_name="NVIDIA H100 80GB HBM3")
 T4 = dict(capability=(7, 5), device_name="Tesla T4")
 
@@ -91,8 +91,9 @@ def test_fp32_head_dim_alignment_is_a_sm80_rule(compose_config):
     assert check_backend(cfg, "cuda", **T4) == "efficient"
 
 
-# train.py as a user runs it, on a machine that answers as the GPU named would. The fakes go
-# in before longtrain is imported (flash-attn is looked for at import).
+# train.py on a machine that answers as the GPU named would: in this process with torch.cuda's
+# answers and the installed flash-attn's version replaced, and (e2e) as a user runs it, with
+# the fakes in before longtrain is imported (flash-attn is looked for at import).
 FAKE_GPU = textwrap.dedent(
     """
     import os, runpy, sys, types
@@ -113,24 +114,41 @@ FAKE_GPU = textwrap.dedent(
     runpy.run_path(sys.argv[0], run_name="__main__")
     """
 )
+GPU_CASES = [
+    (("Tesla T4", 7, 5, "none"), [], "config error: run.dtype: auto runs bf16 flash attention"),
+    (("NVIDIA H100 80GB HBM3", 9, 0, "none"), ["model.head_dim=100"], "config error: model.head_dim: 100 "),
+    (("NVIDIA H100 PCIe", 9, 0, "2.6.3"), [], "config error: flash_attn: version 2.6.3 is installed"),
+]
 
 
-@pytest.mark.parametrize(
-    "gpu,overrides,expected",
-    [
-        (("Tesla T4", 7, 5, "none"), [], "config error: run.dtype: auto runs bf16 flash attention"),
-        (("NVIDIA H100 80GB HBM3", 9, 0, "none"), ["model.head_dim=100"], "config error: model.head_dim: 100 "),
-        (("NVIDIA H100 PCIe", 9, 0, "2.6.3"), [], "config error: flash_attn: version 2.6.3 is installed"),
-    ],
-)
-def test_cli_precondition_failure_exits_2_before_any_compute(tmp_path, gpu, overrides, expected):
-    proc = subprocess.run(
-        [sys.executable, "-c", FAKE_GPU, *map(str, gpu), str(ROOT / "train.py"), "run.device=cuda",
-         f"run.dir={tmp_path / 'run'}", *overrides],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, name: str, major: int, minor: int, flash_version: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (int(major), int(minor)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(hardware, "FLASH_ATTN_VERSION", None if flash_version == "none" else flash_version)
+
+
+def assert_exits_2_before_any_compute(proc: subprocess.CompletedProcess, tmp_path, expected: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written: no run dir, no Hydra outputs
+
+
+@pytest.mark.parametrize("gpu,overrides,expected", GPU_CASES)
+def test_cli_precondition_failure_exits_2_before_any_compute(tmp_path, monkeypatch, gpu, overrides, expected):
+    fake_gpu(monkeypatch, *gpu)
+    proc = train_in_process("run.device=cuda", f"run.dir={tmp_path / 'run'}", *overrides, cwd=tmp_path)
+    assert_exits_2_before_any_compute(proc, tmp_path, expected)
+
+
+@pytest.mark.e2e
+def test_cli_precondition_failure_as_a_process(tmp_path):
+    gpu, overrides, expected = GPU_CASES[-1]  # the flash-attn found when longtrain is imported
+    proc = subprocess.run(
+        [sys.executable, "-c", FAKE_GPU, *map(str, gpu), str(ROOT / "train.py"), "run.device=cuda",
+         f"run.dir={tmp_path / 'run'}", *overrides],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert_exits_2_before_any_compute(proc, tmp_path, expected)

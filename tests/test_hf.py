@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -37,10 +36,10 @@ from longtrain.run_config import check_config, load_config
 from longtrain.trainer.builder import build_trainer, prepare_trainer
 from longtrain.trainer.trainer import Trainer
 from tests.conftest import CONFIG_DIR
+from tests.cli_utils import ROOT, run_main, train_in_process
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
-ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["rope.original_max_position_embeddings=16", "logging.progress=false", "eval.val_every=0"]
 
 
@@ -169,9 +168,7 @@ def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
 
 def test_export_refuses_logn_attention_in_one_line(tmp_path):
     _, path = trained_checkpoint(tmp_path, "rope=abf", steps=1)  # rope=abf turns logn attention on
-    result = subprocess.run(
-        [sys.executable, "-m", "longtrain.export", str(path), str(tmp_path / "hf")], capture_output=True, text=True, cwd=ROOT
-    )
+    result = run_main(export_main, [str(path), str(tmp_path / "hf")], ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "logn" in lines[0] and "rope=yarn" in lines[0], result.stderr
@@ -342,6 +339,7 @@ def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, c
         torch.save({"logits": logits, "trained_logits": trained_logits, "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")
 
 
+@pytest.mark.e2e  # training on spawned gloo ranks, then an export: the slowest of this file
 @pytest.mark.parametrize("name,dp,cp", [("smollm3", 1, 2), ("qwen3", 2, 1)])
 def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, name, dp, cp):
     folder = random_hf_model(tmp_path / name, name)
@@ -356,7 +354,8 @@ def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, n
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *TINY, *SHORT, *overrides], capture_output=True, text=True, cwd=ROOT)
+    """``python train.py`` with the tiny model's short run and these overrides, in this process."""
+    return train_in_process(*TINY, *SHORT, *overrides, cwd=ROOT)
 
 
 def test_config_mismatch_is_one_line_naming_the_keys(tmp_path):

@@ -80,10 +80,16 @@ def runs(tmp_path_factory):
     return tmp, {"loss": loss, "grads": grads, "logits": logits}
 
 
+# The layout runs (20 steps at four layouts on spawned gloo ranks, resumed across layouts)
+# are the slowest fixture of the suite: the e2e tier's, like the resume of a real process.
+LAYOUT_RUNS = pytest.mark.e2e
+
+
 def stage_losses(tmp: Path, name: str) -> dict[int, float]:
     return losses(tmp / name / "pretrain")
 
 
+@LAYOUT_RUNS
 @pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2", "dp2cp1"])
 def test_one_step_matches_single_rank(runs, layout):
     tmp, ref = runs
@@ -94,6 +100,7 @@ def test_one_step_matches_single_rank(runs, layout):
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
 
 
+@LAYOUT_RUNS
 @pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2"])
 def test_sharded_evaluation_forward_matches_single_rank(runs, layout):
     """Needle recall and loss by position at cp > 1 see the logits of the whole sequence."""
@@ -102,6 +109,7 @@ def test_sharded_evaluation_forward_matches_single_rank(runs, layout):
     torch.testing.assert_close(got, ref["logits"], rtol=1e-5, atol=1e-5)
 
 
+@LAYOUT_RUNS
 @pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2", "dp2cp1"])
 def test_twenty_steps_track_single_rank(runs, layout):
     tmp, _ = runs
@@ -111,6 +119,7 @@ def test_twenty_steps_track_single_rank(runs, layout):
         assert got[step] == pytest.approx(ref[step], abs=1e-4), step
 
 
+@LAYOUT_RUNS
 @pytest.mark.parametrize(
     "resumed,source",
     [("dp1cp2_resumed", "world 1 -> 2"), ("dp2cp1_resumed", "dp1·cp2 -> dp2·cp1"), ("dp1cp1_from_cp2", "cp2 -> cp1")],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import re
 import subprocess
-import sys
 import weakref
 from dataclasses import replace
 
@@ -19,8 +18,9 @@ from longtrain.parallel.activation_checkpointing import apply_activation_checkpo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from longtrain import plan
 from longtrain.plan import block_saved, checkpointed_saved, mlp_tiled, outside_saved, plan_stage, suggest
-from tests.cli_utils import ROOT, env
+from tests.cli_utils import ROOT, run_main
 
 
 def saved_bytes(model: torch.nn.Module, run) -> int:
@@ -162,8 +162,8 @@ def test_suggest_takes_the_smallest_cp_then_the_cheapest_checkpointing(compose_c
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longtrain.plan", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env(), timeout=120)
+    """``python -m longtrain.plan ARGS``, in this process."""
+    return run_main(plan.main, args, ROOT)
 
 
 @pytest.mark.parametrize("args,line", [

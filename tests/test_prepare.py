@@ -4,7 +4,6 @@ resumes to the same bytes, bad inputs are one line or a counted skip, memmap rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,14 +15,15 @@ import numpy as np
 import pytest
 
 from longtrain.config import ConfigError, DataConfig, TokenizerConfig
+from longtrain.data import prepare as prepare_module
 from longtrain.data.prepare import prepare
 from longtrain.data.shards import PreparedData
 from longtrain.data.sources import in_val_split
 from longtrain.data.tokenizer import ByteTokenizer
+from tests.cli_utils import ROOT, env, run_main, train_in_process
 
 TOK = ByteTokenizer()
 BYTE = TokenizerConfig(type="byte")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _documents(data: PreparedData, split: str) -> list[str]:
@@ -94,10 +94,14 @@ def test_bad_inputs_are_counted_skips(tmp_path):
     assert sum(s["documents"] for s in manifest["splits"].values()) == 14
 
 
+def _in_process(*args: str) -> subprocess.CompletedProcess:
+    """``python -m longtrain.data.prepare ARGS``, in this process."""
+    return run_main(prepare_module.main, args, ROOT)
+
+
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "longtrain.data.prepare", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+        [sys.executable, "-m", "longtrain.data.prepare", *args], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=timeout
     )
 
 
@@ -117,7 +121,7 @@ def test_cli_errors_are_one_line(tmp_path, files, args, message):
             datasets.Dataset.from_dict({"text": ["t"]}).to_parquet(str(tmp_path / name))
         else:
             (tmp_path / name).write_text(text)
-    r = _cli("data=local", f"data.path={tmp_path}/*", f"out={tmp_path}/out", "num_proc=1", *args)
+    r = _in_process("data=local", f"data.path={tmp_path}/*", f"out={tmp_path}/out", "num_proc=1", *args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: "), r.stderr
@@ -131,15 +135,15 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e  # a process killed mid-write
 def test_killed_preparation_resumes_to_the_same_shards(tmp_path):
     args = ["data=stdlib_code", "data.max_docs=400", "shard_tokens=200000", "num_proc=1"]
     reference = _cli(*args, f"out={tmp_path}/ref", timeout=120)
     assert reference.returncode == 0, reference.stderr
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "longtrain.data.prepare", *args, f"out={out}"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     while not list(out.glob("train/shard_00002.idx.npy")) and time.monotonic() < deadline and proc.poll() is None:
@@ -184,6 +188,7 @@ def test_length_filter_uses_the_index(tmp_path):
         data.stream("train", min_doc_tokens=10_000)
 
 
+@pytest.mark.e2e  # the commands as a user types them (num_proc=2: worker processes)
 def test_data_readme_commands(tmp_path):
     """The three preparation commands of data/README.md, on small inputs."""
     r = _cli("data=stdlib_code", "tokenizer=byte", "data.max_docs=60", "num_proc=1", f"out={tmp_path}/stdlib")
@@ -212,11 +217,8 @@ def test_training_on_a_corpus_with_an_empty_split_is_one_line(tmp_path):
     """A small data=local corpus whose 5% validation split is empty: one line, exit 2."""
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 50)
-    r = subprocess.run(
-        [sys.executable, "train.py", "preset=cpu_demo", "stage=cpu/induction", "data=local", f"data.path={tmp_path}/*.txt",
-         f"data.prepared={tmp_path}/prepared", f"run.dir={tmp_path}/run"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
-    )
+    r = train_in_process("preset=cpu_demo", "stage=cpu/induction", "data=local", f"data.path={tmp_path}/*.txt",
+                         f"data.prepared={tmp_path}/prepared", f"run.dir={tmp_path}/run", cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("config error: data.val_percent: the val split") and "3 documents in all" in r.stderr
 

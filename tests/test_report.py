@@ -8,15 +8,15 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from longtrain.reporting import __main__ as report_module
 from longtrain.reporting.run_report import read_run, write_run_report
 from longtrain.run_dir import truncate_metrics
 from longtrain.run_files import short_loss_limit
-from tests.cli_utils import QUICK, ROOT, env, torchrun_cmd, train
+from tests.cli_utils import QUICK, ROOT, env, run_main, torchrun_cmd, train
 
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),
 # validation and loss by position, so every part of the report has something to show.
@@ -28,8 +28,8 @@ TWO_STAGES = [
 
 
 def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longtrain.reporting", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env(), timeout=120)
+    """``python -m longtrain.reporting ARGS``, in this process."""
+    return run_main(report_module.main, args, cwd)
 
 
 def table_row(md: str, stage: str) -> list[str]:
@@ -50,7 +50,7 @@ def finished_run(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_finished_run_has_its_report(finished_run, tmp_path):
     page, md = (finished_run / "report.html").read_text(), (finished_run / "report.md").read_text()
     gates = {s: json.loads((finished_run / s / "gate.json").read_text()) for s in ("induction", "pretrain")}
@@ -82,7 +82,7 @@ def test_a_finished_run_has_its_report(finished_run, tmp_path):
     assert len(embedded_pngs((tmp_path / "again" / "report.html").read_text())) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
     proc = train(*QUICK, "stage.steps=2", "gate.min_recall=1.0", "logging.report=true", f"run.dir={tmp_path / 'run'}",
                  cwd=tmp_path)
@@ -93,7 +93,7 @@ def test_a_failed_gate_still_gets_its_report_and_keeps_its_exit_code(tmp_path):
     assert '<td class="fail">FAIL</td>' in (tmp_path / "run" / "report.html").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_under_torchrun_a_failed_gate_gets_its_report(tmp_path):
     """Rank 1 exits first and torchrun ends rank 0 (SIGTERM, recorded by preemption; SIGKILL 30 s later):
     the report is written all the same."""
@@ -104,7 +104,7 @@ def test_under_torchrun_a_failed_gate_gets_its_report(tmp_path):
     assert len(embedded_pngs((tmp_path / "run" / "report.html").read_text())) == 3  # no loss by position: QUICK has none
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_stopped_before_its_last_gate(finished_run, tmp_path):
     """A run killed mid-stage: the last stage has metrics up to the kill (the last line cut short)
     and no gate record."""
@@ -127,7 +127,7 @@ def test_a_run_stopped_before_its_last_gate(finished_run, tmp_path):
     assert len(embedded_pngs((run / "report.html").read_text())) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_gate_over_several_tasks_has_a_column_each(finished_run, tmp_path):
     """gate.json's per-task results and per-task grids (needle/<task>.json), when the gate has them."""
     run = tmp_path / "run"

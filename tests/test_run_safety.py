@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from longtrain import checkpoint as ckpt
 from longtrain.preemption import PREEMPTED_EXIT_CODE
 from longtrain.run_files import read_gate
-from tests.cli_utils import QUICK, TRAIN, env, train, train_losses
+from tests.cli_utils import QUICK, TRAIN, env, train, train_in_process, train_losses
 
 
 def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
@@ -28,7 +28,7 @@ def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_run_in_the_same_folder(tmp_path):
     run = [*QUICK, "gate.min_recall=0", f"run.dir={tmp_path / 'run'}"]
     first = train(*run, cwd=tmp_path)
@@ -36,7 +36,7 @@ def test_a_second_run_in_the_same_folder(tmp_path):
     metrics = tmp_path / "run" / "induction" / "metrics.jsonl"
     logged = metrics.read_text()
 
-    refused = train(*run, cwd=tmp_path)  # a fresh start would mix two runs' state
+    refused = train_in_process(*run, cwd=tmp_path)  # a fresh start would mix two runs' state
     assert refused.returncode == 2 and "run.resume=auto" in one_line(refused, "config error: run.dir:")
     assert metrics.read_text() == logged
 
@@ -50,7 +50,7 @@ def test_a_second_run_in_the_same_folder(tmp_path):
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "induction" / "checkpoints")] == ["step_00000002"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_jobs_get_their_own_folders_and_a_failed_gate_does_not_stop_the_sweep(tmp_path):
     # Job 0 cannot pass (recall 1.0 of one needle after 2 steps); job 1 passes.
     proc = train("-m", *QUICK, "stage.steps=2", "gate.min_recall=1.0,0.0", cwd=tmp_path)
@@ -101,14 +101,14 @@ def sigterm_then_resume(tmp_path: Path, command: list[str], run_args: list[str])
 STOPPABLE = [*QUICK, "stage.steps=12", "run.checkpoint_every=100", "gate.min_recall=0", "logging.log_every=1"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path):
     expected, got, err = sigterm_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
     assert "preempted: SIGTERM at step" in err and "run.resume=auto" in err
     assert got == expected  # bitwise: the same losses at every step
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
     expected, got, err = sigterm_then_resume(tmp_path, command, [*STOPPABLE, "parallel.cp=2"])
@@ -116,7 +116,7 @@ def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path):
     assert got == expected
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_exit_code(tmp_path):
     proc = subprocess.Popen([sys.executable, TRAIN, *STOPPABLE, "stage.steps=200", f"run.dir={tmp_path}"],
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -128,7 +128,7 @@ def test_sigterm_exit_code(tmp_path):
     assert saved is not None and f"saved {saved}" in err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_divergence_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
     proc = train(*QUICK, "stage.steps=40", "run.checkpoint_every=1", "optim.lr=1e6", "stage.warmup_steps=0",
                  f"run.dir={tmp_path}", cwd=tmp_path)
@@ -167,7 +167,7 @@ def wandb_history(run_folder: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     pytest.importorskip("wandb")
     run_env = {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -224,11 +224,10 @@ README_COMMANDS = [
 
 
 @pytest.mark.parametrize("world,args", README_COMMANDS, ids=[" ".join(a) for _, a in README_COMMANDS])
-def test_readme_commands_validate(tmp_path, world, args):
+def test_readme_commands_validate(tmp_path, monkeypatch, world, args):
     """The README's launch commands, checked as their world size would see them (dry run)."""
-    proc = subprocess.run([sys.executable, TRAIN, *args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env={**env(), "WORLD_SIZE": str(world)}, capture_output=True, text=True,
-                          timeout=120)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    proc = train_in_process(*args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing written" in proc.stdout and list(tmp_path.iterdir()) == []
 
@@ -242,7 +241,7 @@ def test_dp_takes_its_share_of_the_global_batch(compose_config):
     assert (one.stage.global_batch_size, one.stage.micro_batch_size) == (1, 1)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("dp,cp", [(2, 1), (2, 2)])
 def test_dp_launches_of_the_cpu_demo(tmp_path, dp, cp):
     args = [*QUICK, "stage.steps=2", "gate.min_recall=0", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={tmp_path}"]
@@ -252,7 +251,7 @@ def test_dp_launches_of_the_cpu_demo(tmp_path, dp, cp):
     assert f"dp=2 cp={cp}" in proc.stdout and read_gate(tmp_path / "induction").passed
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
     args = [*QUICK, "stage.steps=400", "parallel.cp=2", "parallel.timeout_s=5", f"run.dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
@@ -270,7 +269,7 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
     assert "parallel error: a collective waited more than parallel.timeout_s=5 s: rank(s) 1 did not answer" in err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
     """launch/slurm.sbatch under stand-ins for srun and scontrol: USR1 before the time limit
     reaches the trainer through torchrun, which checkpoints; the script then requeues."""
@@ -300,8 +299,7 @@ def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
 
 def test_readme_sweep_command_validates(tmp_path):
     """`python train.py -m optim.lr=1e-3,3e-3`: one plan per job, each in its own folder."""
-    proc = subprocess.run([sys.executable, TRAIN, "-m", "optim.lr=1e-3,3e-3", "run.dry_run=true"], cwd=tmp_path,
-                          env=env(), capture_output=True, text=True, timeout=120)
+    proc = train_in_process("-m", "optim.lr=1e-3,3e-3", "run.dry_run=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("nothing written") == 2
     assert "multirun/" in proc.stdout and "/0/pretrain" in proc.stdout and "/1/pretrain" in proc.stdout

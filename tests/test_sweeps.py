@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_utils import QUICK, ROOT, TRAIN, env, train
+from longtrain.reporting import sweep_report
+from tests.cli_utils import QUICK, ROOT, TRAIN, env, run_main, train, train_in_process
 
 # Gated within seconds: 2 steps of the CPU demo's first stage, one needle.
 SHORT = [*QUICK, "stage.steps=2", "eval.val_every=2"]
@@ -24,7 +25,7 @@ def report_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_path):
     # gate.min_recall=1.0 cannot be met after 2 steps, 0.0 always is: every method has a failed
     # job, and the jobs after each failure still run.
@@ -55,7 +56,7 @@ def test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row(tmp_pat
     assert printed.split("\n\n")[0] in again.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_path):
     proc = train("-m", *SHORT, "gate.min_recall=0.0", "optim.lr=-1,1e-3", f"run.dir={tmp_path / 'lr'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr  # the worst job's code
@@ -66,7 +67,7 @@ def test_a_job_with_a_bad_value_is_a_config_error_row_and_the_sweep_goes_on(tmp_
     assert not (tmp_path / "lr" / "0" / "induction").exists()  # nothing computed for the bad job
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
     proc = train("-m", "+sweep=seeds", *SHORT, "gate.min_recall=0.0", "rope=abf,yarn", f"run.dir={tmp_path / 'seeds'}",
                  "logging.report=true", cwd=tmp_path)
@@ -106,7 +107,7 @@ def test_seeds_sweep_adds_mean_and_spread_per_recipe(tmp_path):
 ])
 def test_readme_sweep_commands_validate(tmp_path, name, extra, jobs, shown):
     """Every sweep in configs/sweep/ as the README runs it, validated: one plan per job."""
-    proc = train("-m", f"+sweep={name}", "preset=cpu_demo", *extra, "run.dry_run=true", cwd=tmp_path, timeout=120)
+    proc = train_in_process("-m", f"+sweep={name}", "preset=cpu_demo", *extra, "run.dry_run=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("=== job ") == jobs and proc.stdout.count("nothing written") == jobs
     assert shown in proc.stdout
@@ -121,19 +122,18 @@ def test_every_sweep_file_says_what_it_answers():
 
 
 def test_a_sweep_without_multirun_is_one_line(tmp_path):
-    proc = train("+sweep=rope_method", "preset=cpu_demo", "run.dry_run=true", cwd=tmp_path, timeout=120)
+    proc = train_in_process("+sweep=rope_method", "preset=cpu_demo", "run.dry_run=true", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "config error: sweep: +sweep=rope_method is a sweep (one job per setting); add -m: python train.py -m +sweep=rope_method ..."
     ), proc.stderr
 
 
 def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "longtrain.reporting.sweep_report", str(tmp_path)], capture_output=True,
-                          text=True, env=env(), timeout=60)
+    proc = run_main(sweep_report.main, [str(tmp_path)], tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "job.json" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_optuna_search_runs_trials_through_submitit_local_and_prints_the_best(tmp_path):
     # min_recall 1.0 fails every gate after 2 steps: failed gates are finished trials with values.
     proc = train("-m", "+sweep=search_lr_retrieval", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=3",
@@ -161,6 +161,7 @@ def test_optuna_search_runs_trials_through_submitit_local_and_prints_the_best(tm
 HIDE = "import runpy, sys\nfor m in sys.argv[1].split(','): sys.modules[m] = None\nsys.argv = [sys.argv[2], *sys.argv[3:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
 
 
+@pytest.mark.e2e  # a machine without the extra: the plugin hidden before Hydra looks for plugins
 @pytest.mark.parametrize("hidden, args, line", [
     ("hydra_plugins.hydra_optuna_sweeper", ["+sweep=search_lr_retrieval"],
      'config error: hydra/sweeper: optuna needs the optional extra "sweep": pip install -e ".[sweep]"'),
@@ -180,9 +181,9 @@ def test_a_missing_sweep_extra_is_one_line_naming_it(tmp_path, hidden, args, lin
 
 
 def test_slurm_launcher_takes_nodes_gpus_time_and_partition_from_config(tmp_path):
-    proc = train("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
-                 "hydra.launcher.timeout_min=90", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve",
-                 "--package", "hydra.launcher", cwd=tmp_path, timeout=120)
+    proc = train_in_process("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                            "hydra.launcher.timeout_min=90", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve",
+                            "--package", "hydra.launcher", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     launcher = {k: v.strip() for k, _, v in (ln.partition(":") for ln in proc.stdout.splitlines() if ":" in ln)}
     assert launcher["_target_"].endswith("SlurmLauncher")

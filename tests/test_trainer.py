@@ -67,7 +67,7 @@ def test_checkpoint_is_atomic_and_retained(compose_config, tmp_path):
     assert "seq_len: 64" in state["config"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validation_loss_falls(compose_config, tmp_path):
     cfg = load_config(
         compose_config(*TINY, f"run.dir={tmp_path}", "stage.steps=60", "eval.val_every=60", "optim.lr=3e-3")

@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from longtrain.cli import sweep_root
+from longtrain.command_line import sweep_root
 from longtrain.reporting.sweep_report import write_report, write_sweep_report
 
 
