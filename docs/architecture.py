@@ -37,16 +37,16 @@ class Module:
         return self.top | self.inner
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def find_modules() -> dict[str, Path]:
-    files = [ROOT / "train.py", *sorted((ROOT / PACKAGE).rglob("*.py"))]
-    return {module_name(p): p for p in files if p.is_file() and "__pycache__" not in p.parts}
+def find_modules(root: Path = ROOT) -> dict[str, Path]:
+    files = [root / "train.py", *sorted((root / PACKAGE).rglob("*.py"))]
+    return {module_name(p, root): p for p in files if p.is_file() and "__pycache__" not in p.parts}
 
 
 def resolve(target: str, known: dict[str, Path]) -> str | None:
@@ -86,15 +86,14 @@ def scan(name: str, path: Path, known: dict[str, Path]) -> Module:
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 names = imported_names(child, name, is_package)
-                # `from a import b`: b may be a module of its own or a name in a; take the
-                # most specific known module for each imported name, else the module itself.
-                specific = {resolve(n, known) for n in names[:-1] if n}
                 if isinstance(child, ast.ImportFrom):
-                    targets = {t for t in specific if t}
+                    # `from a import b`: b may be a module of its own or a name in a; take the
+                    # most specific known module for each imported name, else a itself.
+                    targets = {resolve(n, known) for n in names[:-1] if n} - {None}
                     if not targets:
                         targets = {resolve(names[-1], known)} if names[-1] else set()
-                else:
-                    targets = specific
+                else:  # import a.b.c (as x): the module a.b.c, or the package it lies in
+                    targets = {resolve(n, known) for n in names}
                 for target in targets:
                     if target and target != name and target.split(".")[0] == PACKAGE:
                         (module.inner if inside else module.top).add(target)
@@ -176,11 +175,16 @@ def group(name: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 1 else PACKAGE
 
 
-def generate() -> str:
-    known = find_modules()
+def analyse(root: Path = ROOT) -> tuple[dict[str, Module], dict[str, int], list[list[str]]]:
+    """Every module under root (train.py and longtrain/), its import level, and the cycles."""
+    known = find_modules(root)
     modules = {name: scan(name, path, known) for name, path in known.items()}
-    graph = {name: set(m.imports) for name, m in modules.items()}
-    level, cycles = levels(graph)
+    level, cycles = levels({name: set(m.imports) for name, m in modules.items()})
+    return modules, level, cycles
+
+
+def generate(root: Path = ROOT) -> str:
+    modules, level, cycles = analyse(root)
     package_lines = sum(m.lines for n, m in modules.items() if n.split(".")[0] == PACKAGE)
     inner = sum(len(m.inner) for m in modules.values())
 
