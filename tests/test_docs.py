@@ -53,11 +53,11 @@ COVERED = {
         "tests/test_needle.py::test_position_loss_uses_single_document_windows",
     "python -m longtrain.eval.suite runs/cpu_demo/extend_2k/checkpoints/step_00000250 --lengths 512 2048 "
     "--tasks passkey multikey vartrack": "tests/test_tasks.py::test_suite_table_json_plot_and_cli",
-    "python -m longtrain.report runs/cpu_demo": "tests/test_report.py::test_a_finished_run_has_its_report",
-    "python -m longtrain.report RUN_DIR": "tests/test_report.py::test_a_finished_run_has_its_report",
-    "python -m longtrain.report RUN_DIR --out DIR": "tests/test_report.py::test_a_finished_run_has_its_report",
-    "python -m longtrain.report SWEEP_DIR": "tests/test_sweeps.py::test_seeds_sweep_adds_mean_and_spread_per_recipe",
-    "python -m longtrain.sweep_report SWEEP_DIR":
+    "python -m longtrain.reporting runs/cpu_demo": "tests/test_report.py::test_a_finished_run_has_its_report",
+    "python -m longtrain.reporting RUN_DIR": "tests/test_report.py::test_a_finished_run_has_its_report",
+    "python -m longtrain.reporting RUN_DIR --out DIR": "tests/test_report.py::test_a_finished_run_has_its_report",
+    "python -m longtrain.reporting SWEEP_DIR": "tests/test_sweeps.py::test_seeds_sweep_adds_mean_and_spread_per_recipe",
+    "python -m longtrain.reporting.sweep_report SWEEP_DIR":
         "tests/test_sweeps.py::test_rope_method_sweep_one_job_per_method_and_a_failed_gate_is_a_row",
     "python train.py -m optim.lr=1e-3,3e-3":
         "tests/test_run_safety.py::test_sweep_jobs_get_their_own_folders_and_a_failed_gate_does_not_stop_the_sweep",
