@@ -139,13 +139,14 @@ class Options:
 
 
 # ------------------------------------------------------------------ results and log
-_T0 = time.monotonic()
+_T0_ENV = "BENCH_GPU_T0"  # the parent's start, so a section's process counts from it too
+_T0 = float(os.environ.get(_T0_ENV, time.time()))
 _LOG_FILE: Optional[Path] = None
 
 
 def log(message: str) -> None:
     """A timestamped, flushed line on stdout (and in --out DIR/gpu.log)."""
-    line = f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:6.1f}s] {message}"
+    line = f"[{time.strftime('%H:%M:%S')} +{time.time() - _T0:6.1f}s] {message}"
     print(line, flush=True)
     if _LOG_FILE is not None:
         with _LOG_FILE.open("a") as f:
@@ -732,9 +733,9 @@ def run_isolated(name: str, opts: Options, child_args: list[str]) -> Section:
         out = Path(tmp) / "section.json"
         cmd = [sys.executable, "-m", "bench.gpu", "--section", name, "--section-json", str(out), *child_args]
         started = time.monotonic()
-        try:
-            code = subprocess.run(cmd, cwd=REPO, timeout=opts.timeout_s + 60,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        try:  # the section's own timeouts (train.py, the ring's ranks) come first
+            code = subprocess.run(cmd, cwd=REPO, timeout=opts.timeout_s + 30,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1", _T0_ENV: str(_T0)}).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
         if out.is_file():
@@ -801,6 +802,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--timed-steps", type=int, default=10, help="throughput: timed steps (median)")
     ap.add_argument("--extend-steps", type=int, default=8, help="extend_32k: steps of train.py")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds a section (or its train.py) may take")
+    ap.add_argument("--budget", type=float, default=570.0,
+                    help="seconds for the whole run: a section gets at most what is left, and none starts with under 30")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the tests' run of the logic")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (model=tiny), for tests on the CPU")
     ap.add_argument("--no-isolate", action="store_true", help="run the sections in this process")
@@ -809,16 +812,33 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def child_args(args: argparse.Namespace) -> list[str]:
+def child_args(args: argparse.Namespace, timeout_s: float) -> list[str]:
     """The options a section's process needs from ours."""
     out = ["--device", args.device, "--train-steps", str(args.train_steps), "--warmup-steps", str(args.warmup_steps),
-           "--timed-steps", str(args.timed_steps), "--extend-steps", str(args.extend_steps), "--timeout", str(args.timeout)]
+           "--timed-steps", str(args.timed_steps), "--extend-steps", str(args.extend_steps), "--timeout", f"{timeout_s:.0f}"]
     return out + (["--tiny"] if args.tiny else []) + (["--out", str(args.out)] if args.out else [])
 
 
+def run_sections(args: argparse.Namespace, opts: Options) -> list[Section]:
+    """Every section asked for, in order, each within what is left of ``--budget``."""
+    sections = []
+    for name in args.sections:
+        left = args.budget - (time.time() - _T0)
+        if left < 30:
+            sections.append(Section(name, SECTIONS[name][0], status="error", error=f"not run: {left:.0f} s left of --budget"))
+            log(f"== {name}: not run, {left:.0f} s left of --budget {args.budget:.0f}")
+            continue
+        opts.timeout_s = min(args.timeout, left - 30)
+        isolated = not args.no_isolate
+        sections.append(run_isolated(name, opts, child_args(args, opts.timeout_s)) if isolated else run_section(name, opts))
+    return sections
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    global _LOG_FILE
+    global _LOG_FILE, _T0
     args = parse_args(argv)
+    if args.section is None:  # the run starts now (a section's process has the parent's start)
+        _T0 = time.time()
     if args.splice:
         if not args.results:
             print("bench.gpu: --splice needs --results FILE", file=sys.stderr)
@@ -842,9 +862,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if sec.status in ("pass", "skipped") else 1
     about = describe_device(device)
     log(f"bench.gpu on {about['name']}: " + ", ".join(f"{k} {v}" for k, v in about.items() if k != "name"))
-    sections = [run_section(n, opts) if args.no_isolate else run_isolated(n, opts, child_args(args)) for n in args.sections]
+    sections = run_sections(args, opts)
     command = " ".join(["python -m bench.gpu", *(sys.argv[1:] if argv is None else argv)])
-    section_md = render(sections, about, command, time.monotonic() - _T0)
+    section_md = render(sections, about, command, time.time() - _T0)
     if args.out:
         (args.out / "gpu.md").write_text(section_md)
         (args.out / "gpu.json").write_text(json.dumps({"device": about, "sections": [asdict(s) for s in sections]}, indent=1))
