@@ -114,7 +114,7 @@ class Sizes:
     model: str  # configs/model option
     attention: tuple[int, int, int, int]  # kernel parity (B, Hq, Hkv, T): 125m's GQA 12/4
     head_dims: tuple[int, ...]
-    ring_len: int  # divisible by 2·cp for every cp from 2 to 8
+    ring_len: int  # divisible by 2·cp for every cp run (FULL: 1680, cp 2 to 8)
     train_len: int
     speed_rows: tuple[tuple[int, str], ...]  # (seq_len, model.activation_checkpointing)
     extend_len: int
@@ -448,7 +448,7 @@ def section_ring(opts: Options, sec: Section) -> None:
 
 
 # ------------------------------------------------------------------ training runs (3-6)
-def stage_config(opts: Options, seq_len: int, checkpointing: str, steps: int = 1, warmup: int = 0) -> Config:
+def stage_config(opts: Options, seq_len: int, checkpointing: str, steps: int = 100, warmup: int = 0) -> Config:
     """The validated config train.py would run for stage=pretrain of ``--sizes``'s model,
     one sequence of ``seq_len`` per step, composed from configs/ by Hydra."""
     overrides = [

@@ -35,6 +35,7 @@ def test_without_cuda_it_stops_in_one_line(capsys, monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU autocast's bf16 rms_norm
 def test_sections_on_the_cpu(tmp_path):
     """Kernel parity, bf16 vs fp32 training, throughput and the planner's prediction, in
     this process, at toy sizes; the numbers land in gpu.json and gpu.md."""
