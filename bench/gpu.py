@@ -63,6 +63,7 @@ import gc
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,6 +193,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_process(cmd: list[str], timeout_s: float, capture: bool = False) -> tuple[Optional[int], str]:
+    """(exit code, output if captured) of ``cmd`` run from the repo root in a process group
+    of its own: past ``timeout_s`` the whole group is killed (torchrun's or a section's
+    ranks with it, so none is left holding a GPU) and the code is None."""
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", _T0_ENV: str(_T0)},
+                            stdout=pipe, stderr=subprocess.STDOUT if capture else None, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, output or ""
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output or ""
 
 
 def no_cuda_reason() -> Optional[str]:
@@ -673,15 +690,8 @@ def section_extend_32k(opts: Options, sec: Section) -> None:
     cp = largest_cp(opts.sizes.extend_len, gpus)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         cmd = extend_command(opts, cp, Path(tmp))
-        sec.note(f"cp={cp} on {gpus} device(s): " + " ".join(cmd[cmd.index(str(REPO / 'train.py')):]).replace(str(REPO) + "/", "")
-                 .replace(tmp, "TMP"))
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=opts.timeout_s,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            code, output = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:  # its output so far, bytes or str by Python version
-            code, output = None, "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
-                                         for x in (e.stdout, e.stderr) if x)
+        sec.note(f"cp={cp} on {gpus} device(s): " + " ".join(cmd[1:]).replace(str(REPO) + "/", "").replace(tmp, "TMP"))
+        code, output = run_process(cmd, opts.timeout_s, capture=True)
         for line in output.strip().splitlines()[-25:]:
             log(f"  | {line}")
         rows = train_rows(Path(tmp) / "run" / "extend_32k" / "metrics.jsonl")
@@ -689,11 +699,17 @@ def section_extend_32k(opts: Options, sec: Section) -> None:
     tail = losses[-max(1, len(losses) // 3):]
     decreasing = bool(losses) and statistics.fmean(tail) < losses[0]
     finite = bool(losses) and all(map(math.isfinite, losses))
-    last = rows[-1] if rows else {}
+    steady = rows[2:] or rows  # the first steps pay for warm-up (allocator, kernels)
+
+    def median(key: str) -> Optional[float]:
+        values = [r[key] for r in steady if key in r]
+        return statistics.median(values) if values else None
+
+    speed, mfu = median("train/tokens_per_s"), median("train/mfu")
     sec.add({"cp": cp, "exit code": "timeout" if code is None else code, "steps logged": len(losses),
              "first loss": f"{losses[0]:.4f}" if losses else "-", "last loss": f"{losses[-1]:.4f}" if losses else "-",
-             "tokens/s (trainer)": f"{last.get('train/tokens_per_s', 0):,.0f}",
-             "MFU (trainer)": f"{last['train/mfu']:.1%}" if "train/mfu" in last else "-"},
+             "tokens/s per GPU (trainer, median from step 3)": f"{speed:,.0f}" if speed else "-",
+             "MFU (trainer)": f"{mfu:.1%}" if mfu else "-"},
             {"losses": losses, "metrics": rows}, ok=code == 0 and finite and decreasing)
 
 
@@ -733,15 +749,12 @@ def run_isolated(name: str, opts: Options, child_args: list[str]) -> Section:
         out = Path(tmp) / "section.json"
         cmd = [sys.executable, "-m", "bench.gpu", "--section", name, "--section-json", str(out), *child_args]
         started = time.monotonic()
-        try:  # the section's own timeouts (train.py, the ring's ranks) come first
-            code = subprocess.run(cmd, cwd=REPO, timeout=opts.timeout_s + 30,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1", _T0_ENV: str(_T0)}).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+        code, _ = run_process(cmd, opts.timeout_s + 30)  # the section's own timeouts come first
         if out.is_file():
             return Section(**json.loads(out.read_text()))
+    why = "killed at its timeout" if code is None else f"exit {code}"
     sec = Section(name, SECTIONS[name][0], status="error", seconds=time.monotonic() - started,
-                  error=f"the section's process ended without a result (exit {code})")
+                  error=f"the section's process ended without a result ({why})")
     log(f"== {name}: ERROR {sec.error}")
     return sec
 
