@@ -27,12 +27,15 @@ def test_help_lists_the_options(capsys):
 
 
 def test_without_cuda_it_stops_in_one_line(capsys, monkeypatch, tmp_path):
+    """The README's command on a machine without CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu.main(["--out", str(tmp_path / "out")]) == gpu.NO_CUDA_EXIT == 2
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    assert gpu.main(["--out", str(tmp_path / "out"), "--results", str(results)]) == gpu.NO_CUDA_EXIT == 2
     captured = capsys.readouterr()
     lines = (captured.out + captured.err).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.gpu: no CUDA device: ")
-    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+    assert not (tmp_path / "out").exists() and results.read_text() == "# Benchmark results\n"  # nothing written
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU autocast's bf16 rms_norm
