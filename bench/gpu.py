@@ -216,7 +216,8 @@ def no_cuda_reason() -> Optional[str]:
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a build without CUDA"
     if not torch.cuda.is_available():
-        return f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda}: no driver or no visible GPU)"
+        return (f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda}: "
+                "no driver or no visible GPU)")
     return None
 
 
