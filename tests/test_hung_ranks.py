@@ -107,7 +107,8 @@ def test_a_rank_silent_while_rank0_prepares_data_is_named(tmp_path):
 
 
 def test_the_command_sets_nccl_blocking_wait_unless_the_operator_did(monkeypatch):
-    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "")  # so that teardown restores what was there
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
     cli.set_nccl_environment()
     assert issubclass(dist.DistBackendError, RuntimeError)  # what collective_timeouts catches
     assert os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "1"
@@ -123,3 +124,28 @@ def test_the_command_sets_nccl_blocking_wait_unless_the_operator_did(monkeypatch
 ])
 def test_which_errors_are_a_peers_fault(error, named):
     assert is_peer_failure(error) is named
+
+
+class _ProcessGroupWouldStart(Exception):
+    pass
+
+
+def test_train_py_sets_blocking_wait_before_the_process_group_on_cuda(tmp_path, monkeypatch):
+    """Through the command on a (faked) H100: the variable is in the environment when
+    init_parallel creates the NCCL group."""
+    from tests.cli_utils import train_in_process
+    from tests.test_hardware import fake_gpu
+
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 9, 0, "none")
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "")  # so that teardown restores what was there
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
+    seen = []
+
+    def init_parallel(cfg, device):
+        seen.append((device.type, os.environ.get("TORCH_NCCL_BLOCKING_WAIT")))
+        raise _ProcessGroupWouldStart
+
+    monkeypatch.setattr(cli, "init_parallel", init_parallel)
+    with pytest.raises(_ProcessGroupWouldStart):
+        train_in_process("run.device=cuda", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert seen == [("cuda", "1")]
