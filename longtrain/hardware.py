@@ -150,7 +150,7 @@ def check_sdpa_flash_backward(head_dim: int, source: str, capability: tuple[int,
     if low < head_dim <= high and tuple(capability) in SDPA_FLASH_NO_BACKWARD_CAPABILITIES:
         raise ConfigError(
             f"model.head_dim: {head_dim}{source} has no backward in torch's flash attention kernel on "
-            f"sm86/sm89 ({gpu}): head_dim in ({low}, {high}] trains on sm80 and sm90 only; set model.head_dim "
+            f"sm86/sm89 ({gpu}): head_dim in ({low}, {high}] trains on sm80 and sm90; set model.head_dim "
             f"(e.g. 128 or 192)"
         )
 
