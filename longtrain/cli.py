@@ -40,6 +40,21 @@ from longtrain.sweep_job import job_objective
 from longtrain.trainer.checkpointer import Diverged
 
 
+# NCCL's defaults (TORCH_NCCL_BLOCKING_WAIT off, TORCH_NCCL_ASYNC_ERROR_HANDLING 3) leave
+# the peers of a hung rank blocked on the GPU until NCCL's watchdog kills the process,
+# with no line of ours. Blocking wait makes a collective that waits longer than the group's
+# timeout (parallel.timeout_s) raise DistBackendError in Python instead, where
+# collective_timeouts names the silent ranks; it takes precedence over async error
+# handling. Set before the process group exists (NCCL reads it then); an operator's own
+# setting wins. Why and what it costs: docs/operations.md, "Hung ranks".
+NCCL_ENVIRONMENT = {"TORCH_NCCL_BLOCKING_WAIT": "1"}
+
+
+def set_nccl_environment() -> None:
+    for name, value in NCCL_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def plan_table(stages: list[Config], world_size: int) -> str:
     """``run.dry_run=true``: what the command would run, one row per stage."""
     rows = [f"{'stage':<12} {'length':>7} {'steps':>7} {'batch':>9} {'rope':<22} folder"]
@@ -176,6 +191,8 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     if stages[0].run.threads:
         torch.set_num_threads(stages[0].run.threads)
     preemption.install_handlers()
+    if device.type == "cuda":
+        set_nccl_environment()
     pd = init_parallel(stages[0].parallel, device)
     if pd.is_rank0:
         clear_stage_folders(to_run)

@@ -159,6 +159,7 @@ class ParallelConfig:
     dp: int = 1
     cp: int = 1
     timeout_s: int = 600  # a collective that waits longer (a hung or dead rank) ends the job
+    prepare_timeout_s: int = 7200  # how long the other ranks wait while rank 0 prepares data
 
 
 @dataclass
@@ -460,6 +461,7 @@ def check_parallel(p: ParallelConfig) -> None:
     _positive(p.dp, "parallel.dp")
     _positive(p.cp, "parallel.cp")
     _positive(p.timeout_s, "parallel.timeout_s")
+    _positive(p.prepare_timeout_s, "parallel.prepare_timeout_s")
 
 
 def check_gate(g: GateConfig) -> None:

@@ -13,6 +13,11 @@ there to catch what the kernels cannot take:
 - bf16 on CUDA runs flash attention (flash-attn when installed, else torch's bundled
   kernel): compute capability 8.0 or newer, head_dim a multiple of 8 and at most 256,
   and flash-attn >= 2.7 (the private entry points we call changed signature before it).
+- torch's bundled flash kernel has no backward for head_dim in (192, 224] on sm86/sm89
+  (consumer Ampere/Ada: too little shared memory per SM); the forward would run and the
+  first backward fail.
+- flash-attn 2.7.0–2.7.2 were built for sm8x and sm90 only: on any other device
+  (Blackwell sm100/sm120) they import and then fail at the first kernel call.
 - fp32 on CUDA runs torch's memory-efficient kernel: head_dim a multiple of 4 on sm80+
   (torch's own dispatch rule for it).
 - The CPU kernel takes any even head_dim (RoPE's rule, checked with the config).
@@ -31,6 +36,9 @@ from longtrain.config import Config, ConfigError
 FLASH_MIN_CAPABILITY = (8, 0)
 FLASH_MAX_HEAD_DIM = 256
 FLASH_ATTN_MIN_VERSION = (2, 7)
+SDPA_FLASH_NO_BACKWARD_HEAD_DIM = (192, 224)  # exclusive, inclusive: (192, 224]
+SDPA_FLASH_NO_BACKWARD_CAPABILITIES = ((8, 6), (8, 9))
+FLASH_ATTN_SM8X_SM90_ONLY = ((2, 7, 0), (2, 7, 2))  # releases built for sm8x and sm90 only
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by device name as
 # torch.cuda.get_device_name reports it ("NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA
@@ -65,9 +73,10 @@ def run_compute_dtype(run_dtype: str, device_type: str) -> torch.dtype:
     return autocast_dtype(run_dtype, device_type) or torch.float32
 
 
-def _version(text: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", text)
-    return (int(match[1]), int(match[2])) if match else (0, 0)
+def _version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string; a missing patch reads as 0."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else (0, 0, 0)
 
 
 def check_backend(
@@ -106,12 +115,10 @@ def check_backend(
                 f"runs on CUDA: they need a multiple of 8 no larger than {FLASH_MAX_HEAD_DIM}; set "
                 f"model.head_dim (e.g. 64 or 128){or_fp32}"
             )
-        if backend == "flash_attn" and _version(flash_attn_version) < FLASH_ATTN_MIN_VERSION:
-            raise ConfigError(
-                f"flash_attn: version {flash_attn_version} is installed and longtrain needs 2.7 or newer "
-                "(it calls the kernels' entry points directly); pip install 'flash-attn>=2.7', or "
-                "uninstall flash-attn to use torch's flash kernel"
-            )
+        if backend == "flash_attn":
+            check_flash_attn_version(flash_attn_version, capability, gpu)
+        else:
+            check_sdpa_flash_backward(head_dim, source, capability, gpu)
     elif backend == "efficient" and tuple(capability) >= (8, 0) and head_dim % 4:
         raise ConfigError(
             f"model.head_dim: {head_dim}{source} does not suit the memory-efficient attention kernel "
@@ -119,6 +126,33 @@ def check_backend(
             "model.head_dim (e.g. 64 or 128)"
         )
     return backend
+
+
+def check_flash_attn_version(version: str, capability: tuple[int, int], gpu: str) -> None:
+    """flash-attn's version against what longtrain calls and what the device is."""
+    if _version(version)[:2] < FLASH_ATTN_MIN_VERSION:
+        raise ConfigError(
+            f"flash_attn: version {version} is installed and longtrain needs 2.7 or newer "
+            "(it calls the kernels' entry points directly); pip install 'flash-attn>=2.7', or "
+            "uninstall flash-attn to use torch's flash kernel"
+        )
+    first, last = FLASH_ATTN_SM8X_SM90_ONLY
+    if first <= _version(version) <= last and not (capability[0] == 8 or tuple(capability) == (9, 0)):
+        raise ConfigError(
+            f"flash_attn: version {version} is built for sm8x and sm90 only and {gpu}; "
+            "pip install 'flash-attn>=2.7.3', or uninstall flash-attn to use torch's flash kernel"
+        )
+
+
+def check_sdpa_flash_backward(head_dim: int, source: str, capability: tuple[int, int], gpu: str) -> None:
+    """torch's bundled flash backward refuses (192, 224] head dims on sm86/sm89."""
+    low, high = SDPA_FLASH_NO_BACKWARD_HEAD_DIM
+    if low < head_dim <= high and tuple(capability) in SDPA_FLASH_NO_BACKWARD_CAPABILITIES:
+        raise ConfigError(
+            f"model.head_dim: {head_dim}{source} has no backward in torch's flash attention kernel on "
+            f"sm86/sm89 ({gpu}): head_dim in ({low}, {high}] trains on sm80 and sm90; set model.head_dim "
+            f"(e.g. 128 or 192)"
+        )
 
 
 def check_device(cfg: Config, device: torch.device) -> str:

@@ -8,19 +8,27 @@ with a spy on the CPU kernels, at cp=1 (local attention) and cp=2 (ring attentio
 gloo ranks). Every kernel call, forward and backward, must see q, k, v (and dout, out) in
 the run's compute dtype: bf16 under autocast, fp32 without it. The losses and gradients
 under bf16 must equal the fp32 ones within bf16 tolerance, locally and through the ring.
+
+The same holds with FSDP2's mixed-precision policy, which CUDA bf16 runs get (bf16
+parameters, fp32 reduction; ``parallelize.mixed_precision_policy``), forced here on the
+CPU ranks; and then no bf16 copy of a block's weights outlives the block's forward
+(``WeightCopySpy``), which autocast's casts without the policy do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longtrain.attention import kernels
+from longtrain.parallel import parallelize
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import load_config
 from longtrain.trainer.builder import build_trainer
@@ -132,6 +140,73 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
     torch.save(results, tmp / f"cp2_rank{rank}.pt")
 
 
+class WeightCopySpy(TorchDispatchMode):
+    """Weak references to every bf16 copy of a block weight made in the block's forward
+    (autocast's casts, and under the policy FSDP2's unsharded bf16 parameters), and, once
+    each block's forward is over (after FSDP2's reshard), how many still hold memory."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.shapes = {tuple(p.shape) for block in model.layers for p in block.parameters() if p.ndim == 2}
+        self.refs: list[weakref.ref] = []
+        self.alive_after_block: list[int] = []
+        self.seen_in_block: list[int] = []
+        self.in_forward = True
+        for block in model.layers:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):  # the weight it computes with (FSDP2's unsharded one)
+                    module.register_forward_pre_hook(lambda m, args: self.keep(m.weight))
+            block.register_forward_hook(lambda m, args, out: self.block_done())  # after FSDP2's own
+        model.register_forward_hook(lambda m, args, out: setattr(self, "in_forward", False))  # backward recomputes
+
+    def keep(self, t: torch.Tensor) -> None:
+        if self.in_forward and t.dtype == torch.bfloat16 and t.ndim == 2 and tuple(t.shape) in self.shapes:
+            self.refs.append(weakref.ref(t))
+
+    def block_done(self) -> None:
+        if self.in_forward:
+            self.alive_after_block.append(sum(1 for r in self.refs if (t := r()) is not None and t.untyped_storage().size()))
+            self.seen_in_block.append(len(self.refs))
+            self.refs.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            self.keep(out)  # autocast's cast of a weight
+        return out
+
+
+def _mp_worker(rank: int, world_size: int, tmp: str) -> None:
+    """cp=2 under bf16 with FSDP2's mixed-precision policy (as on CUDA) and without it."""
+    tmp = Path(tmp)
+    results = {}
+    real_policy = parallelize.mixed_precision_policy
+    for name, policy in (("mp", lambda run_dtype, device_type: real_policy(run_dtype, "cuda")), ("no_mp", None)):
+        cfg = make_config(tmp / f"{name}", "bfloat16", cp=2)
+        pd = init_parallel(cfg.parallel, torch.device("cpu"))
+        if policy is not None:
+            parallelize.mixed_precision_policy = policy
+        try:
+            trainer = build_trainer(cfg, pd)
+        finally:
+            parallelize.mixed_precision_policy = real_policy
+        originals = {}
+
+        def patch(module, attr, value):
+            originals.setdefault(attr, getattr(module, attr))
+            setattr(module, attr, value)
+
+        spy = WeightCopySpy(trainer.model)
+        with spy:
+            results[name] = first_step(trainer, patch)
+        results[name]["alive_after_block"] = spy.alive_after_block
+        results[name]["seen_in_block"] = spy.seen_in_block
+        results[name]["param_dtypes"] = {p.dtype for p in trainer.model.parameters()}
+        for attr, value in originals.items():
+            setattr(kernels, attr, value)
+    torch.save(results, tmp / f"mp_rank{rank}.pt")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple[int, str], dict]:
     """{(cp, dtype): first_step result}; cp=2 results are rank 0's (rank 1 is checked too)."""
@@ -192,3 +267,49 @@ def test_bf16_autocast_matches_fp32(runs, cp):
         cos = torch.nn.functional.cosine_similarity(bf16["grads"][name].flatten(), g.flatten(), dim=0)
         assert cos > 0.999, f"{name}: cosine {cos:.5f} between bf16 and fp32 gradients"
         assert bf16["grads"][name].norm() == pytest.approx(g.norm().item(), rel=2e-2), name
+
+
+@pytest.fixture(scope="module")
+def mp_runs(tmp_path_factory) -> list[dict]:
+    """Each rank's {"mp" | "no_mp": first_step result + the spy's counts}."""
+    tmp = tmp_path_factory.mktemp("mixed_precision")
+    run_distributed(_mp_worker, 2, str(tmp), timeout=240)
+    return [torch.load(tmp / f"mp_rank{rank}.pt") for rank in range(2)]
+
+
+def test_the_policy_is_for_bf16_on_cuda_only():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    assert parallelize.mixed_precision_policy("auto", "cuda") == policy
+    assert parallelize.mixed_precision_policy("bfloat16", "cuda") == policy
+    assert parallelize.mixed_precision_policy("float32", "cuda") is None
+    for dtype in ("auto", "float32", "bfloat16"):  # CPU runs unchanged, the bf16 emulation included
+        assert parallelize.mixed_precision_policy(dtype, "cpu") is None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_mixed_precision_policy_matches_fp32(runs, mp_runs, rank):
+    """Under FSDP2's policy the ranks compute with bf16 weights and reduce in fp32: loss and
+    gradients as fp32's within the bf16 tolerances above; sharded weights stay fp32."""
+    mp = mp_runs[rank]["mp"]
+    assert "error" not in mp, mp.get("error")
+    fp32 = runs[(2, "float32")] if rank == 0 else runs[(2, "float32", "rank1")]
+    assert mp["param_dtypes"] == {torch.float32}
+    assert mp["calls"] and all(seen[n] == torch.bfloat16 for _, seen in mp["calls"] for n in seen if n != "lse")
+    assert mp["loss"] == pytest.approx(fp32["loss"], rel=2e-3)
+    for name, g in fp32["grads"].items():
+        cos = torch.nn.functional.cosine_similarity(mp["grads"][name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.999, f"{name}: cosine {cos:.5f} between bf16 (policy) and fp32 gradients"
+        assert mp["grads"][name].norm() == pytest.approx(g.norm().item(), rel=2e-2), name
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_no_bf16_weight_copy_outlives_its_block(mp_runs, rank):
+    n_blocks, n_linears = 2, 7  # TINY's model.n_layers; wq, wk, wv, wo, w1, w2, w3
+    mp = mp_runs[rank]["mp"]
+    assert mp["seen_in_block"] == [n_linears] * n_blocks  # FSDP2's unsharded bf16 weights, no autocast cast
+    assert mp["alive_after_block"] == [0] * n_blocks
+    # The spy sees them: without the policy autocast's bf16 casts of the weights live on
+    # (saved for the backward), one per linear of the block.
+    assert all(alive > 0 for alive in mp_runs[rank]["no_mp"]["alive_after_block"]), mp_runs[rank]["no_mp"]["alive_after_block"]

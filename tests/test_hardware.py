@@ -17,6 +17,9 @@ from tests.cli_utils import ROOT, train_in_process
 
 H100 = dict(capability=(9, 0), device_name="NVIDIA H100 80GB HBM3")
 T4 = dict(capability=(7, 5), device_name="Tesla T4")
+RTX3090 = dict(capability=(8, 6), device_name="NVIDIA GeForce RTX 3090")
+RTX4090 = dict(capability=(8, 9), device_name="NVIDIA GeForce RTX 4090")
+B200 = dict(capability=(10, 0), device_name="NVIDIA B200")
 
 
 @pytest.mark.parametrize(
@@ -76,6 +79,10 @@ def test_cpu_has_no_kernel_preconditions(compose_config):
         (["model.dim=840"], H100, "model.head_dim", "model.dim / model.n_heads = 840/12"),  # 70, derived
         (["model.head_dim=66", "run.dtype=float32"], dict(capability=(8, 0)), "model.head_dim", "multiple of 4"),
         ([], dict(flash_attn_version="2.6.3", **H100), "flash_attn", "pip install 'flash-attn>=2.7'"),
+        (["model.head_dim=208"], RTX4090, "model.head_dim", "no backward in torch's flash attention kernel on sm86/sm89"),
+        (["model.head_dim=224"], RTX3090, "model.head_dim", "(192, 224]"),
+        ([], dict(flash_attn_version="2.7.2", **B200), "flash_attn", "pip install 'flash-attn>=2.7.3'"),
+        ([], dict(flash_attn_version="2.7.0", capability=(12, 0)), "flash_attn", "sm8x and sm90 only"),
     ],
 )
 def test_precondition_failure_is_one_line(compose_config, overrides, facts, key, fix):
@@ -84,6 +91,29 @@ def test_precondition_failure_is_one_line(compose_config, overrides, facts, key,
         check_backend(cfg, "cuda", **facts)
     message = str(err.value)
     assert message.startswith(key + ":") and "\n" not in message and fix in message, message
+
+
+@pytest.mark.parametrize("head_dim", [192, 232, 256])
+def test_sdpa_flash_backward_rule_is_only_192_to_224_on_sm86_sm89(compose_config, head_dim):
+    cfg = load_config(compose_config("stage=pretrain", f"model.head_dim={head_dim}"))
+    assert check_backend(cfg, "cuda", **RTX4090) == "sdpa_flash"
+    cfg.model.head_dim = 208
+    assert check_backend(cfg, "cuda", **H100) == "sdpa_flash"  # sm90 has the backward
+    assert check_backend(cfg, "cuda", capability=(8, 0)) == "sdpa_flash"
+    assert check_backend(cfg, "cuda", flash_attn_version="2.8.3", **RTX4090) == "flash_attn"  # the rule is torch's kernel's only
+
+
+@pytest.mark.parametrize("version,facts,ok", [
+    ("2.7.2", H100, True), ("2.7.0", RTX3090, True), ("2.7.1", dict(capability=(8, 0)), True),
+    ("2.7.3", B200, True), ("2.8.3", dict(capability=(12, 0)), True), ("2.7.2", B200, False),
+])
+def test_flash_attn_2_7_0_to_2_7_2_only_on_sm8x_sm90(compose_config, version, facts, ok):
+    cfg = load_config(compose_config("stage=pretrain"))
+    if ok:
+        assert check_backend(cfg, "cuda", flash_attn_version=version, **facts) == "flash_attn"
+    else:
+        with pytest.raises(ConfigError, match="sm8x and sm90 only"):
+            check_backend(cfg, "cuda", flash_attn_version=version, **facts)
 
 
 def test_fp32_head_dim_alignment_is_a_sm80_rule(compose_config):

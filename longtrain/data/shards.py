@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch.distributed as dist
@@ -104,9 +104,11 @@ class PreparedData:
         return TokenStream(shards, np.concatenate(shard_of), np.concatenate(offsets), lengths_all)
 
 
-def open_prepared(cfg: Config, rank0: bool = True) -> PreparedData:
+def open_prepared(cfg: Config, rank0: bool = True, wait: Optional[Callable[[], None]] = None) -> PreparedData:
     """The run's prepared data, preparing it first if needed: rank 0 prepares while the
-    other ranks wait at a barrier (a no-op without a process group)."""
+    other ranks wait in ``wait`` (the trainer's is a gloo barrier with its own timeout,
+    ``parallel.mesh.wait_for_rank0``; by default the process group's barrier, a no-op
+    without one)."""
     folder = prepared_dir(cfg.data, cfg.tokenizer)
     error: Optional[ConfigError] = None
     if rank0 and not (folder / "manifest.json").exists():
@@ -114,7 +116,9 @@ def open_prepared(cfg: Config, rank0: bool = True) -> PreparedData:
             prepare(cfg.data, cfg.tokenizer, folder, num_proc=1, progress=False)
         except ConfigError as e:  # raised after the barrier, so no rank is left waiting
             error = e
-    if dist.is_initialized():
+    if wait is not None:
+        wait()
+    elif dist.is_initialized():
         dist.barrier()
     if error is not None:
         raise error

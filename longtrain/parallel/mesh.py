@@ -139,6 +139,15 @@ class CollectiveTimeout(RuntimeError):
     """A collective waited longer than parallel.timeout_s: a rank hung or died."""
 
 
+def is_peer_failure(e: BaseException) -> bool:
+    """An error from a collective that a silent or dead peer explains: gloo's timeouts are
+    RuntimeErrors saying so; NCCL's (with TORCH_NCCL_BLOCKING_WAIT=1, set by the command) and
+    its aborted or broken communicators are ``DistBackendError``s, whatever their text."""
+    if isinstance(e, dist.DistBackendError):
+        return True
+    return isinstance(e, RuntimeError) and re.search(r"time[d ]*out", str(e), re.IGNORECASE) is not None
+
+
 @contextlib.contextmanager
 def collective_timeouts(pd: ParallelDims) -> Iterator[None]:
     """Turn a timed-out collective into :class:`CollectiveTimeout` naming the silent ranks.
@@ -148,16 +157,27 @@ def collective_timeouts(pd: ParallelDims) -> Iterator[None]:
     """
     try:
         yield
-    except RuntimeError as e:
-        if pd.world_size == 1 or not re.search(r"time[d ]*out", str(e), re.IGNORECASE):
+    except CollectiveTimeout:  # already named (wait_for_rank0)
+        raise
+    except RuntimeError as e:  # DistBackendError is one
+        if pd.world_size == 1 or not is_peer_failure(e):
             raise
-        global _peer_lost
-        _peer_lost = True
-        silent = silent_ranks(pd)
-        who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "rank 0 did not answer"
-        raise CollectiveTimeout(
-            f"a collective waited more than parallel.timeout_s={pd.timeout_s} s: {who} (hung or dead); stopping the job"
-        ) from None
+        raise peer_lost(pd, silent_ranks(pd), f"a collective waited more than parallel.timeout_s={pd.timeout_s} s") from None
+
+
+def peer_lost(pd: ParallelDims, silent: list[int], what: str) -> CollectiveTimeout:
+    """The one line that ends the job; teardown is skipped from here on (it would wait on the silent ranks)."""
+    global _peer_lost
+    _peer_lost = True
+    who = f"rank(s) {', '.join(map(str, silent))} did not answer" if silent else "rank 0 did not answer"
+    return CollectiveTimeout(f"{what}: {who} (hung or dead); stopping the job")
+
+
+def _failed_ranks(e: RuntimeError) -> list[int]:
+    """The ranks a failed monitored barrier names (on rank 0; other ranks learn nothing)."""
+    if found := re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(e)):
+        return [int(r) for r in found.group(1).replace(",", " ").split()]
+    return []
 
 
 def silent_ranks(pd: ParallelDims) -> list[int]:
@@ -165,9 +185,30 @@ def silent_ranks(pd: ParallelDims) -> list[int]:
     try:
         dist.monitored_barrier(group=pd.health_group, timeout=timedelta(seconds=min(pd.timeout_s, 30)), wait_all_ranks=True)
     except RuntimeError as e:
-        if found := re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(e)):
-            return [int(r) for r in found.group(1).replace(",", " ").split()]
+        return _failed_ranks(e)
     return []
+
+
+def wait_for_rank0(pd: ParallelDims, wait_s: int) -> None:
+    """Every rank meets here after rank 0 worked alone (preparing data), on the gloo health
+    group, never on the training group: NCCL's timeout (``parallel.timeout_s``, enforced by
+    its watchdog) would fire while rank 0 is busy for longer, and would name nobody.
+
+    The other ranks wait up to ``wait_s`` (``parallel.prepare_timeout_s``) for rank 0;
+    rank 0, arriving last, waits ``parallel.timeout_s`` for them and names any that does
+    not come (hung or dead meanwhile).
+    """
+    if pd.world_size == 1:
+        return
+    timeout = pd.timeout_s if pd.is_rank0 else wait_s
+    try:
+        dist.monitored_barrier(group=pd.health_group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as e:
+        what = (
+            f"the ranks' meeting after rank 0 prepared the data timed out (parallel.prepare_timeout_s={wait_s} s, "
+            f"parallel.timeout_s={pd.timeout_s} s)"
+        )
+        raise peer_lost(pd, _failed_ranks(e), what) from None
 
 
 def all_reduce_sum(t: torch.Tensor, pd: ParallelDims) -> torch.Tensor:

@@ -6,6 +6,7 @@ a checkpoint of it to resume (``run.resume``), or another stage's weights.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,7 @@ from longtrain.logging import MetricsLogger
 from longtrain.model.transformer import Transformer
 from longtrain.optim.optimizer import build_optimizer
 from longtrain.optim.schedule import build_wsd_scheduler
-from longtrain.parallel.mesh import ParallelDims
+from longtrain.parallel.mesh import ParallelDims, wait_for_rank0
 from longtrain.parallel.parallelize import parallelize
 from longtrain.run_dir import run_id
 from longtrain.trainer.checkpointer import Checkpointer
@@ -56,7 +57,8 @@ def build_trainer(cfg: Config, dims: ParallelDims) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim)
     s = cfg.stage
     scheduler = build_wsd_scheduler(optimizer, s.steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.final_lr_ratio)
-    prepared = open_prepared(cfg, dims.is_rank0)  # rank 0 prepares once; the others wait
+    # Rank 0 prepares once; the others wait on gloo, not on the training group's NCCL timeout.
+    prepared = open_prepared(cfg, dims.is_rank0, functools.partial(wait_for_rank0, dims, cfg.parallel.prepare_timeout_s))
     train_data = build_train_data(cfg, tokenizer, prepared)
     loader = StatefulLoader(train_data, s.global_batch_size, s.micro_batch_size, dims.dp_rank, dims.dp)
     val_data = packed_dataset(prepared.stream("val"), s.seq_len, cfg.data)

@@ -36,11 +36,13 @@ def shard_batch(batch: Batch, dims: ParallelDims) -> Batch:
 
 
 def autocast_context(dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
-    """``run.dtype``'s autocast on the device, or nothing (fp32)."""
+    """``run.dtype``'s autocast on the device, or nothing (fp32). Without autocast's weight
+    cast cache: it would keep a bf16 copy of every weight until the region ends, past the
+    block that used it (and past FSDP2's resharding); casts are the same values either way."""
     dtype = autocast_dtype(dtype_name, device.type)
     if dtype is None:
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=dtype)
+    return functools.partial(torch.autocast, device.type, dtype=dtype, cache_enabled=False)
 
 
 class Evaluator:
