@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("out_dir", type=Path, help="the Hugging Face folder to write")
     p.add_argument("--max-shard-size", help="split safetensors past this size, e.g. 5GB, 500MB (default: the run's export.max_shard_size)")
     p.add_argument("--check", action="store_true", help="then compare transformers on the export with our model (logits, generate)")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: largest allowed |logit difference|")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: largest allowed |difference| of a token's loss (nats)")
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.max_shard_size)
