@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue as queue_module
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +65,20 @@ def _run(mode: str, task: str, seq_len: int, vocab: int, chunk: int, threads: in
     queue.put((before / 2**20, status_kib("VmHWM") / 2**20))
 
 
-def measure(mode: str, task: str, seq_len: int, vocab: int, chunk: int, threads: int) -> tuple[float, float]:
-    """(model's peak RSS, the evaluation's peak RSS) in GiB, from a fresh process."""
+def measure(mode: str, task: str, seq_len: int, vocab: int, chunk: int, threads: int) -> Optional[tuple[float, float]]:
+    """(model's peak RSS, the evaluation's peak RSS) in GiB, from a fresh process; None if
+    it died (killed for memory)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=_run, args=(mode, task, seq_len, vocab, chunk, threads, queue))
     p.start()
-    result = queue.get()
-    p.join()
-    return result
+    while p.is_alive() or not queue.empty():
+        try:
+            return queue.get(timeout=1)
+        except queue_module.Empty:
+            continue
+    print(f"  {task} {mode}: the process died (exit code {p.exitcode})", flush=True)
+    return None
 
 
 def main() -> None:
@@ -85,7 +92,10 @@ def main() -> None:
     print(f"{'task':<14} {'mode':<7} {'model':>7} {'peak':>7} {'evaluation':>11}")
     for task in TASKS:
         for mode in MODES:
-            static, peak = measure(mode, task, args.seq_len, args.vocab, args.loss_chunk, args.threads)
+            result = measure(mode, task, args.seq_len, args.vocab, args.loss_chunk, args.threads)
+            if result is None:
+                continue
+            static, peak = result
             print(f"{task:<14} {mode:<7} {static:7.2f} {peak:7.2f} {peak - static:11.2f}", flush=True)
 
 
