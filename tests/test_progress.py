@@ -49,6 +49,6 @@ def test_gate_evaluation_says_how_many_samples_are_done(tmp_path, capsys):
         "[gate] passkey at 8192: 8/10 samples  0:40 elapsed",
         "[gate] passkey at 8192: 10/10 samples  0:50 elapsed",
     ]
-    quiet = curriculum.counting_progress(lambda ids, pos: ids.float(), "passkey at 8192", 1, logger(tmp_path, progress=False))
-    quiet(torch.zeros(1, 3), torch.zeros(1, 3))
+    quiet = curriculum.counting_progress(lambda ids, pos, labels: ids.float(), "passkey at 8192", 1, logger(tmp_path, progress=False))
+    quiet(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
     assert capsys.readouterr().out == ""
