@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from longtrain.eval.suite import run_suite
 from longtrain.export import EXPORT_DIR, export_model
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.logging import MetricsLogger
+from longtrain.model.load import ScoreFn
+from longtrain.optim.loss import TokenScores
 from longtrain.preflight import check_gate_tasks_fit
 from longtrain.run_files import GATE_FILE, GateRecord, read_gate, short_loss_limit, write_gate
 from longtrain.run_config import load_config
@@ -107,26 +109,23 @@ def starting_point(cfg: Config, previous: Optional[Config]) -> tuple[Optional[Pa
     return latest, True, before
 
 
-ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def counting_progress(forward: ForwardFn, label: str, total: int, logger: MetricsLogger) -> ForwardFn:
-    """``forward``, saying how many of ``total`` samples it has been given: a line every
+def counting_progress(score: ScoreFn, label: str, total: int, logger: MetricsLogger) -> ScoreFn:
+    """``score``, saying how many of ``total`` samples it has been given: a line every
     PROGRESS_EVERY_S seconds and one when the last arrives (not one per sample)."""
     started = last_line = time.perf_counter()
     done = 0
 
-    def forward_counted(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def score_counted(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
         nonlocal done, last_line
-        logits = forward(input_ids, position_ids)
+        scores = score(input_ids, position_ids, labels)
         done += input_ids.shape[0]
         now = time.perf_counter()
         if done >= total or now - last_line >= PROGRESS_EVERY_S:
             logger.progress(f"[gate] {label}: {done}/{total} samples  {duration(now - started)} elapsed")
             last_line = now
-        return logits
+        return scores
 
-    return forward_counted
+    return score_counted
 
 
 class Gate:
@@ -151,10 +150,10 @@ class Gate:
             grids = {}
             for gated in (True, False):
                 for task in [t for t, threshold in tasks.items() if (threshold is not None) == gated]:
-                    forward = counting_progress(self.evaluator.logits_fn(), f"{task} at {length}",
+                    score = counting_progress(self.evaluator.score_fn(), f"{task} at {length}",
                                                 len(cfg.gate.depths) * trials[gated], self.evaluator.logger)
                     grids.update(run_suite(
-                        forward, self.evaluator.tokenizer, self.haystack, [task], [length], cfg.gate.depths,
+                        score, self.evaluator.tokenizer, self.haystack, [task], [length], cfg.gate.depths,
                         trials[gated], cfg.run.seed, cfg.stage.micro_batch_size, self.evaluator.dims.device,
                         cfg.retrieval,
                     ))
@@ -173,7 +172,7 @@ class Gate:
         self.evaluator.logger.progress(f"[gate] loss by position: up to {cfg.eval.position_windows} windows of {length} tokens")
         with self.evaluator.eval_mode():
             return position_loss.position_loss(
-                self.evaluator.logits_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
+                self.evaluator.score_fn(), self.val_tokens, self.val_doc_starts, length, cfg.eval.position_buckets,
                 cfg.eval.position_windows, cfg.stage.micro_batch_size, self.evaluator.dims.device,
             )
 

@@ -33,7 +33,7 @@ from longtrain.data.tokenizer import build_tokenizer
 from longtrain.data.tokenizer_export import save_tokenizer
 from longtrain.eval.needle import greedy_decode, needle_batch
 from longtrain.hf import MODEL_TYPES, export_architecture, hf_config_fields, hf_name
-from longtrain.model.load import LONGTRAIN_CONFIG, checkpoint_config, load_model
+from longtrain.model.load import LONGTRAIN_CONFIG, checkpoint_config, hf_scorer, load_model, load_scorer
 from longtrain.optim.loss import IGNORE_INDEX
 
 EXPORT_DIR = "hf"  # export.after_gate: STAGE/hf, next to gate.json
@@ -89,9 +89,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, max_shard_size: Optional[
 class ParityReport:
     """An export against the checkpoint it came from, as a client would use it."""
 
-    positions_from: int  # logits compared from here on: the original (pretraining) length
+    positions_from: int  # per-token losses compared from here on: the original (pretraining) length
     seq_len: int
-    max_abs_diff: float  # |transformers' logits - ours|, validation text
+    max_abs_diff: float  # |transformers' -log p(next token) - ours|, validation text
     ours: list[list[int]]  # our greedy answers to passkey prompts
     transformers: list[list[int]]  # model.generate's greedy answers to the same prompts
     answers: list[list[int]]
@@ -103,7 +103,7 @@ class ParityReport:
         same = sum(a == b for a, b in zip(self.ours, self.transformers))
         recalled = sum(a == b for a, b in zip(self.transformers, self.answers))
         return (
-            f"logits at positions {self.positions_from}..{self.seq_len - 1}: max |transformers - ours| = {self.max_abs_diff:.2e}; "
+            f"loss at positions {self.positions_from}..{self.seq_len - 2}: max |transformers - ours| = {self.max_abs_diff:.2e}; "
             f"passkey generate: {same}/{len(self.ours)} prompts decode the digits ours does ({recalled} recalled)"
         )
 
@@ -112,18 +112,22 @@ class ParityReport:
 def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityReport:
     """transformers on ``out_dir`` vs our model on ``checkpoint``, at the stage length.
 
-    Logits on a validation window, compared past the original length where the RoPE
-    scaling acts; then ``generate`` (greedy, with transformers' KV cache) on passkey
+    Per-token losses (-log p of the next token: the whole log-softmax row reduced to the
+    number that matters, without [T, vocab] logits) on a validation window, compared past
+    the original length where the RoPE scaling acts; then ``generate`` (greedy, with transformers' KV cache) on passkey
     prompts at depths spread over the window against our greedy decoding.
     """
     from transformers import AutoModelForCausalLM  # heavy; only --check needs it
 
-    model, cfg, tokenizer, device = load_model(checkpoint)
+    ours_score, cfg, tokenizer, device = load_scorer(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).to(device).eval()
+    hf_score = hf_scorer(hf, cfg.optim.loss_chunk_size)
     length, start = cfg.stage.seq_len, cfg.rope.original_max_position_embeddings
     ids = packed_dataset(open_prepared(cfg).stream("val"), length, cfg.data).sample(0)["input_ids"][None].to(device)
-    ours = model(ids, torch.arange(length, device=device)[None])
-    diff = float((hf(ids).logits - ours)[:, start:].abs().max())
+    positions, labels = torch.arange(length, device=device)[None], ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE_INDEX  # the last token has no next one in the window
+    ours, theirs = (f(ids, positions, labels).loss for f in (ours_score, hf_score))
+    diff = float((theirs - ours)[:, start:].abs().max())
 
     haystack = build_haystack(cfg, tokenizer, "val")
     cells = [(i / max(samples - 1, 1), 0) for i in range(samples)]
@@ -132,7 +136,7 @@ def check_parity(checkpoint: Path, out_dir: Path, samples: int = 4) -> ParityRep
     for sample, labels in zip(batch["input_ids"].to(device), batch["labels"].to(device)):
         answer_at = (labels != IGNORE_INDEX).nonzero().flatten()
         prompt, n = sample[: answer_at[0] + 1], len(answer_at)
-        report.ours.append(greedy_decode(model, prompt, n))
+        report.ours.append(greedy_decode(ours_score, prompt, n))
         generated = hf.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False)
         report.transformers.append(generated[0, len(prompt) :].tolist())
         report.answers.append(labels[answer_at].tolist())
@@ -155,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("out_dir", type=Path, help="the Hugging Face folder to write")
     p.add_argument("--max-shard-size", help="split safetensors past this size, e.g. 5GB, 500MB (default: the run's export.max_shard_size)")
     p.add_argument("--check", action="store_true", help="then compare transformers on the export with our model (logits, generate)")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: largest allowed |logit difference|")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: largest allowed |difference| of a token's loss (nats)")
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.max_shard_size)

@@ -89,6 +89,7 @@ class MemoryPlan:
     phases: list[Row] = field(default_factory=list)  # activation memory live at the loss and at each backward phase's peak
     overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
     optimizer_step_extra: int = 0  # temporaries of the optimizer step (activations freed by then)
+    evaluation: list[Row] = field(default_factory=list)  # the gate's evaluation forward, live at its peaks
 
     @property
     def activations(self) -> int:
@@ -107,6 +108,13 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         return self.live_peak + sum(r.bytes for r in self.overhead)
+
+    @property
+    def eval_peak(self) -> int:
+        """The gate's evaluation (needle grid, suite, loss by position) on the same rank: the
+        training state stays resident; no activations are saved (no grad)."""
+        state = sum(r.bytes for r in self.state)
+        return state + max(r.bytes for r in self.evaluation) + sum(r.bytes for r in self.overhead)
 
 
 def model_shapes(cfg: Config, vocab_size: int) -> dict[str, int]:
@@ -276,6 +284,25 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
     return rows
 
 
+def evaluation(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[Row]:
+    """Memory live at the peaks of the evaluation forward (trainer/evaluator.py ``score_fn``):
+    a block's transients while it runs, then the scoring of this rank's shard one chunk of
+    [chunk, vocab] logits at a time, and the [B, T] per-token results gathered over cp."""
+    m = cfg.model
+    t, d, f = plan.tokens, m.dim, m.resolved_ffn_dim()
+    chunk = min(cfg.optim.loss_chunk_size, t)
+    residual = 2 * t * d * 4  # the block's input and output residual stream, fp32
+    # SwiGLU: w1 and w3 outputs and their product at once (the largest block transient).
+    block = Row("evaluation: a block's forward", residual + 3 * t * f * act, "residual in/out + 3 [T/cp, ffn], nothing saved")
+    # Final hidden states, the labelled rows in the compute dtype, one chunk's logits (fp32,
+    # and the bf16 matmul output under bf16), and loss fp32 + argmax int64 per token of the
+    # whole sequence: cp shards gathered and their un-sharded copy.
+    results = 2 * plan.micro_batch * plan.seq_len * (4 + 8)
+    scoring = t * d * (4 + act) + chunk * vocab_size * (4 + (2 if act == 2 else 0)) + results
+    return [block, Row("evaluation: scoring", scoring,
+                       f"hidden states + [{chunk}, {vocab_size}] logits fp32 + [B, T] loss and argmax, gathered")]
+
+
 def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:
     """The memory plan of one rank for one validated stage config (every rank holds as many
     tokens: zigzag chunks are equal), with its checkpointing or ``checkpointing``."""
@@ -306,6 +333,7 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
     plan.per_block = block_saved(cfg, tokens, act, tiled) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
     plan.outside_blocks = outside_saved(cfg, tokens, vocab_size, act)
     plan.phases = phases(cfg, plan, act, vocab_size)
+    plan.evaluation = evaluation(cfg, plan, act, vocab_size)
     # foreach AdamW: a temporary the size of the (local) parameters next to the state.
     plan.optimizer_step_extra = 2 * shard * 4
     if device == "cuda":
@@ -345,6 +373,9 @@ def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
     if device_memory is not None:
         verdict = f"  → {'fits' if plan.peak <= device_memory else 'does NOT fit'} {_device(device_memory)}"
     lines.append(f"  predicted peak per rank{'':<15}{_size(plan.peak)}{verdict}")
+    rows("the gate's evaluation (no [T, vocab] logits; state as above)", plan.evaluation)
+    eval_verdict = f"  ({'within' if plan.eval_peak <= plan.peak else 'ABOVE'} the training step's)"
+    lines.append(f"  evaluation peak per rank{'':<14}{_size(plan.eval_peak)}{eval_verdict}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from longtrain.eval import needle
 from longtrain.export import export_checkpoint, export_model, main as export_main
 from longtrain.hf import hf_name
 from longtrain.model import load
+from longtrain.optim.loss import TokenScores
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import check_config, load_config
 from longtrain.trainer.builder import build_trainer, prepare_trainer
@@ -62,6 +63,18 @@ def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def hf_scores(folder: Path, ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+    """What a ScoreFn returns, from transformers' full logits (the reference; test-sized)."""
+    logits = hf_logits(folder, ids)
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    return TokenScores(loss, logits.argmax(dim=-1))
+
+
+def assert_scores_close(got: TokenScores, expected: TokenScores) -> None:
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax, expected.argmax)
 
 
 def our_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -146,19 +159,19 @@ def test_export_check_generate_decodes_what_our_evaluator_does(yarn_export, tmp_
     _, path, _ = yarn_export
     export_main([str(path), str(tmp_path / "hf"), "--check"])
     printed = capsys.readouterr().out
-    assert "logits at positions 16..319" in printed and "4/4 prompts decode the digits ours does" in printed, printed
+    assert "loss at positions 16..318" in printed and "4/4 prompts decode the digits ours does" in printed, printed
 
 
 def test_needle_cli_on_export_gives_the_checkpoint_grid(yarn_export, tmp_path):
     trainer, path, out = yarn_export
     # What the CLI runs on hf:OUT: the exported tokenizer builds the same haystack, and
     # transformers' forward gives our logits on needle samples.
-    forward, cfg, tokenizer, _ = load.load_hf_model(out)
+    score, cfg, tokenizer, _ = load.load_hf_model(out)
     haystack = build_haystack(cfg, tokenizer, "val")
     assert (haystack.tokens == build_haystack(cfg, trainer.evaluator.tokenizer, "val").tokens).all()
     batch = needle.needle_batch(tokenizer, haystack, 320, [(0.5, 0), (1.0, 1)], seed=0)
-    torch.testing.assert_close(forward(batch["input_ids"], batch["position_ids"]),
-                               our_logits(trainer.model, batch["input_ids"]), rtol=1e-5, atol=1e-5)
+    ours = load.scorer(trainer.model.eval(), 64)(batch["input_ids"], batch["position_ids"], batch["labels"])
+    assert_scores_close(score(batch["input_ids"], batch["position_ids"], batch["labels"]), ours)
     args = ["--lengths", "320", "--depths", "0", "50", "100", "--trials", "2", "--kind", "passkey"]
     needle.main([str(path), *args, "--out", str(tmp_path / "ours")])
     needle.main([f"hf:{out}", *args, "--out", str(tmp_path / "theirs")])
@@ -257,13 +270,21 @@ def fixed_ids() -> torch.Tensor:
     return torch.randint(0, 259, (2, SEQ), generator=torch.Generator().manual_seed(0))
 
 
+def fixed_labels() -> torch.Tensor:
+    return torch.randint(0, 259, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def evaluator_scores(trainer: Trainer, ids: torch.Tensor) -> TokenScores:
+    return trainer.evaluator.score_fn()(ids, torch.arange(SEQ).expand(2, -1), fixed_labels())
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_import_equals_transformers_then_trains(tmp_path, name):
     folder = random_hf_model(tmp_path / name, name)
     cfg = make_config(*import_overrides(folder, name, tmp_path / "run"))
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
-    torch.testing.assert_close(trainer.evaluator.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    assert_scores_close(evaluator_scores(trainer, ids), hf_scores(folder, ids, fixed_labels()))
     result = trainer.fit()
     assert result.step == 5 and sorted(losses(result.stage_dir)) == [1, 2, 3, 4, 5]
 
@@ -276,11 +297,11 @@ def test_model_hf_and_tokenizer_hf_take_everything_from_the_folder(tmp_path):
     assert (cfg.model.n_layers, cfg.model.nope_every, cfg.model.qk_norm, cfg.model.ffn_dim) == (4, 2, False, 160)
     trainer = prepare_trainer(cfg, single_process(), Path(cfg.stage.init_from))
     ids = fixed_ids()
-    torch.testing.assert_close(trainer.evaluator.logits_fn()(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids), rtol=1e-5, atol=1e-5)
+    assert_scores_close(evaluator_scores(trainer, ids), hf_scores(folder, ids, fixed_labels()))
     # The needle CLI on a folder from elsewhere (no longtrain.yaml): default run config, its tokenizer.
-    forward, default_cfg, tokenizer, _ = load.load_hf_model(folder)
+    score, default_cfg, tokenizer, _ = load.load_hf_model(folder)
     assert default_cfg.stage.seq_len == 512 and tokenizer.vocab_size == 259
-    torch.testing.assert_close(forward(ids, torch.arange(SEQ).expand(2, -1)), hf_logits(folder, ids))
+    assert_scores_close(score(ids, torch.arange(SEQ).expand(2, -1), fixed_labels()), hf_scores(folder, ids, fixed_labels()))
     # Exported again, the folder's own tokenizer goes along.
     from transformers import AutoTokenizer
 
@@ -331,12 +352,12 @@ def _import_worker(rank: int, world_size: int, folder: str, tmp: str, dp: int, c
     trainer = prepare_trainer(cfg, pd, Path(cfg.stage.init_from))
     assert counter.most == 1, f"rank {rank} held {counter.most} full tensors at once"
     assert counter.alive == 0
-    logits = trainer.evaluator.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
+    scores = evaluator_scores(trainer, fixed_ids())
     result = trainer.fit()
-    trained_logits = trainer.evaluator.logits_fn()(fixed_ids(), torch.arange(SEQ).expand(2, -1))
+    trained_scores = evaluator_scores(trainer, fixed_ids())
     export_model(trainer.model, cfg, Path(tmp) / "hf_live")  # export.after_gate's path: gathered from the shards
     if rank == 0:
-        torch.save({"logits": logits, "trained_logits": trained_logits, "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")
+        torch.save({"scores": tuple(scores), "trained_scores": tuple(trained_scores), "checkpoint": str(result.checkpoint)}, Path(tmp) / "out.pt")
 
 
 @pytest.mark.e2e  # training on spawned gloo ranks, then an export: the slowest of this file
@@ -345,12 +366,12 @@ def test_import_under_fsdp_and_cp_then_export_the_sharded_checkpoint(tmp_path, n
     folder = random_hf_model(tmp_path / name, name)
     run_distributed(_import_worker, dp * cp, str(folder), str(tmp_path), dp, cp, timeout=240)
     got = torch.load(tmp_path / "out.pt")
-    torch.testing.assert_close(got["logits"], hf_logits(folder, fixed_ids()), rtol=1e-5, atol=1e-5)
+    assert_scores_close(TokenScores(*got["scores"]), hf_scores(folder, fixed_ids(), fixed_labels()))
     assert sorted(losses(tmp_path / f"dp{dp}cp{cp}" / "pretrain")) == [1, 2, 3, 4, 5]
     # The checkpoint the two ranks saved exports in one process, with the trained model's logits.
     out = export_checkpoint(Path(got["checkpoint"]), tmp_path / "hf")
     for folder in (out, tmp_path / "hf_live"):
-        torch.testing.assert_close(hf_logits(folder, fixed_ids()), got["trained_logits"], rtol=1e-5, atol=1e-5)
+        assert_scores_close(TokenScores(*got["trained_scores"]), hf_scores(folder, fixed_ids(), fixed_labels()))
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ def haystack() -> Haystack:
 
 
 def test_teacher_forced_score_equals_greedy_decoding(haystack):
-    model = tiny_model()
+    model = load.scorer(tiny_model(), 64)  # the projection 64 tokens at a time: several chunks
     cells = [(d, t) for d in (0.0, 0.5, 1.0) for t in range(2)]
     batch = needle.needle_batch(TOK, haystack, LENGTH, cells, seed=0)
     labels = batch["labels"]
@@ -78,7 +78,7 @@ def test_eval_batch_places_needle_at_requested_depth(haystack, length):
 
 
 def test_grid_writes_json_table_and_heatmap(haystack, tmp_path):
-    model = tiny_model()
+    model = load.scorer(tiny_model(), 64)  # the projection 64 tokens at a time: several chunks
     grid = needle.run_needle_grid(model, TOK, haystack, [LENGTH, 400], depths=[0.0, 0.5, 1.0], trials=2, batch_size=4)
     assert len(grid.recall) == 2 and all(len(row) == 3 for row in grid.recall)
     assert all(0.0 <= r <= 1.0 for row in grid.recall for r in row)
@@ -97,7 +97,7 @@ def test_position_loss_uses_single_document_windows(tmp_path):
     doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1])])
     starts = position_loss.document_windows(tokens, doc_starts, 256, max_windows=10)
     assert starts == [50, 390, 646]
-    result = position_loss.position_loss(tiny_model(), tokens, doc_starts, 256, num_buckets=8, batch_size=2)
+    result = position_loss.position_loss(load.scorer(tiny_model(), 64), tokens, doc_starts, 256, num_buckets=8, batch_size=2)
     assert result.windows == 3 and len(result.loss) == 8 and result.bucket_starts[:2] == [0, 32]
     assert all(np.isfinite(result.loss))
     json_path, png_path = position_loss.write_results(result, tmp_path)

@@ -3,7 +3,7 @@
 One training step at cp=2 and at dp=2·cp=2 gives the loss and parameter gradients of the
 single-rank run; 20 steps track its losses; checkpoints saved at one layout resume at
 another (cp=2→cp=1, dp=1·cp=2→dp=2·cp=1, world 1→2) and continue on the same losses;
-the evaluators' sharded forward returns the single-rank logits of the whole sequence.
+the evaluators' sharded scores (per-token loss, argmax) equal the single rank's over the whole sequence.
 """
 
 from pathlib import Path
@@ -42,11 +42,12 @@ def first_step_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
     return float(sums["ce"] / sums["tokens"]), grads
 
 
-def whole_sequence_logits(trainer: Trainer) -> torch.Tensor:
-    """The evaluators' forward (needle grid, loss by position) on a fixed batch."""
+def whole_sequence_scores(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluators' scores (needle grid, loss by position) of every token of a fixed batch."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, trainer.cfg.stage.seq_len), generator=g)
-    return trainer.evaluator.logits_fn()(ids, torch.arange(ids.shape[1]).expand(2, -1))
+    labels = torch.randint(0, 256, ids.shape, generator=g)
+    return tuple(trainer.evaluator.score_fn()(ids, torch.arange(ids.shape[1]).expand(2, -1), labels))
 
 
 def _layout_worker(rank: int, world_size: int, tmp: str, dp: int, cp: int, resume_from: str) -> None:
@@ -54,10 +55,10 @@ def _layout_worker(rank: int, world_size: int, tmp: str, dp: int, cp: int, resum
     cfg = make_config(tmp / f"dp{dp}cp{cp}", dp, cp)
     pd = init_parallel(cfg.parallel, torch.device("cpu"))
     trainer = build_trainer(cfg, pd)
-    logits = whole_sequence_logits(trainer)
+    scores = whole_sequence_scores(trainer)
     loss, grads = first_step_grads(trainer)
     if rank == 0:
-        torch.save({"loss": loss, "grads": grads, "logits": logits}, tmp / f"grads_dp{dp}cp{cp}.pt")
+        torch.save({"loss": loss, "grads": grads, "scores": scores}, tmp / f"grads_dp{dp}cp{cp}.pt")
     run_stage(cfg, pd)  # 20 steps straight, checkpoints at 10 and 20
     if resume_from:  # a checkpoint written at another layout, resumed at this one
         cfg = make_config(tmp / f"dp{dp}cp{cp}_resumed", dp, cp, resume=resume_from)
@@ -69,7 +70,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     ref_cfg = make_config(tmp / "dp1cp1")
     ref_trainer = build_trainer(ref_cfg, single_process())
-    logits = whole_sequence_logits(ref_trainer)
+    scores = whole_sequence_scores(ref_trainer)
     loss, grads = first_step_grads(ref_trainer)
     run_stage(ref_cfg, single_process())
     ckpt10 = lambda name: str(tmp / name / "pretrain" / "checkpoints" / "step_00000010")  # noqa: E731
@@ -77,7 +78,7 @@ def runs(tmp_path_factory):
     run_distributed(_layout_worker, 4, str(tmp), 2, 2, "", timeout=240)
     run_distributed(_layout_worker, 2, str(tmp), 2, 1, ckpt10("dp1cp2"), timeout=240)  # dp1·cp2 → dp2·cp1
     run_stage(make_config(tmp / "dp1cp1_from_cp2", resume=ckpt10("dp1cp2")), single_process())  # cp2 → cp1
-    return tmp, {"loss": loss, "grads": grads, "logits": logits}
+    return tmp, {"loss": loss, "grads": grads, "scores": scores}
 
 
 # The layout runs (20 steps at four layouts on spawned gloo ranks, resumed across layouts)
@@ -103,10 +104,11 @@ def test_one_step_matches_single_rank(runs, layout):
 @LAYOUT_RUNS
 @pytest.mark.parametrize("layout", ["dp1cp2", "dp2cp2"])
 def test_sharded_evaluation_forward_matches_single_rank(runs, layout):
-    """Needle recall and loss by position at cp > 1 see the logits of the whole sequence."""
+    """Needle recall and loss by position at cp > 1 see the whole sequence's per-token loss and argmax."""
     tmp, ref = runs
-    got = torch.load(tmp / f"grads_{layout}.pt")["logits"]
-    torch.testing.assert_close(got, ref["logits"], rtol=1e-5, atol=1e-5)
+    (loss, argmax), (ref_loss, ref_argmax) = torch.load(tmp / f"grads_{layout}.pt")["scores"], ref["scores"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(argmax, ref_argmax)
 
 
 @LAYOUT_RUNS

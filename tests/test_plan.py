@@ -191,3 +191,15 @@ def test_readme_plan_commands_run():
         assert "predicted peak per rank" in proc.stdout
         if "--suggest" in args:
             assert "suggest: parallel.cp=" in proc.stdout
+
+
+def test_plan_reports_the_evaluation_peak_within_the_training_step(compose_config):
+    """The gate's evaluation holds one [chunk, vocab] block of logits, never [T, vocab]: at
+    128K tokens and a 32K vocabulary its peak stays within the training step's."""
+    from longtrain.run_config import load_config
+
+    cfg = load_config(compose_config("model=1b", "stage=extend_128k", "parallel.dp=1", "parallel.cp=8"))
+    p = plan_stage(cfg, 32000, "cuda")
+    assert any("[256, 32000] logits" in r.note for r in p.evaluation)
+    assert sum(r.bytes for r in p.state) < p.eval_peak <= p.peak
+    assert "evaluation peak per rank" in plan.format_plan(p)

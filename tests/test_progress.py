@@ -41,14 +41,14 @@ def test_progress_goes_to_the_terminal_not_the_metrics(tmp_path, capsys):
 def test_gate_evaluation_says_how_many_samples_are_done(tmp_path, capsys):
     clock = iter([0.0, 10.0, 40.0, 50.0, 55.0])
     with mock.patch.object(curriculum.time, "perf_counter", lambda: next(clock)):
-        forward = curriculum.counting_progress(lambda ids, pos: ids.float(), "passkey at 8192", 10, logger(tmp_path))
+        score = curriculum.counting_progress(lambda ids, pos, labels: ids.float(), "passkey at 8192", 10, logger(tmp_path))
         for batch in (4, 4, 2):
-            forward(torch.zeros(batch, 3), torch.zeros(batch, 3))
+            score(torch.zeros(batch, 3), torch.zeros(batch, 3), torch.zeros(batch, 3))
     # Samples 4 (10 s: too soon for a line), 8 (40 s), 10 (the last, always said).
     assert capsys.readouterr().out.splitlines() == [
         "[gate] passkey at 8192: 8/10 samples  0:40 elapsed",
         "[gate] passkey at 8192: 10/10 samples  0:50 elapsed",
     ]
-    quiet = curriculum.counting_progress(lambda ids, pos: ids.float(), "passkey at 8192", 1, logger(tmp_path, progress=False))
-    quiet(torch.zeros(1, 3), torch.zeros(1, 3))
+    quiet = curriculum.counting_progress(lambda ids, pos, labels: ids.float(), "passkey at 8192", 1, logger(tmp_path, progress=False))
+    quiet(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
     assert capsys.readouterr().out == ""

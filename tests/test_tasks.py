@@ -19,7 +19,7 @@ from longtrain.data.retrieval import Haystack, RetrievalDataset, key_split, retr
 from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.eval import suite
 from longtrain.eval.needle import needle_batch
-from longtrain.optim.loss import IGNORE_INDEX
+from longtrain.optim.loss import IGNORE_INDEX, TokenScores
 from tests.checkpoint_utils import tiny_checkpoint
 from tests.dist_utils import run_distributed
 
@@ -88,13 +88,19 @@ def solver_logits(input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def perfect_forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    return solver_logits(input_ids)
+def scores_of(logits: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+    """A ScoreFn's answer from test-sized logits (argmax only; the suite reads nothing else)."""
+    labelled = labels != IGNORE_INDEX
+    return TokenScores(torch.zeros(labels.shape), torch.where(labelled, logits.argmax(dim=-1), IGNORE_INDEX))
 
 
-def random_forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def perfect_forward(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+    return scores_of(solver_logits(input_ids), labels)
+
+
+def random_forward(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
     g = torch.Generator().manual_seed(int(input_ids.sum()))
-    return torch.randn(*input_ids.shape, TOK.vocab_size, generator=g)
+    return scores_of(torch.randn(*input_ids.shape, TOK.vocab_size, generator=g), labels)
 
 
 # -- formats ------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ CP_TASKS = ("passkey", "multikey", "vartrack")
 CP_DEPTHS = [0.0, 0.5, 1.0]
 
 
-def cp_config(run_dir: Path, cp: int):
+def cp_config(run_dir: Path, cp: int, *extra: str):
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import CONFIG_DIR
@@ -199,21 +205,25 @@ def cp_config(run_dir: Path, cp: int):
     from tests.test_trainer import TINY
 
     overrides = [*TINY, f"stage.seq_len={LENGTH}", f"run.dir={run_dir}", f"parallel.cp={cp}", "rope=yarn",
-                 "rope.original_max_position_embeddings=256", "stage.global_batch_size=2", "stage.micro_batch_size=2"]
+                 "rope.original_max_position_embeddings=256", "stage.global_batch_size=2", "stage.micro_batch_size=2", *extra]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return load_config(compose(config_name="config", overrides=overrides))
 
 
-def hinted_grids(trainer) -> dict:
-    """The gate's suite through the trainer's (sharded) forward, with the solver's answer
-    added at about the random model's top logit above its mean: whether a sample counts
-    as recalled then depends on the model's exact logits at the answer positions, so a
-    shard mix-up changes the result where a random model's zeros would not."""
-    model_forward = trainer.evaluator.logits_fn()
+HINT_LOSS = 5.6  # nats; a random model's loss on a 259-token vocabulary is about ln 259 ≈ 5.56
 
-    def forward(input_ids, position_ids):
-        logits = model_forward(input_ids, position_ids)
-        return logits + 0.75 * solver_logits(input_ids).to(logits.dtype)
+
+def hinted_grids(trainer) -> dict:
+    """The gate's suite through the trainer's (sharded) scores, with a hint: an answer token
+    also counts as predicted where the random model's loss on it is below HINT_LOSS. Whether a
+    sample counts as recalled then depends on the model's exact per-token losses at the
+    answer positions, so a shard mix-up changes the result where a random model's zeros
+    would not."""
+    model_score = trainer.evaluator.score_fn()
+
+    def forward(input_ids, position_ids, labels):
+        scores = model_score(input_ids, position_ids, labels)
+        return scores._replace(argmax=torch.where(scores.loss < HINT_LOSS, labels, scores.argmax))
 
     with trainer.evaluator.eval_mode():
         grids = suite.run_suite(forward, TOK, code_haystack(), CP_TASKS, [LENGTH], CP_DEPTHS, trials=3, batch_size=2)

@@ -4,10 +4,11 @@ Each cell holds ``trials`` samples from the validation haystack with evaluation-
 keys. A sample counts as recalled when greedy decoding would produce its answer exactly.
 That needs no generation loop: greedy decoding emits the answer iff at every answer
 position the argmax of the logits is the answer token, given the answer's own prefix,
-which is what one teacher-forced forward pass over the sample computes.
+which is what one teacher-forced forward pass over the sample computes. Only the answer
+positions are projected onto the vocabulary (:data:`ScoreFn`): [T, vocab] never exists.
 
 Building a batch (:func:`needle_batch`) and scoring it (:func:`score_batch`) are
-separate, so a sharded forward can replace ``model(input_ids, position_ids)``.
+separate, so a sharded scorer (the trainer's evaluator) can replace the model's.
 
     python -m longtrain.eval.needle RUN/STAGE/checkpoints/step_00000300 --lengths 512 2048
     python -m longtrain.eval.needle hf:EXPORTED_FOLDER      # the same grid through transformers' forward
@@ -30,7 +31,7 @@ from longtrain.config import RETRIEVAL_KINDS, RetrievalConfig
 from longtrain.data.retrieval import Haystack, build_haystack, retrieval_sample
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval.grid import NeedleGrid, save_heatmap
-from longtrain.model.load import ForwardFn, load_source
+from longtrain.model.load import ScoreFn, load_source
 from longtrain.optim.loss import IGNORE_INDEX
 
 Batch = dict[str, Tensor]
@@ -74,28 +75,30 @@ def fit_error(tokenizer: Tokenizer, task: str, length: int, cfg: Optional[Retrie
 
 
 @torch.no_grad()
-def score_batch(forward: ForwardFn, batch: Batch) -> Tensor:
+def score_batch(score: ScoreFn, batch: Batch) -> Tensor:
     """Bool [B]: whether greedy decoding reproduces every labelled (answer) token."""
-    logits = forward(batch["input_ids"], batch["position_ids"])
-    labels = batch["labels"].to(logits.device)
-    answer = labels != IGNORE_INDEX
-    hit = (logits.argmax(dim=-1) == labels) | ~answer
+    argmax = score(batch["input_ids"], batch["position_ids"], batch["labels"]).argmax
+    labels = batch["labels"].to(argmax.device)
+    hit = (argmax == labels) | (labels == IGNORE_INDEX)
     return hit.all(dim=1).cpu()
 
 
 @torch.no_grad()
-def greedy_decode(forward: ForwardFn, prompt: Tensor, n: int) -> list[int]:
+def greedy_decode(score: ScoreFn, prompt: Tensor, n: int) -> list[int]:
     """Plain autoregressive greedy decoding of ``n`` tokens, one full forward per token: what
     :func:`score_batch` predicts without decoding, for checking it (and an export) against."""
     ids = prompt.clone()
     for _ in range(n):
-        logits = forward(ids[None], torch.arange(len(ids), device=ids.device)[None])
-        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
+        # A label on the last position only: its argmax is the next token (the label's value is unused).
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[-1] = 0
+        argmax = score(ids[None], torch.arange(len(ids), device=ids.device)[None], labels[None]).argmax
+        ids = torch.cat([ids, argmax[0, -1:]])
     return ids[len(prompt) :].tolist()
 
 
 def run_needle_grid(
-    forward: ForwardFn,
+    score: ScoreFn,
     tokenizer: Tokenizer,
     haystack: Haystack,
     lengths: Sequence[int],
@@ -114,7 +117,7 @@ def run_needle_grid(
         hits: list[Tensor] = []
         for start in range(0, len(cells), batch_size):
             batch = needle_batch(tokenizer, haystack, length, cells[start : start + batch_size], seed, kind, cfg)
-            hits.append(score_batch(forward, {k: v.to(device) for k, v in batch.items()}))
+            hits.append(score_batch(score, {k: v.to(device) for k, v in batch.items()}))
         per_cell = torch.cat(hits).float().view(len(depths), trials).mean(dim=1)
         recall.append([round(float(r), 4) for r in per_cell])
     return NeedleGrid(kind, list(lengths), list(depths), trials, recall)
@@ -144,12 +147,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/needle)")
     args = p.parse_args(argv)
 
-    model, cfg, tokenizer, device, source = load_source(args.checkpoint)
+    score, cfg, tokenizer, device, source = load_source(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     haystack = build_haystack(cfg, tokenizer, "val")
     grid = run_needle_grid(
-        model, tokenizer, haystack, lengths, depths, args.trials, args.seed, args.batch_size,
+        score, tokenizer, haystack, lengths, depths, args.trials, args.seed, args.batch_size,
         args.kind or cfg.gate.kind, device, cfg.retrieval,
     )
     out = args.out or source / "needle"

@@ -19,11 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longtrain.data.shards import open_prepared
 from longtrain.eval.grid import pyplot
-from longtrain.model.load import ForwardFn, load_model
+from longtrain.model.load import ScoreFn, load_scorer
 
 
 @dataclass
@@ -50,7 +49,7 @@ def document_windows(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, m
 
 @torch.no_grad()
 def position_loss(
-    forward: ForwardFn,
+    score: ScoreFn,
     tokens: np.ndarray,
     doc_starts: np.ndarray,
     seq_len: int,
@@ -59,7 +58,8 @@ def position_loss(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
 ) -> PositionLoss:
-    """Mean loss per position bucket over single-document windows of the validation stream."""
+    """Mean loss per position bucket over single-document windows of the validation stream
+    (per-token losses from ``score``, never [T, vocab] logits)."""
     if not 0 < num_buckets <= seq_len:
         raise ValueError(f"num_buckets must be in [1, seq_len={seq_len}], got {num_buckets}")
     starts = document_windows(tokens, doc_starts, seq_len, max_windows)
@@ -69,8 +69,7 @@ def position_loss(
         chunk = starts[i : i + batch_size]
         windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in chunk]))
         windows = windows.to(device)
-        logits = forward(windows[:, :-1], positions.to(device).expand(len(chunk), -1))
-        loss = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")
+        loss = score(windows[:, :-1], positions.to(device).expand(len(chunk), -1), windows[:, 1:]).loss
         loss_sum += loss.sum(dim=0).double().cpu()
     per_position = loss_sum / len(starts)
     edges = np.linspace(0, seq_len, num_buckets + 1).round().astype(int)
@@ -110,11 +109,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/position_loss)")
     args = p.parse_args(argv)
 
-    model, cfg, tokenizer, device = load_model(args.checkpoint)
+    score, cfg, tokenizer, device = load_scorer(args.checkpoint)
     tokens = open_prepared(cfg).stream("val")
     doc_starts = tokens.doc_starts
     seq_len = args.seq_len or cfg.stage.seq_len
-    result = position_loss(model, tokens, doc_starts, seq_len, args.buckets, args.windows, args.batch_size, device)
+    result = position_loss(score, tokens, doc_starts, seq_len, args.buckets, args.windows, args.batch_size, device)
     out = args.out or args.checkpoint / "position_loss"
     json_path, png_path = write_results(result, out, {"checkpoint": str(args.checkpoint)})
     for start, loss in zip(result.bucket_starts, result.loss):

@@ -27,13 +27,13 @@ from longtrain.data.retrieval import Haystack, build_haystack
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.eval.grid import pyplot
 from longtrain.eval.needle import DEFAULT_DEPTHS, NeedleGrid, fit_error, run_needle_grid
-from longtrain.model.load import ForwardFn, load_source
+from longtrain.model.load import ScoreFn, load_source
 
 DEFAULT_TASKS = ("passkey", "multikey", "multiquery", "multivalue", "vartrack", "cwe")
 
 
 def run_suite(
-    forward: ForwardFn,
+    score: ScoreFn,
     tokenizer: Tokenizer,
     haystack: Haystack,
     tasks: Sequence[str],
@@ -48,7 +48,7 @@ def run_suite(
     """Each task's needle grid over ``lengths`` × ``depths``; a task's samples do not
     depend on which other tasks run."""
     return {
-        task: run_needle_grid(forward, tokenizer, haystack, lengths, depths, trials, seed, batch_size, task, device, cfg)
+        task: run_needle_grid(score, tokenizer, haystack, lengths, depths, trials, seed, batch_size, task, device, cfg)
         for task in tasks
     }
 
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.trials < 1 or any(not 0 <= d <= 100 for d in args.depths or []):
         p.error("--trials must be >= 1 and --depths percentages in [0, 100]")
 
-    forward, cfg, tokenizer, device, source = load_source(args.checkpoint)
+    score, cfg, tokenizer, device, source = load_source(args.checkpoint)
     depths = [d / 100 for d in args.depths] if args.depths else list(DEFAULT_DEPTHS)
     lengths = args.lengths or [cfg.stage.seq_len]
     for task in args.tasks:
@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if (why := fit_error(tokenizer, task, length, cfg.retrieval)) is not None:
                 p.error(f"--tasks {task} does not fit --lengths {length}: {why}")
     grids = run_suite(
-        forward, tokenizer, build_haystack(cfg, tokenizer, "val"), list(dict.fromkeys(args.tasks)), lengths, depths,
+        score, tokenizer, build_haystack(cfg, tokenizer, "val"), list(dict.fromkeys(args.tasks)), lengths, depths,
         args.trials, args.seed, args.batch_size, device, cfg.retrieval,
     )
     out = args.out or source / "suite"

@@ -23,7 +23,7 @@ from longtrain.attention.kernels import compute_dtype
 from longtrain.attention.ring import ring_attention
 from longtrain.config import ModelConfig, RopeConfig
 from longtrain.model.rope import RotaryEmbedding, apply_rope
-from longtrain.optim.loss import LossSums, chunked_cross_entropy
+from longtrain.optim.loss import LossSums, TokenScores, chunked_cross_entropy, token_scores
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, float, Optional[Tensor]], Tensor]
 
@@ -167,8 +167,10 @@ class Transformer(nn.Module):
         loss_chunk_size: int = 1024,
         doc_ids: Optional[Tensor] = None,
         z_loss: float = 0.0,
-    ) -> Tensor | LossSums:
-        """Logits [B, T, vocab] without labels; with labels, summed CE and z-loss terms.
+        scores: bool = False,
+    ) -> Tensor | LossSums | TokenScores:
+        """Logits [B, T, vocab] without labels; with labels, summed CE and z-loss terms, or
+        with ``scores`` each labelled token's loss and argmax (evaluation, no [T, vocab]).
 
         ``doc_ids`` [B, T] (this shard's, nondecreasing along the sequence) masks attention
         to each token's own document; None attends across the whole packed sequence.
@@ -180,6 +182,8 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, position_ids, doc_ids)
         if labels is None:
             return h @ self.output_weight().t()
+        if scores:
+            return token_scores(h, self.output_weight(), labels, loss_chunk_size)
         return chunked_cross_entropy(h, self.output_weight(), labels, loss_chunk_size, z_loss)
 
     def num_params(self, exclude_embedding: bool = False) -> int:

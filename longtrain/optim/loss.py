@@ -41,23 +41,34 @@ def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
+def _project(h: Tensor, weight: Tensor) -> Tensor:
+    """A chunk's logits [chunk, vocab], at least fp32 (bf16 logits: softmax in fp32)."""
+    logits = h @ weight.t()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _exp_in_place(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(exp(logit - m), Σ exp(logit - m), log Z) with the first formed in place of ``logits``.
+
+    log Z = m + log Σ exp(logit - m). The chunk is [chunk, vocab], so every pass over it
+    counts (logsumexp would allocate and make two more).
+    """
+    m = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    sum_e = e.sum(dim=-1)
+    return e, sum_e, m.squeeze(1) + sum_e.log()
+
+
 def _chunk_loss(
     h: Tensor, weight: Tensor, labels: Tensor, z_loss: float, grads: Optional[tuple[Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """CE and z sums of one chunk; with ``grads`` = (dh chunk, dW fp32 accumulator), also
     writes d(ce + z_loss·z)/dh into the first and adds d/dW to the second."""
-    logits = h @ weight.t()
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in fp32
+    logits = _project(h, weight)
     valid = labels != IGNORE_INDEX
     target = labels.clamp_min(0).unsqueeze(1)
     target_logit = logits.gather(1, target).squeeze(1)
-    # log Z = m + log Σ exp(logit - m), with exp(logit - m) formed in place of the logits:
-    # the chunk is [chunk, vocab], so every pass over it counts (logsumexp would allocate and
-    # make two more).
-    m = logits.amax(dim=-1, keepdim=True)
-    e = logits.sub_(m).exp_()
-    sum_e = e.sum(dim=-1)
-    log_z = m.squeeze(1) + sum_e.log()
+    e, sum_e, log_z = _exp_in_place(logits)
     ce = torch.where(valid, log_z - target_logit, 0.0).sum()
     z = torch.where(valid, log_z.square(), 0.0).sum()
     if grads is not None:
@@ -117,6 +128,44 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk_size:
         ce = torch.stack([c for c, _ in sums]).sum()
         z = torch.stack([zc for _, zc in sums]).sum()
     return LossSums(ce + z_loss * z, ce, z, tokens)
+
+
+class TokenScores(NamedTuple):
+    """Per-token results of an evaluation forward, [B, T] like the labels; what the needle
+    grid, the task suite and loss by position read instead of logits."""
+
+    loss: Tensor  # -log p(label), fp32 (float64 for a float64 model); 0 where the label is ignored
+    argmax: Tensor  # the most likely token (long); IGNORE_INDEX where the label is ignored
+
+
+def _chunk_scores(h: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token CE and argmax of one chunk of labelled tokens (the same log Z as training)."""
+    logits = _project(h, weight)
+    argmax = logits.argmax(dim=-1)  # before the logits become exp(logit - m) in place
+    target_logit = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    _, _, log_z = _exp_in_place(logits)
+    return log_z - target_logit, argmax
+
+
+@torch.no_grad()
+def token_scores(h: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> TokenScores:
+    """h [B, T, D] final hidden states, weight [vocab, D], labels [B, T] → :class:`TokenScores`.
+
+    Only labelled tokens are projected, ``chunk_size`` at a time: a needle's few answer
+    tokens cost a few rows of logits, a whole window of loss by position [chunk, vocab]
+    at a time, and [T, vocab] never exists.
+    """
+    valid = labels != IGNORE_INDEX
+    dtype = _compute_dtype(h, weight)
+    rows, targets, w_c = h[valid].to(dtype), labels[valid], weight.to(dtype)
+    parts = [_chunk_scores(rows[s : s + chunk_size], w_c, targets[s : s + chunk_size])
+             for s in range(0, rows.shape[0], chunk_size)]
+    loss = torch.zeros(labels.shape, dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+    argmax = torch.full_like(labels, IGNORE_INDEX)
+    if parts:
+        loss[valid] = torch.cat([c for c, _ in parts])
+        argmax[valid] = torch.cat([a for _, a in parts])
+    return TokenScores(loss, argmax)
 
 
 def total_loss(sums: LossSums, num_tokens: Tensor | int) -> Tensor:

@@ -1,6 +1,8 @@
 """The model's forward over whole sequences, sharded over the cp group, and what is
 evaluated with it: validation loss for the trainer, and for the gate the tokenizer, the
-prepared validation data, the logger and full logits.
+prepared validation data, the logger and per-token scores (loss and argmax) of whole
+sequences: each rank scores its own shard and only [B, T/cp] results are gathered, so no
+rank ever holds [T, vocab] logits.
 
 Training and evaluation go through the one ``loss_sums``, so both shard and cast alike.
 """
@@ -20,8 +22,9 @@ from longtrain.data.shards import PreparedData
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.hardware import autocast_dtype
 from longtrain.logging import MetricsLogger
+from longtrain.model.load import ScoreFn
 from longtrain.model.transformer import Transformer
-from longtrain.optim.loss import LossSums
+from longtrain.optim.loss import LossSums, TokenScores
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
 from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
 
@@ -64,20 +67,26 @@ class Evaluator:
                 doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None, z_loss=self.cfg.optim.z_loss,
             )
 
-    def logits_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """(input_ids, position_ids) of whole sequences → full logits, sharded over cp if needed."""
+    def score_fn(self) -> ScoreFn:
+        """(input_ids, position_ids, labels) of whole sequences → every labelled token's loss
+        and argmax over the whole sequence, computed on this rank's cp shard and gathered."""
 
-        def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-            batch = shard_batch({"input_ids": input_ids, "position_ids": position_ids}, self.dims)
+        def score(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+            batch = shard_batch({"input_ids": input_ids, "position_ids": position_ids, "labels": labels}, self.dims)
             with torch.no_grad(), self.autocast():
-                logits = self.model(batch["input_ids"], batch["position_ids"]).float()
-            if self.dims.cp == 1:
-                return logits
-            shards = [torch.empty_like(logits) for _ in range(self.dims.cp)]
-            dist.all_gather(shards, logits.contiguous(), group=self.dims.cp_group)
-            return zigzag_unshard(shards, self.dims.cp, dim=1)
+                local = self.model(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                   self.cfg.optim.loss_chunk_size, scores=True)
+            return TokenScores(*(self._gather_sequence(t) for t in local))
 
-        return forward
+        return score
+
+    def _gather_sequence(self, shard: torch.Tensor) -> torch.Tensor:
+        """[B, T/cp] of this rank's zigzag chunks → [B, T] in sequence order, on every cp rank."""
+        if self.dims.cp == 1:
+            return shard
+        shards = [torch.empty_like(shard) for _ in range(self.dims.cp)]
+        dist.all_gather(shards, shard.contiguous(), group=self.dims.cp_group)
+        return zigzag_unshard(shards, self.dims.cp, dim=1)
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
