@@ -5,7 +5,6 @@ rank's, and equal what full logits give.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
