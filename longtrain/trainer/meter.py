@@ -38,7 +38,7 @@ ASSUMED_GPU_MFU = 0.4
 CPU_PROBE_SIZE, CPU_PROBE_S = 512, 0.2
 # Share of the probe's rate a training step reaches on a CPU (norms, softmax, the optimizer
 # and small matmuls are slower than the probe). Measured on the CPU demo's stages: docs/operations.md.
-CPU_TRAINING_SHARE = 0.8
+CPU_TRAINING_SHARE = 0.5
 # A CPU stage estimated beyond this is a GPU stage: the line names the CPU demo instead.
 CPU_HOURS_LIMIT = 12
 
