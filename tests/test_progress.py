@@ -1,12 +1,15 @@
 """Progress for a person watching: step of total, elapsed and ETA on the training line, and
 the gate's evaluation saying which task and how many samples are done, on the terminal
-only (metrics.jsonl is unchanged) and not at all with logging.progress=false."""
+only (metrics.jsonl is unchanged) and not at all with logging.progress=false; each
+stage's estimated wall time before its first step and in the dry run."""
 
 from __future__ import annotations
 
 import json
+import re
 from unittest import mock
 
+import pytest
 import torch
 
 from longtrain import curriculum
@@ -14,7 +17,7 @@ from longtrain.config import LoggingConfig
 from longtrain.logging import MetricsLogger
 from longtrain.trainer import meter
 from longtrain.trainer.meter import Meter, duration
-from tests.cli_utils import QUICK, train_in_process
+from tests.cli_utils import QUICK, train, train_in_process
 
 
 def logger(tmp_path, progress: bool = True) -> MetricsLogger:
@@ -99,3 +102,23 @@ def test_a_run_prints_its_estimate_before_its_first_step(tmp_path):
     estimate = next(i for i, x in enumerate(lines) if x.startswith("stage induction: estimated "))
     first_step = next(i for i, x in enumerate(lines) if x.startswith("[train] step 1/2"))
     assert estimate < first_step and "cpu_demo" not in lines[estimate]
+
+
+def seconds(text: str) -> int:
+    """``1:02:03`` or ``2:03`` (meter.duration's format) in seconds."""
+    total = 0
+    for part in text.split(":"):
+        total = total * 60 + int(part)
+    return total
+
+
+@pytest.mark.e2e
+def test_the_cpu_estimate_is_within_2x_of_the_measured_time(tmp_path):
+    # A CPU demo stage long enough to time (about a minute), timed by its own progress line.
+    proc = train(*QUICK, "stage.steps=60", "gate.min_recall=0", "logging.progress=true", "logging.log_every=60",
+                 f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    estimate = re.search(r"^stage induction: estimated (\S+) for 60 steps", proc.stdout, re.M)
+    elapsed = re.search(r"^\[train\] step 60/60  (\S+) elapsed", proc.stdout, re.M)
+    assert estimate and elapsed, proc.stdout
+    assert 0.5 <= seconds(estimate[1]) / max(seconds(elapsed[1]), 1) <= 2, proc.stdout
