@@ -40,15 +40,11 @@ _deferring = False  # inside the step loop: Ctrl-C waits for the step to end
 
 
 class Preempted(Exception):
-    """A stop signal arrived; the run saved its state at ``step`` and should exit with :func:`exit_code`."""
+    """A stop signal arrived; the run saved its state at ``step`` (75 for SIGTERM/SIGUSR1, 130 for SIGINT)."""
 
     def __init__(self, message: str, signal_name: Optional[str], step: int):
         super().__init__(message)
         self.signal_name, self.step = signal_name, step
-
-
-def exit_code(signal_name: Optional[str]) -> int:
-    return INTERRUPTED_EXIT_CODE if signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
 def _record(signum: int, frame: Optional[FrameType]) -> None:
