@@ -180,7 +180,7 @@ def run_job(raw: DictConfig) -> float | None:
     except Stop as stop:
         if is_rank0():  # every rank fails the same way; one line is enough
             print(stop.line(), file=sys.stderr, flush=True)
-        if job_number is None:
+        if job_number is None or stop.code == preemption.INTERRUPTED_EXIT_CODE:  # Ctrl-C ends a sweep too
             sys.exit(stop.code)
         status, code = stop.status, stop.code
     objective = job_objective(Path(job.run_dir), job.stages)
