@@ -2,7 +2,7 @@
 
 All logic lives in longtrain/; the command itself, its Hydra composition and its exit
 codes (0 done; 1 a stage failed its gate, diverged or a rank hung; 2 bad input; 75
-stopped by SIGTERM/SIGUSR1 after saving a checkpoint) are ``longtrain.cli.main``.
+stopped by SIGTERM/SIGUSR1 after saving a checkpoint; 130 Ctrl-C) are ``longtrain.cli.main``.
 """
 
 import os
@@ -12,7 +12,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from longtrain.cli import main  # noqa: E402
+try:
+    from longtrain.cli import main  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing has started, nothing to say
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog=sys.argv[0]))

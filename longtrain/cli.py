@@ -4,7 +4,9 @@
 by ``stage=...`` (one job per setting with ``-m``), reports every bad input as one line
 (before any compute, nothing written; longtrain/preflight.py) and maps the outcome to an
 exit code: 0 done; 1 a stage failed its gate, diverged or a rank hung; 2 bad input; 75
-stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue with run.resume=auto). With
+stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue with run.resume=auto); 130
+interrupted by Ctrl-C (in the step loop after finishing the step and saving it; a second
+Ctrl-C stops at once, keeping only complete checkpoints). With
 -m (multirun) each job gets its own run folder, and a failing job does not stop the jobs
 after it; the sweep exits with the worst job's code (longtrain/reporting/callback.py).
 Tests call ``main([...])`` in-process; train.py is its entry.
@@ -31,6 +33,8 @@ from longtrain.checkpoint import barrier
 from longtrain.command_line import CONFIG_DIR, hydra_error_line, sweep_root, torchrun_env_from_submitit
 from longtrain.config import Config, ConfigError
 from longtrain.curriculum import GateFailed, StageError, compose_stage_configs, run_curriculum, stages_to_run, summary_table
+from longtrain.data.tokenizer import build_tokenizer
+from longtrain.model.transformer import Transformer
 from longtrain.parallel.mesh import CollectiveTimeout, collective_timeouts, init_parallel, world_size_from_env
 from longtrain.preflight import preflight
 from longtrain.reporting.run_report import report_at_end
@@ -38,6 +42,23 @@ from longtrain.run_dir import clear_stage_folders
 from longtrain.run_files import JobRecord, write_job_record
 from longtrain.sweep_job import job_objective
 from longtrain.trainer.checkpointer import Diverged
+from longtrain.trainer.meter import detect_peak_tflops, estimate_line
+
+
+def non_embedding_params(cfg: Config) -> int:
+    """The model's parameter count as the meter takes it, from a model on the meta device (no memory, no RNG)."""
+    vocab = cfg.model.vocab_size or build_tokenizer(cfg.tokenizer).vocab_size
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.rope, vocab).num_params(exclude_embedding=True)
+
+
+def stage_estimates(stages: list[Config], world_size: int, device: torch.device) -> str:
+    """Each stage's estimated wall time on this device, the line a real run prints before its first step."""
+    return "\n".join(
+        estimate_line(c, non_embedding_params(c), c.stage.steps, world_size, device,
+                      c.logging.peak_tflops or detect_peak_tflops(device))
+        for c in stages
+    )
 
 
 # NCCL's defaults (TORCH_NCCL_BLOCKING_WAIT off, TORCH_NCCL_ASYNC_ERROR_HANDLING 3) leave
@@ -76,6 +97,10 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
     saved_argv, sys.argv = sys.argv, [prog, *argv]  # Hydra parses sys.argv
     try:
         hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)(run_job)()
+    except KeyboardInterrupt:  # Ctrl-C with no step to finish: composing, preparing data, a gate
+        if is_rank0():
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+        return preemption.INTERRUPTED_EXIT_CODE
     except SystemExit as e:  # a single run's failure, a failed sweep's worst code, Hydra's own exit (--help)
         return exit_code(e)
     except Exception as e:  # Hydra's own errors: an unknown key or option, a parse error
@@ -89,6 +114,10 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
         sys.argv = saved_argv
         GlobalHydra.instance().clear()  # so that the next call in this process composes afresh
     return 0
+
+
+# Ctrl-C with no step to finish; the stages and checkpoints completed before it are on disk.
+INTERRUPTED_LINE = "interrupted: complete checkpoints are kept; resume with run.resume=auto"
 
 
 def exit_code(exit: SystemExit) -> int:
@@ -105,6 +134,17 @@ class Stop(Exception):
     def __init__(self, kind: str, message: str, code: int, status: str | None = None):
         super().__init__(message)
         self.kind, self.code, self.status = kind, code, status or kind
+
+    def line(self) -> str:
+        return f"{self.kind}: {self}" if self.kind != "interrupted" else str(self)
+
+
+def preempted(e: preemption.Preempted) -> Stop:
+    """SIGTERM/SIGUSR1 → "preempted: ..." and 75; Ctrl-C → the one line a person expects, and 130."""
+    if e.signal_name == "SIGINT":
+        message = f"interrupted at step {e.step}, checkpoint saved: resume with run.resume=auto"
+        return Stop("interrupted", message, preemption.INTERRUPTED_EXIT_CODE)
+    return Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE)
 
 
 @dataclass
@@ -154,8 +194,8 @@ def run_job(raw: DictConfig) -> float | None:
         status, code = "passed", 0
     except Stop as stop:
         if is_rank0():  # every rank fails the same way; one line is enough
-            print(f"{stop.kind}: {stop}", file=sys.stderr, flush=True)
-        if job_number is None:
+            print(stop.line(), file=sys.stderr, flush=True)
+        if job_number is None or stop.code == preemption.INTERRUPTED_EXIT_CODE:  # Ctrl-C ends a sweep too
             sys.exit(stop.code)
         status, code = stop.status, stop.code
     objective = job_objective(Path(job.run_dir), job.stages)
@@ -182,14 +222,15 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
         device = preflight(to_run, world_size_from_env())
     except ConfigError as e:
         raise Stop("config error", str(e), 2) from None
+    if stages[0].run.threads:  # before the dry run too: its CPU estimate measures these threads
+        torch.set_num_threads(stages[0].run.threads)
     if stages[0].run.dry_run:
         job.dry_run = True
         if is_rank0():
             print(plan_table(to_run, world_size_from_env()))
+            print(stage_estimates(to_run, world_size_from_env(), device))
         return
 
-    if stages[0].run.threads:
-        torch.set_num_threads(stages[0].run.threads)
     preemption.install_handlers()
     if device.type == "cuda":
         set_nccl_environment()
@@ -210,7 +251,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     except Diverged as e:
         stopped = Stop("diverged", str(e), 1)
     except preemption.Preempted as e:
-        stopped = Stop("preempted", str(e), preemption.PREEMPTED_EXIT_CODE)
+        stopped = preempted(e)
     except CollectiveTimeout as e:
         stopped = Stop("parallel error", str(e), 1)
     # The report is most useful after a failed gate. Other ranks may exit first; torchrun then

@@ -240,10 +240,11 @@ def _train_and_gate(trainer: Trainer, init_from: Optional[Path], forced: bool, b
             + f" → {'pass' if passed else 'fail'}")
         if passed or extra >= cfg.gate.max_extra_steps:
             break
-        if preemption.stop_requested(pd):  # the stage's last checkpoint holds everything so far
+        stop = preemption.stop_requested(pd)
+        if stop:  # the stage's last checkpoint holds everything so far
             raise preemption.Preempted(
-                f"{preemption.received()} during the gate of stage {cfg.stage.name}: its latest checkpoint is "
-                f"{result.checkpoint}; continue with run.resume=auto"
+                f"{stop} during the gate of stage {cfg.stage.name}: its latest checkpoint is "
+                f"{result.checkpoint}; continue with run.resume=auto", stop, result.step
             )
         increment = min(cfg.gate.extra_steps_increment, cfg.gate.max_extra_steps - extra)
         extra += increment

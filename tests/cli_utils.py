@@ -46,7 +46,7 @@ def train_losses(stage_dir: Path) -> dict[int, float]:
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
     """``main(argv)`` in this process, from ``cwd``, as a process would run it: its exit code
     and what it printed. The signal handlers a run installs are put back afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     try:

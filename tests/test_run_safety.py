@@ -17,9 +17,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from longtrain import checkpoint as ckpt
-from longtrain.preemption import PREEMPTED_EXIT_CODE
+from longtrain.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SAME_PRESS_S
 from longtrain.run_files import read_gate
-from tests.cli_utils import QUICK, TRAIN, env, train, train_in_process, train_losses
+from tests.cli_utils import QUICK, ROOT, TRAIN, env, train, train_in_process, train_losses
 
 
 def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
@@ -81,8 +81,9 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise TimeoutError(f"no step {step} in {metrics}")
 
 
-def sigterm_then_resume(tmp_path: Path, command: list[str], run_args: list[str]) -> tuple[dict, dict, str]:
-    """Losses of an uninterrupted run, and of one stopped by SIGTERM then resumed."""
+def stop_then_resume(tmp_path: Path, command: list[str], run_args: list[str],
+                     sig: signal.Signals = signal.SIGTERM) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """Losses of an uninterrupted run, and of one stopped by ``sig`` then resumed; the stopped process."""
     straight = subprocess.run([*command, *run_args, f"run.dir={tmp_path / 'straight'}"], cwd=tmp_path, env=env(),
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
@@ -90,30 +91,76 @@ def sigterm_then_resume(tmp_path: Path, command: list[str], run_args: list[str])
     proc = subprocess.Popen([*command, *run_args, f"run.dir={run_dir}"], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(run_dir / "induction" / "metrics.jsonl", 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=240)
+    stopped = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     resumed = subprocess.run([*command, *run_args, f"run.dir={run_dir}", "run.resume=auto"], cwd=tmp_path,
                              env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    return train_losses(tmp_path / "straight" / "induction"), train_losses(run_dir / "induction"), err
+    return train_losses(tmp_path / "straight" / "induction"), train_losses(run_dir / "induction"), stopped
 
 
 STOPPABLE = [*QUICK, "stage.steps=12", "run.checkpoint_every=100", "gate.min_recall=0", "logging.log_every=1"]
+TORCHRUN_CP2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
 
 
 @pytest.mark.e2e
 def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path):
-    expected, got, err = sigterm_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
-    assert "preempted: SIGTERM at step" in err and "run.resume=auto" in err
+    expected, got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
+    assert "preempted: SIGTERM at step" in stopped.stderr and "run.resume=auto" in stopped.stderr
     assert got == expected  # bitwise: the same losses at every step
 
 
 @pytest.mark.e2e
 def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
-    expected, got, err = sigterm_then_resume(tmp_path, command, [*STOPPABLE, "parallel.cp=2"])
-    assert "preempted: SIGTERM at step" in err
+    expected, got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"])
+    assert "preempted: SIGTERM at step" in stopped.stderr
     assert got == expected
+
+
+def assert_interrupted_at_a_saved_step(stopped: subprocess.CompletedProcess, checkpoints: Path) -> None:
+    """Ctrl-C's one line, no traceback of ours, and the checkpoint of the step it names.
+    (torchrun prints its own traceback for the SIGINT it forwarded: its frames, not ours.)"""
+    assert "KeyboardInterrupt" not in stopped.stderr and f'File "{ROOT}' not in stopped.stderr, stopped.stderr
+    (line,) = [x for x in stopped.stderr.splitlines() if x.startswith("interrupted at step")]
+    step = int(line.split()[3].rstrip(","))
+    assert line == f"interrupted at step {step}, checkpoint saved: resume with run.resume=auto"
+    assert ckpt.checkpoint_dir(checkpoints, step) in ckpt.complete_checkpoints(checkpoints)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_finishes_the_step_saves_and_the_resumed_run_matches(tmp_path):
+    expected, got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE, signal.SIGINT)
+    assert stopped.returncode == INTERRUPTED_EXIT_CODE and "Traceback" not in stopped.stderr, stopped.stderr
+    assert_interrupted_at_a_saved_step(stopped, tmp_path / "stopped" / "induction" / "checkpoints")
+    assert got == expected  # bitwise
+
+
+@pytest.mark.e2e
+def test_ctrl_c_under_torchrun_cp2_resumes_bitwise(tmp_path):
+    # torchrun forwards SIGINT to its ranks; each finishes the step, and they save together.
+    expected, got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"], signal.SIGINT)
+    assert stopped.returncode != 0, stopped.stderr  # torchrun reports the SIGINT it forwarded in its own way
+    assert_interrupted_at_a_saved_step(stopped, tmp_path / "stopped" / "induction" / "checkpoints")
+    assert got == expected
+
+
+@pytest.mark.e2e
+def test_a_second_ctrl_c_stops_at_once_and_resume_takes_a_complete_checkpoint(tmp_path):
+    # Steps of seconds (a big batch), so that both presses land in the same step or its save.
+    heavy = ["stage.global_batch_size=512", "stage.micro_batch_size=512", "run.checkpoint_every=1"]
+    proc = subprocess.Popen([sys.executable, TRAIN, *STOPPABLE, *heavy, "stage.steps=200", f"run.dir={tmp_path}"],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "induction" / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(2 * SAME_PRESS_S)  # a second press, not the first one's echo
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted again: stopped at once"), err
+    # What run.resume=auto would load: the newest complete checkpoint, whole (a .tmp never is one).
+    latest = ckpt.latest_checkpoint(tmp_path / "induction" / "checkpoints")
+    assert latest is not None and ckpt.verify_checkpoint(latest) is None
 
 
 @pytest.mark.e2e

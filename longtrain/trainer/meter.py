@@ -1,8 +1,10 @@
-"""Throughput and progress of a stage: tokens/s, TFLOP/s and MFU per log window, and the
-step of total, time elapsed and time left for a person watching the terminal."""
+"""Throughput and progress of a stage: tokens/s, TFLOP/s and MFU per log window, the
+step of total, time elapsed and time left for a person watching the terminal, and before
+the first step an estimate of the stage's wall time."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Optional
 
@@ -28,6 +30,64 @@ def detect_peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None  # no meaningful peak for a CPU: set logging.peak_tflops to get MFU
     return peak_bf16_tflops(torch.cuda.get_device_name(device))
+
+
+# On a GPU the estimate assumes this share of the peak (a well-tuned run reaches 40-50%).
+ASSUMED_GPU_MFU = 0.4
+# The CPU probe: square fp32 matmuls of this size, for about this long (once per process).
+CPU_PROBE_SIZE, CPU_PROBE_S = 512, 0.2
+# Share of the probe's rate a training step reaches on a CPU (norms, softmax, the optimizer
+# and small matmuls are slower than the probe). Measured on the CPU demo's stages: docs/operations.md.
+CPU_TRAINING_SHARE = 0.5
+# A CPU stage estimated beyond this is a GPU stage: the line names the CPU demo instead.
+CPU_HOURS_LIMIT = 12
+
+
+@functools.cache
+def cpu_matmul_tflops() -> float:
+    """This CPU's fp32 matmul rate, measured now (a fraction of a second, cached per process).
+
+    Constant inputs, not random ones: the probe must not draw from the RNG a run replays.
+    """
+    a = torch.full((CPU_PROBE_SIZE, CPU_PROBE_SIZE), 0.5)
+    a @ a  # warm-up: thread pool and allocator
+    reps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < CPU_PROBE_S:
+        a @ a
+        reps += 1
+    return 2 * CPU_PROBE_SIZE**3 * reps / elapsed / 1e12
+
+
+def training_tflops(device: torch.device, peak_tflops: Optional[float]) -> Optional[tuple[float, str]]:
+    """The TFLOP/s per device a training step is expected to reach, and how that was found;
+    None for a GPU whose peak is unknown (logging.peak_tflops names it)."""
+    if device.type == "cpu":
+        rate = cpu_matmul_tflops() * CPU_TRAINING_SHARE
+        return rate, f"{rate * 1e3:.1f} GFLOP/s from a matmul measured on this CPU"
+    if not peak_tflops:
+        return None
+    return peak_tflops * ASSUMED_GPU_MFU, f"{peak_tflops:g} TFLOP/s peak at an assumed {ASSUMED_GPU_MFU:.0%} MFU"
+
+
+def estimate_line(cfg: Config, non_embedding_params: int, steps: int, world_size: int, device: torch.device,
+                  peak_tflops: Optional[float]) -> str:
+    """``stage NAME: estimated H:MM:SS for N steps (...)``: FLOPs as the meter counts them
+    against the device's speed; the progress lines' ETA refines it once steps are timed."""
+    s = cfg.stage
+    flops = flops_per_token(cfg, non_embedding_params) * s.global_batch_size * s.seq_len * steps
+    speed = training_tflops(device, peak_tflops)
+    if speed is None:
+        return f"stage {s.name}: {flops:.2g} FLOPs for {steps} steps; no time estimate (unknown GPU: set logging.peak_tflops)"
+    seconds = flops / (speed[0] * 1e12 * world_size)
+    line = f"stage {s.name}: estimated {rough_duration(seconds)} for {steps} steps (an estimate: {flops:.2g} FLOPs at {speed[1]}; the ETA refines it)"
+    if device.type == "cpu" and seconds > CPU_HOURS_LIMIT * 3600:
+        line += "; far beyond what a CPU finishes in hours (a GPU stage): on a CPU run preset=cpu_demo"
+    return line
+
+
+def rough_duration(seconds: float) -> str:
+    """:func:`duration`, or whole days beyond two of them (an estimate is no more precise)."""
+    return duration(seconds) if seconds < 2 * 86400 else f"{seconds / 86400:,.0f} days"
 
 
 def duration(seconds: float) -> str:

@@ -27,7 +27,7 @@ from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
 from longtrain.run_dir import truncate_metrics
 from longtrain.trainer.checkpointer import Checkpointer, Diverged
 from longtrain.trainer.evaluator import Batch, Evaluator, shard_batch
-from longtrain.trainer.meter import Meter
+from longtrain.trainer.meter import Meter, estimate_line
 
 
 @dataclass
@@ -165,6 +165,8 @@ class Trainer:
             f"tokens, model {self.model.num_params() / 1e6:.2f}M params, dp={self.dims.dp} cp={self.dims.cp}, "
             f"device {self.dims.device}"
         )
+        self.logger.info(estimate_line(cfg, self.model.num_params(exclude_embedding=True), self.total_steps - self.step,
+                                       self.dims.world_size, self.dims.device, self.meter.peak_tflops))
         val_loss = float("nan")
         if self.step == 0 and cfg.eval.val_every:
             val_loss = self.evaluator.validate()
@@ -172,22 +174,23 @@ class Trainer:
         # Resumed at the end of the stage: its checkpoint is already on disk.
         saved = self.checkpointer.saved_at(self.step)
         self.meter.start(self.step)
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            self.meter.count_step()
-            last_step = self.step == self.total_steps
-            if self.meter.should_log(self.step, last_step):
-                metrics.update(self.meter.throughput())
-                self.logger.log(self.step, metrics, progress=self.meter.progress(self.step, self.total_steps))
-            if self.should_validate(self.step, last_step):
-                val_loss = self.evaluator.validate()
-                self.logger.log(self.step, {"loss": val_loss}, prefix="val")
-            stop = preemption.stop_requested(self.dims)
-            saved = self.checkpointer.save(self.step, self.trainer_state, last_step=stop)
-            if stop:
-                raise preemption.Preempted(
-                    f"{preemption.received() or 'a stop signal'} at step {self.step} of stage {cfg.stage.name}: "
-                    f"saved {saved}; continue with run.resume=auto"
-                )
-        final = saved or self.save()
+        with preemption.deferring_interrupts():  # Ctrl-C: finish the step, save, stop
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.meter.count_step()
+                last_step = self.step == self.total_steps
+                if self.meter.should_log(self.step, last_step):
+                    metrics.update(self.meter.throughput())
+                    self.logger.log(self.step, metrics, progress=self.meter.progress(self.step, self.total_steps))
+                if self.should_validate(self.step, last_step):
+                    val_loss = self.evaluator.validate()
+                    self.logger.log(self.step, {"loss": val_loss}, prefix="val")
+                stop = preemption.stop_requested(self.dims)
+                saved = self.checkpointer.save(self.step, self.trainer_state, last_step=stop is not None)
+                if stop:
+                    raise preemption.Preempted(
+                        f"{stop} at step {self.step} of stage {cfg.stage.name}: saved {saved}; continue with run.resume=auto",
+                        stop, self.step,
+                    )
+            final = saved or self.save()
         return StageResult(self.stage_dir, final, self.step, val_loss)
