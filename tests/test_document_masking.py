@@ -9,7 +9,7 @@ import torch.distributed as dist
 from longtrain.attention import documents
 from longtrain.attention.documents import document_attention, document_rectangles
 from longtrain.attention.kernels import kernel_backward, kernel_forward
-from longtrain.attention.ring import ring_attention
+from longtrain.attention.ring import ring_attention, ring_backward, ring_forward
 from longtrain.parallel.sharding import zigzag_shard
 from tests.dist_utils import cp_groups, gather_unshard, run_distributed
 
@@ -173,3 +173,80 @@ def test_readme_command_validates(compose_config):
 
     cfg = load_config(compose_config("preset=cpu_demo", "data.document_masking=true"))
     assert cfg.data.document_masking and not cfg.data.reset_positions
+
+
+# What would make the host wait for the device inside attention, or gather doc ids.
+HOST_SYNCS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "unique_consecutive", "nonzero"}
+
+
+class _CallLog(torch.overrides.TorchFunctionMode):
+    """Names of the torch functions and tensor methods called inside the mode, except
+    inside ``kernel`` (an emulated flash-attn call: the real one is one launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.in_kernel = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.in_kernel:
+            self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+    def kernel(self, fn):
+        def call(*args):
+            self.in_kernel = True
+            try:
+                return fn(*args)
+            finally:
+                self.in_kernel = False
+
+        return call
+
+
+def _attention_calls(local, dout, doc_ids, group, varlen):
+    """(out and grads, host syncs, collectives) of one ring forward + backward."""
+    log, collectives = _CallLog(), []
+    with pytest.MonkeyPatch.context() as patch:
+        if varlen:
+            patch.setattr(documents, "_uses_varlen", lambda q: True)
+            patch.setattr(documents, "_flash_attn_varlen_forward", log.kernel(_cpu_varlen_forward))
+            patch.setattr(documents, "_flash_attn_varlen_backward", log.kernel(_cpu_varlen_backward))
+        for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast"):
+            real = getattr(dist, name)
+            patch.setattr(dist, name, lambda *a, _n=name, _f=real, **k: collectives.append(_n) or _f(*a, **k))
+        # The op's forward and backward themselves: a torch function mode does not reach inside a custom op.
+        with log:
+            out, lse = ring_forward(*local, HEAD_DIM**-0.5, group, doc_ids)
+            grads = ring_backward(dout, *local, out, lse, HEAD_DIM**-0.5, group, doc_ids)
+    return [out, *grads], sorted(set(log.names) & HOST_SYNCS), collectives
+
+
+def _planned_worker(rank, world_size, varlen):
+    from longtrain.attention.layout import DocumentLayout, use_layout
+
+    group = dist.new_group([0, 1])
+    for layout in list(LAYOUTS.values()) + [_random_layout(7)]:
+        q, k, v, dout = _inputs(4, 2, seed=len(layout[0]))
+        doc_ids = doc_ids_of(layout)
+        local = [zigzag_shard(x, rank, 2, dim=2) for x in (q, k, v)]
+        local_docs, local_dout = zigzag_shard(doc_ids, rank, 2, dim=1), zigzag_shard(dout, rank, 2, dim=2)
+        # Planned inside attention from the device's doc ids (syncs and a gather), as before layouts:
+        today, syncs, collectives = _attention_calls(local, local_dout, local_docs, group, varlen)
+        assert "tolist" in syncs and collectives == ["all_gather"] * 2, (syncs, collectives)  # the spies see them
+        planned_layout = DocumentLayout.zigzag(doc_ids, rank, 2)  # as the trainer does, before the forward
+        planned_layout.prepare(torch.device("cpu"), varlen)
+        with use_layout(local_docs, planned_layout):
+            planned, syncs, collectives = _attention_calls(local, local_dout, local_docs, group, varlen)
+        assert syncs == [] and collectives == [], (layout, syncs, collectives)
+        for name, got, want in zip(["out", "dq", "dk", "dv"], planned, today):
+            assert torch.equal(got, want), f"{name} {layout}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("varlen", [False, True], ids=["cpu", "varlen"])
+def test_planned_layout_has_no_host_sync_or_gather_inside_attention(varlen):
+    """Document masking at cp=2 with the micro-batch's layout planned on the host: the
+    forward and backward read no doc id from the device and gather none, and give the
+    same output and gradients as planning inside attention."""
+    run_distributed(_planned_worker, 2, varlen, timeout=100)

@@ -7,9 +7,11 @@ the evaluators' sharded scores (per-token loss, argmax) equal the single rank's 
 """
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from longtrain.parallel.mesh import init_parallel
 from longtrain.run_config import load_config
@@ -143,7 +145,11 @@ def _masking(tmp: Path) -> tuple[str, ...]:
 
 def _masked_step_worker(rank: int, world_size: int, tmp: str) -> None:
     cfg = make_config(Path(tmp) / "masked_cp2", cp=2, extra=_masking(Path(tmp)))
-    loss, grads = first_step_grads(build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu"))))
+    trainer = build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu")))
+    gathers = []
+    with mock.patch.object(dist, "all_gather", side_effect=lambda *a, **k: gathers.append(a)):
+        loss, grads = first_step_grads(trainer)
+    assert gathers == []  # attention used the micro-batch's layout, planned on the host
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, Path(tmp) / "masked_cp2.pt")
 

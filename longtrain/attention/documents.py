@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from longtrain.attention.kernels import accum_dtype, dense_last_dim, kernel_backward, kernel_forward
@@ -84,16 +84,44 @@ class _Packed:
     max_k: int
 
 
-def _pack(q_docs: Tensor, k_docs: Tensor) -> Optional[_Packed]:
-    (B, T), S = q_docs.shape, k_docs.shape[1]
-    rects = [(b, *r) for b in range(B) for r in document_rectangles(q_docs[b], k_docs[b])]
+@dataclass
+class BlockPlan:
+    """The live rectangles of one block (rows × keys), found from the doc ids on the host
+    once and then used by every layer, forward and backward: no kernel call here reads a
+    document boundary from a device tensor."""
+
+    groups: list[tuple[slice, list[Rectangle]]]  # (batch rows, their rectangles)
+    batch: int
+    rows: int
+    keys: int
+    _packed: dict[torch.device, Optional[_Packed]] = field(default_factory=dict, repr=False)
+
+    def rectangles(self) -> list[tuple[int, Rectangle]]:
+        """(batch row, rectangle) of every rectangle, batch row by batch row."""
+        per_row = {b: rects for rows, rects in self.groups for b in range(self.batch)[rows]}
+        return [(b, r) for b in range(self.batch) for r in per_row[b]]
+
+    def packed(self, device: torch.device) -> Optional[_Packed]:
+        """The varlen call's indices on ``device``, built on the first call (None: no rectangle)."""
+        if device not in self._packed:
+            self._packed[device] = _pack(self.rectangles(), self.rows, self.keys, device)
+        return self._packed[device]
+
+
+def block_plan(q_docs: Tensor, k_docs: Tensor) -> BlockPlan:
+    """The plan of the block whose rows have doc ids ``q_docs`` [B, T] and keys ``k_docs``
+    [B, S] (host tensors, each row nondecreasing)."""
+    return BlockPlan(_batch_rectangles(q_docs, k_docs), q_docs.shape[0], q_docs.shape[1], k_docs.shape[1])
+
+
+def _pack(rects: list[tuple[int, Rectangle]], T: int, S: int, device: torch.device) -> Optional[_Packed]:
     if not rects:
         return None
-    q_index = torch.cat([torch.arange(b * T + q0, b * T + q1) for b, q0, q1, _, _ in rects]).to(q_docs.device)
-    k_index = torch.cat([torch.arange(b * S + k0, b * S + k1) for b, _, _, k0, k1 in rects]).to(q_docs.device)
-    q_lens, k_lens = [q1 - q0 for _, q0, q1, _, _ in rects], [k1 - k0 for *_, k0, k1 in rects]
-    cu = lambda lens: torch.tensor([0, *lens], device=q_docs.device).cumsum(0).to(torch.int32)  # noqa: E731
-    return _Packed(q_index, k_index, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
+    q_index = torch.cat([torch.arange(b * T + q0, b * T + q1) for b, (q0, q1, _, _) in rects])
+    k_index = torch.cat([torch.arange(b * S + k0, b * S + k1) for b, (_, _, k0, k1) in rects])
+    q_lens, k_lens = [q1 - q0 for _, (q0, q1, _, _) in rects], [k1 - k0 for _, (_, _, k0, k1) in rects]
+    cu = lambda lens: torch.tensor([0, *lens]).cumsum(0).to(torch.int32).to(device)  # noqa: E731
+    return _Packed(q_index.to(device), k_index.to(device), cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -101,8 +129,13 @@ def _flat(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
+def varlen_available(device: torch.device) -> bool:
+    """Whether half-precision document masking on ``device`` runs as flash-attn varlen calls."""
+    return device.type == "cuda" and _flash_attn_varlen_forward is not None
+
+
 def _uses_varlen(q: Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen_forward is not None
+    return q.dtype in (torch.float16, torch.bfloat16) and varlen_available(q.device)
 
 
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, p: Optional[_Packed], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -138,20 +171,18 @@ def _varlen_backward_into(
         acc += full.view(B, L, H, D).transpose(1, 2)
 
 
-def document_forward(
-    q: Tensor, k: Tensor, v: Tensor, q_docs: Tensor, k_docs: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor]:
+def document_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Same-document attention of q [B, Hq, T, D] over k/v [B, Hkv, S, D]: (out, lse).
 
-    ``q_docs`` [B, T] and ``k_docs`` [B, S] are the doc ids of the rows and keys. With
-    ``causal`` the block is a diagonal one (same tokens on both sides). Rows with no live
-    key get out = 0 and lse = −inf.
+    ``plan`` holds the block's rectangles (``block_plan`` of the rows' and keys' doc ids).
+    With ``causal`` the block is a diagonal one (same tokens on both sides). Rows with no
+    live key get out = 0 and lse = −inf.
     """
     if _uses_varlen(q):
-        return _varlen_forward(q, k, v, _pack(q_docs, k_docs), causal, scale)
+        return _varlen_forward(q, k, v, plan.packed(q.device), causal, scale)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
-    for batch, rectangles in _batch_rectangles(q_docs, k_docs):
+    for batch, rectangles in plan.groups:
         for q0, q1, k0, k1 in rectangles:
             rows, keys = (batch, slice(None), slice(q0, q1)), (batch, slice(None), slice(k0, k1))
             out[rows], lse[rows] = kernel_forward(q[rows], k[keys], v[keys], causal, scale)
@@ -160,15 +191,14 @@ def document_forward(
 
 def document_backward_into(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    docs: tuple[Tensor, Tensor], causal: bool, scale: float, grads: tuple[Tensor, Tensor, Tensor],
+    plan: BlockPlan, causal: bool, scale: float, grads: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Add the gradients of ``document_forward`` into ``grads`` = (dq, dk, dv) buffers,
-    recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does.
-    ``docs`` = (q_docs, k_docs)."""
-    (q_docs, k_docs), (dq, dk, dv) = docs, grads
+    recomputed per rectangle from the (global) out/lse, as ``kernel_backward`` does."""
+    dq, dk, dv = grads
     if _uses_varlen(q):
-        return _varlen_backward_into(dout, q, k, v, out, lse, _pack(q_docs, k_docs), causal, scale, grads)
-    for batch, rectangles in _batch_rectangles(q_docs, k_docs):
+        return _varlen_backward_into(dout, q, k, v, out, lse, plan.packed(q.device), causal, scale, grads)
+    for batch, rectangles in plan.groups:
         for q0, q1, k0, k1 in rectangles:
             rows, keys = (batch, slice(None), slice(q0, q1)), (batch, slice(None), slice(k0, k1))
             kernel_backward(
@@ -178,28 +208,28 @@ def document_backward_into(
 
 
 def document_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, doc_ids: Tensor, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: BlockPlan, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of causal document-masked attention over one whole sequence."""
     acc = accum_dtype(q.dtype)
     grads = tuple(torch.zeros_like(x, dtype=acc) for x in (q, k, v))  # laid out like the inputs
-    document_backward_into(dout, q, k, v, out, lse, (doc_ids, doc_ids), True, scale, grads)
+    document_backward_into(dout, q, k, v, out, lse, plan, True, scale, grads)
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
 class _DocumentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        out, lse = document_forward(q, k, v, doc_ids, doc_ids, True, scale)
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.scale = scale
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> tuple[Tensor, Tensor]:
+        out, lse = document_forward(q, k, v, plan, True, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.plan = scale, plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        return *document_backward(dense_last_dim(dout), q, k, v, out, lse, doc_ids, ctx.scale), None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        return *document_backward(dense_last_dim(dout), q, k, v, out, lse, ctx.plan, ctx.scale), None, None
 
 
 def check_doc_ids(q: Tensor, doc_ids: Tensor) -> None:
@@ -212,4 +242,4 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, scale: 
     """Differentiable causal attention within documents: (out, lse) of q [B, Hq, T, D] over
     k/v [B, Hkv, T, D], ``doc_ids`` [B, T] nondecreasing per row."""
     check_doc_ids(q, doc_ids)
-    return _DocumentAttention.apply(q, k, v, doc_ids, scale)
+    return _DocumentAttention.apply(q, k, v, block_plan(doc_ids, doc_ids), scale)

@@ -26,6 +26,8 @@ Document masking (``doc_ids``): the schedule is unchanged; each block is cut at 
 boundaries into per-document kernel calls (``documents.py``), and a block whose keys
 share no document with the rows costs no kernel call. Every rank still posts the same
 transfers, so the ring stays in step. Documents need no padding and no length rule.
+Where the cuts are is planned on the host once per micro-batch (``layout.py``), so
+neither the forward nor the backward reads doc ids from the device or gathers them.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from longtrain.attention.documents import check_doc_ids, document_backward, document_backward_into, document_forward
+from longtrain.attention.documents import (
+    BlockPlan, check_doc_ids, document_backward, document_backward_into, document_forward,
+)
 from longtrain.attention.kernels import accum_dtype, check_inputs, dense_last_dim, kernel_backward, kernel_forward
+from longtrain.attention.layout import layout_for, ring_block
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
-_ALL = slice(None)
 
 
 @dataclass
@@ -87,16 +91,6 @@ class _Ring:
         return _Transfer(works, received)
 
 
-def _block(step: int, rank: int, size: int, c: int) -> tuple[slice, slice, bool]:
-    """(local q rows, held K/V keys, causal) that ``rank`` computes at ``step``."""
-    src = (rank - step) % size
-    if step == 0:
-        return _ALL, _ALL, True
-    if src < rank:
-        return _ALL, slice(0, c), False
-    return slice(c, None), _ALL, False
-
-
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """Fold one block's (out, lse) into the running ones, in place.
 
@@ -117,41 +111,27 @@ def _check(**tensors: Tensor) -> None:
         raise ValueError(f"zigzag local length must be even (two chunks), got {q.shape[2]}")
 
 
-def _all_doc_ids(doc_ids: Optional[Tensor], ring: _Ring) -> Optional[Tensor]:
-    """Every rank's local doc ids [cp, B, 2c], so a rank knows the documents of the K/V
-    block it holds: one small all-gather instead of doc ids travelling with every hop."""
-    if doc_ids is None:
-        return None
-    parts = [torch.empty_like(doc_ids) for _ in range(ring.size)]
-    dist.all_gather(parts, doc_ids.contiguous(), group=ring.group)
-    return torch.stack(parts)
-
-
-def _block_docs(
-    all_docs: Optional[Tensor], step: int, ring: _Ring, rows: slice, keys: slice
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(doc ids of the rows, doc ids of the keys) of one block, or (None, None) unmasked."""
-    if all_docs is None:
-        return None, None
-    return all_docs[ring.rank][:, rows], all_docs[(ring.rank - step) % ring.size][:, keys]
-
-
 def _block_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, q_docs: Optional[Tensor], k_docs: Optional[Tensor]
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, plan: Optional[BlockPlan]
 ) -> tuple[Tensor, Tensor]:
-    if q_docs is None:
+    if plan is None:
         return kernel_forward(q, k, v, causal, scale)
-    return document_forward(q, k, v, q_docs, k_docs, causal, scale)
+    return document_forward(q, k, v, plan, causal, scale)
 
 
 def _block_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float,
-    grads: tuple[Tensor, Tensor, Tensor], docs: tuple[Optional[Tensor], Optional[Tensor]],
+    grads: tuple[Tensor, Tensor, Tensor], plan: Optional[BlockPlan],
 ) -> None:
-    if docs[0] is None:
+    if plan is None:
         kernel_backward(dout, q, k, v, out, lse, causal, scale, grads=grads)
     else:
-        document_backward_into(dout, q, k, v, out, lse, docs, causal, scale, grads)
+        document_backward_into(dout, q, k, v, out, lse, plan, causal, scale, grads)
+
+
+def _plans(doc_ids: Optional[Tensor], group: Optional[dist.ProcessGroup], steps: int) -> list[Optional[BlockPlan]]:
+    """Each ring step's document plan (see ``layout.py``), or None per step without masking."""
+    return [None] * steps if doc_ids is None else layout_for(doc_ids, group).blocks
 
 
 def ring_forward(
@@ -164,22 +144,18 @@ def ring_forward(
     documents (``documents.py``). ``group`` None: the whole sequence is local, one kernel
     call. No autograd; see ``ring_attention``.
     """
-    if group is None:  # the kernels check their own inputs; no even-length rule here
-        return _block_forward(q, k, v, True, scale, doc_ids, doc_ids)
+    if group is None or dist.get_world_size(group) == 1:  # the kernels check their own inputs
+        return _block_forward(q, k, v, True, scale, _plans(doc_ids, group, 1)[0])
     _check(q=q, k=k, v=v)
     ring = _Ring(group)
-    all_docs = _all_doc_ids(doc_ids, ring)
-    if ring.size == 1:
-        return _block_forward(q, k, v, True, scale, doc_ids, doc_ids)
+    plans = _plans(doc_ids, group, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     kv = torch.stack((k, v))  # one message per hop
     for step in range(ring.size):
         transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
-        rows, keys, causal = _block(step, ring.rank, ring.size, c)
+        rows, keys, causal = ring_block(step, ring.rank, ring.size, c)
         block = kv[:, :, :, keys]  # [2, B, Hkv, keys, D]
-        block_out, block_lse = _block_forward(
-            q[:, :, rows], block[0], block[1], causal, scale, *_block_docs(all_docs, step, ring, rows, keys)
-        )
+        block_out, block_lse = _block_forward(q[:, :, rows], block[0], block[1], causal, scale, plans[step])
         if step == 0:
             out, lse = block_out.to(acc), block_lse.to(acc)
         else:
@@ -207,25 +183,25 @@ def ring_backward(
     """
     if group is None or dist.get_world_size(group) == 1:
         if doc_ids is not None:
-            return document_backward(dout, q, k, v, out, lse, doc_ids, scale)
+            return document_backward(dout, q, k, v, out, lse, _plans(doc_ids, group, 1)[0], scale)
         return kernel_backward(dout, q, k, v, out, lse, True, scale)
     _check(q=q, k=k, v=v, dout=dout, out=out)
     ring = _Ring(group)
-    all_docs = _all_doc_ids(doc_ids, ring)
+    plans = _plans(doc_ids, group, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)  # laid out like q: the op returns it without a copy
     kv = torch.stack((k, v))
     dkv_transfer: _Transfer | None = None
     for step in range(ring.size):
         kv_transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
-        rows, keys, causal = _block(step, ring.rank, ring.size, c)
+        rows, keys, causal = ring_block(step, ring.rank, ring.size, c)
         block = kv[:, :, :, keys]
         # dQ sums in place; this block's dK/dV go to a buffer of their own while the
         # accumulator that travels with the block is still arriving from r−1.
         dkv_block = torch.zeros(block.shape, dtype=acc, device=block.device)
         _block_backward(
             dout[:, :, rows], q[:, :, rows], block[0], block[1], out[:, :, rows], lse[:, :, rows],
-            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), _block_docs(all_docs, step, ring, rows, keys),
+            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), plans[step],
         )
         if dkv_transfer is None:  # step 0 covers our whole block: the accumulator starts here
             dkv = dkv_block

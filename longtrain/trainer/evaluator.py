@@ -16,6 +16,8 @@ from typing import Callable, ContextManager, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from longtrain.attention.documents import varlen_available
+from longtrain.attention.layout import DocumentLayout, use_layout
 from longtrain.config import Config
 from longtrain.data.packing import PackedDataset
 from longtrain.data.shards import PreparedData
@@ -58,13 +60,26 @@ class Evaluator:
         self.logger = logger
         self.autocast = autocast_context(cfg.run.dtype, dims.device)
 
-    def loss_sums(self, batch: Batch) -> LossSums:
-        """Summed CE and z-loss terms of this rank's shard of whole-sequence samples."""
-        batch = {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
+    @contextlib.contextmanager
+    def local_batch(self, batch: Batch) -> Iterator[Batch]:
+        """This rank's shard of ``batch`` on the device. Under document masking, attention's
+        plan for it (``attention/layout.py``) holds inside the block: run the micro-batch's
+        forward and backward there."""
+        local = {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
+        if not self.cfg.data.document_masking:
+            yield local
+            return
+        layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.cp_rank, self.dims.cp)
+        layout.prepare(self.dims.device, varlen=varlen_available(self.dims.device))
+        with use_layout(local["doc_ids"], layout):
+            yield local
+
+    def loss_sums(self, local: Batch) -> LossSums:
+        """Summed CE and z-loss terms of this rank's shard (``local_batch``) of whole-sequence samples."""
         with self.autocast():
             return self.model(
-                batch["input_ids"], batch["position_ids"], batch["labels"], self.cfg.optim.loss_chunk_size,
-                doc_ids=batch["doc_ids"] if self.cfg.data.document_masking else None, z_loss=self.cfg.optim.z_loss,
+                local["input_ids"], local["position_ids"], local["labels"], self.cfg.optim.loss_chunk_size,
+                doc_ids=local["doc_ids"] if self.cfg.data.document_masking else None, z_loss=self.cfg.optim.z_loss,
             )
 
     def score_fn(self) -> ScoreFn:
@@ -118,7 +133,8 @@ class Evaluator:
             for start in range(0, len(indices), mb):
                 chunk = [data.sample(i) for i in indices[start : start + mb]]
                 batch = {k: torch.stack([s[k] for s in chunk]) for k in chunk[0]}
-                sums = self.loss_sums(batch)
+                with self.local_batch(batch) as local:
+                    sums = self.loss_sums(local)
                 ce += sums.ce
                 tokens += sums.tokens
         return float(all_reduce_sum(ce, self.dims) / all_reduce_sum(tokens, self.dims))

@@ -94,8 +94,9 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce once, at the end
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            sums = self.evaluator.loss_sums(batch)
-            total_loss(sums, global_tokens).backward()
+            with self.evaluator.local_batch(batch) as local:
+                sums = self.evaluator.loss_sums(local)
+                total_loss(sums, global_tokens).backward()
             ce += sums.ce.detach()
             z += sums.z.detach()
         return {"ce": all_reduce_sum(ce, self.dims), "z": all_reduce_sum(z, self.dims), "tokens": global_tokens}
