@@ -37,6 +37,9 @@ from tests.dist_utils import run_distributed
 from tests.test_parallel_training import ROPE
 from tests.test_trainer import TINY, single_process
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("autocast_dtypes")
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -136,18 +136,14 @@ def assert_one_line(proc: subprocess.CompletedProcess, cwd: Path, key: str) -> N
     assert list(cwd.iterdir()) == []  # no run folder, no Hydra outputs
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    return run_cases(tmp_path_factory.mktemp("bad_inputs"), CASES, train_in_process)
-
-
 def test_the_battery_is_large():
     assert len({name for name, _, _ in CASES}) == len(CASES) >= 40
 
 
+# One case per test (not one fixture running them all): the cases spread over the workers.
 @pytest.mark.parametrize("name,overrides,key", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(outcomes, name, overrides, key):
-    proc, cwd = outcomes[name]
+def test_bad_input_is_one_line(tmp_path, name, overrides, key):
+    proc, cwd = run_cases(tmp_path, [(name, overrides, key)], train_in_process)[name]
     assert_one_line(proc, cwd, key)
 
 

@@ -16,6 +16,9 @@ from longtrain.data.prepare import prepare
 from longtrain.data.shards import open_prepared
 from longtrain.data.sources import in_val_split
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("data")
+
 
 @pytest.fixture(autouse=True)
 def _hf_cache_in_tmp(tmp_path, monkeypatch):

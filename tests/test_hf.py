@@ -41,6 +41,9 @@ from tests.cli_utils import ROOT, run_main, train_in_process
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("hf")
+
 SHORT = ["rope.original_max_position_embeddings=16", "logging.progress=false", "eval.val_every=0"]
 
 

@@ -18,6 +18,9 @@ from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import IGNORE_INDEX
 from tests.checkpoint_utils import tiny_checkpoint
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("needle")
+
 TOK = ByteTokenizer()
 LENGTH = 320  # just above the passkey template (~260 tokens)
 

@@ -20,6 +20,9 @@ from longtrain.trainer.trainer import Trainer
 from tests.dist_utils import run_distributed
 from tests.test_trainer import TINY, losses, single_process
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("parallel_training")
+
 STEPS = ["stage.steps=20", "run.checkpoint_every=10", "eval.val_every=0", "run.keep_checkpoints=2"]
 # Positions past a 16-token pretraining length: each shard scales its own queries (logn).
 ROPE = ["rope=abf", "rope.original_max_position_embeddings=16", "rope.logn_attention=true"]

@@ -18,6 +18,9 @@ from longtrain.run_dir import truncate_metrics
 from longtrain.run_files import short_loss_limit
 from tests.cli_utils import QUICK, ROOT, env, run_main, torchrun_cmd, train
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("report")
+
 # Two stages of the CPU demo, cut to seconds: 64 then 512 tokens, a gate each (that passes),
 # validation and loss by position, so every part of the report has something to show.
 TWO_STAGES = [

@@ -23,6 +23,9 @@ from longtrain.optim.loss import IGNORE_INDEX, TokenScores
 from tests.checkpoint_utils import tiny_checkpoint
 from tests.dist_utils import run_distributed
 
+# Its module-scoped fixture is built once: every test of the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tasks")
+
 TOK = ByteTokenizer()
 TASKS = ("passkey", "kv", "multikey", "multiquery", "multivalue", "vartrack", "cwe")
 LENGTH = 640  # every task fits (vartrack, the longest template, needs ~380 tokens)
