@@ -48,6 +48,7 @@ from longtrain.config import Config, ConfigError, stage_micro_batch
 from longtrain.curriculum import compose_stage_configs, stages_to_run
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.hardware import autocast_dtype
+from longtrain.parallel.parallelize import mixed_precision_policy
 from longtrain.run_config import check_config
 
 # model.activation_checkpointing, cheapest in compute first (the order --suggest tries).
@@ -83,6 +84,7 @@ class MemoryPlan:
     tokens: int  # this rank's tokens per micro-batch
     n_layers: int
     mlp_tile: int  # tokens per MLP tile (model.mlp_tile_tokens), 0: the MLP is not tiled here
+    fsdp_bf16: bool = False  # FSDP2's bf16 mixed-precision policy (parallel/parallelize.py): no autocast weight casts
     state: list[Row] = field(default_factory=list)  # parameters, gradients, optimizer, FSDP buffers
     per_block: list[Row] = field(default_factory=list)  # saved by each block (all alike)
     outside_blocks: list[Row] = field(default_factory=list)  # saved outside the blocks
@@ -137,7 +139,7 @@ def mlp_tiled(cfg: Config, seq_tokens: int) -> bool:
     return 0 < cfg.model.mlp_tile_tokens < seq_tokens
 
 
-def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list[Row]:
+def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False, fsdp_bf16: bool = False) -> list[Row]:
     """Bytes one block saves for backward with no checkpointing, by component (also what a
     checkpointed block rebuilds while its backward runs). ``tiled``: the MLP runs in
     checkpointed sequence tiles, which keep only their input, the MLP norm's output.
@@ -146,7 +148,8 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list
     QK-norm upcast to fp32 (torch's composite rms_norm saves its fp32 input, its
     normalised output before the gain, and 1/rms); each linear saves its input (under
     autocast each one its own bf16 cast of it, and its bf16 weight copy); SiLU saves its
-    input, the product both factors.
+    input, the product both factors. ``fsdp_bf16``: FSDP2's mixed-precision policy hands the
+    block bf16 parameters (CUDA, bf16, world > 1), so autocast casts no weight.
     """
     m = cfg.model
     d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
@@ -174,7 +177,7 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False) -> list
             Row("MLP w1/w3 input", t * d * act * (2 if bf16 else 1), "one bf16 cast per linear" if bf16 else "shared by w1, w3"),
             Row("MLP w1 out, silu, w3 out, product", t * 4 * f * act, "SiLU input; both factors; w2 input"),
         ]
-    if bf16:  # a tile recasts the MLP's weights when it is recomputed
+    if bf16 and not fsdp_bf16:  # a tile recasts the MLP's weights when it is recomputed
         weights = model_shapes(cfg, 0)["block_linear"] - (3 * d * f if tiled else 0)
         rows.append(Row("bf16 weight copies", weights * 2, "autocast's casts, saved by each linear"))
     return rows
@@ -197,14 +200,14 @@ def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Ro
     return rows
 
 
-def recompute_extra(cfg: Config, tokens: int, act: int, mode: str, tiled: bool = False) -> int:
+def recompute_extra(cfg: Config, tokens: int, act: int, mode: str, tiled: bool = False, fsdp_bf16: bool = False) -> int:
     """What a checkpointed block adds while its backward runs: its no-checkpointing saved
     set rebuilt, less what it kept, plus the kept matmul outputs that set does not hold."""
     if mode == "none":
         return 0
     m = cfg.model
     hq, hkv = m.n_heads * m.resolved_head_dim(), m.n_kv_heads * m.resolved_head_dim()
-    full = sum(r.bytes for r in block_saved(cfg, tokens, act, tiled))
+    full = sum(r.bytes for r in block_saved(cfg, tokens, act, tiled, fsdp_bf16))
     kept = sum(r.bytes for r in checkpointed_saved(cfg, tokens, act, mode))
     if mode == "full":  # input, out and lse are tensors of the plain saved set too
         return full - kept
@@ -256,12 +259,12 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
     # By the last block's backward the final norm's and the loss's saved tensors are released.
     released = sum(r.bytes for r in plan.outside_blocks if r.name in ("final norm", "loss gradients"))
     # A checkpointed block first rebuilds its plain saved set (parallel/activation_checkpointing.py).
-    block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing, bool(plan.mlp_tile))
+    block = saved - released + recompute_extra(cfg, t, act, plan.checkpointing, bool(plan.mlp_tile), plan.fsdp_bf16)
     if plan.mlp_tile:
         # One tile at a time: its plain saved set rebuilt (and its bf16 weight casts), then
         # its SwiGLU backward's gradients.
         tile = plan.micro_batch * plan.mlp_tile
-        casts = 3 * d * f * 2 if act == 2 else 0
+        casts = 3 * d * f * 2 if act == 2 and not plan.fsdp_bf16 else 0
         rows.append(Row("last block, MLP tile backward", block + tile * (6 * f + 2 * d) * act + casts + residual_grads,
                         f"+ one {plan.mlp_tile}-token tile rebuilt and its gradients + residual gradients"))
     else:
@@ -269,7 +272,7 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
         # while the product itself is already released (its w2 node ran): +2 [T, ffn].
         rows.append(Row("last block, MLP backward", block + t * 2 * f * act + residual_grads,
                         "+ 2 [T, ffn] gradients + residual gradients"))
-    mlp = sum(r.bytes for r in block_saved(cfg, t, act, bool(plan.mlp_tile)) if r.name.startswith(("residual + MLP", "MLP")))
+    mlp = sum(r.bytes for r in block_saved(cfg, t, act, bool(plan.mlp_tile), plan.fsdp_bf16) if r.name.startswith(("residual + MLP", "MLP")))
     after_mlp = block - mlp
     if plan.cp == 1:
         rows.append(Row("last block, attention backward", after_mlp + t * (2 * hq + 2 * hkv) * act + residual_grads,
@@ -318,7 +321,8 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
     shard = -(-n // world)  # FSDP2 pads every parameter's dim 0 to a multiple of the world size
     tiled = mlp_tiled(cfg, cfg.stage.seq_len // p.cp)
     plan = MemoryPlan(cfg.stage.name, cfg.stage.seq_len, micro, p.dp, p.cp, mode, device, dtype, tokens,
-                      cfg.model.n_layers, cfg.model.mlp_tile_tokens if tiled else 0)
+                      cfg.model.n_layers, cfg.model.mlp_tile_tokens if tiled else 0,
+                      fsdp_bf16=mixed_precision_policy(cfg.run.dtype, device) is not None and world > 1)
     plan.state = [
         Row("parameters", shard * 4, f"fp32, {n / 1e6:.1f}M" + (f" sharded over {world}" if world > 1 else "")),
         Row("gradients", shard * 4, "fp32" + (", sharded" if world > 1 else "")),
@@ -328,9 +332,12 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
         # FSDP2 keeps the root (embeddings, final norm, head) unsharded for the whole step and
         # all-gathers a block while the one before computes (forward and backward prefetch);
         # the block's unsharded gradients wait for their reduce-scatter.
-        plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * 4,
-                              "root + 2 blocks' parameters + 1 block's gradients, fp32"))
-    plan.per_block = block_saved(cfg, tokens, act, tiled) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
+        # Under the mixed-precision policy the gathered parameters and their gradients are
+        # bf16 (gradients are cast to fp32 only for the reduce-scatter).
+        width = 2 if plan.fsdp_bf16 else 4
+        plan.state.append(Row("FSDP2 unsharded", (shapes["root"] + 3 * shapes["block"]) * width,
+                              f"root + 2 blocks' parameters + 1 block's gradients, {'bf16' if plan.fsdp_bf16 else 'fp32'}"))
+    plan.per_block = block_saved(cfg, tokens, act, tiled, plan.fsdp_bf16) if mode == "none" else checkpointed_saved(cfg, tokens, act, mode)
     plan.outside_blocks = outside_saved(cfg, tokens, vocab_size, act)
     plan.phases = phases(cfg, plan, act, vocab_size)
     plan.evaluation = evaluation(cfg, plan, act, vocab_size)

@@ -203,3 +203,20 @@ def test_plan_reports_the_evaluation_peak_within_the_training_step(compose_confi
     assert any("[256, 32000] logits" in r.note for r in p.evaluation)
     assert sum(r.bytes for r in p.state) < p.eval_peak <= p.peak
     assert "evaluation peak per rank" in plan.format_plan(p)
+
+
+def test_fsdp_mixed_precision_has_no_autocast_weight_copies(compose_config):
+    """bf16 on CUDA over several ranks runs FSDP2's mixed-precision policy: the blocks get
+    bf16 parameters, so no linear saves an autocast cast of its weight and the gathered
+    parameters are half the bytes; one rank (no FSDP2) still casts."""
+    from longtrain.run_config import load_config
+
+    base = ("model=125m", "stage=extend_32k", "model.activation_checkpointing=none")
+    one = plan_stage(load_config(compose_config(*base)), 32000, "cuda")
+    eight = plan_stage(load_config(compose_config(*base, "parallel.dp=8")), 32000, "cuda")
+    assert not one.fsdp_bf16 and eight.fsdp_bf16
+    assert "bf16 weight copies" in [r.name for r in one.per_block]
+    assert "bf16 weight copies" not in [r.name for r in eight.per_block]
+    unsharded = next(r for r in eight.state if r.name == "FSDP2 unsharded")
+    fp32 = plan_stage(load_config(compose_config(*base, "parallel.dp=8", "run.dtype=float32")), 32000, "cuda")
+    assert 2 * unsharded.bytes == next(r for r in fp32.state if r.name == "FSDP2 unsharded").bytes
