@@ -1,7 +1,7 @@
 """parallel.cp_method in the config and the trainer: one-line errors before any compute,
-the Ulysses and ring groups of each cp group, a cp=2 step with Ulysses (document masking
-on, planned on the host) equal to the ring's, and a checkpoint of one method resuming
-under the other."""
+the Ulysses and ring groups of each cp group, a cp=2 step with Ulysses and a cp=4 step
+with the 2×2 hybrid (document masking on, planned on the host) equal to the ring's, and a
+checkpoint of one method resuming under the other."""
 
 from pathlib import Path
 from unittest import mock
