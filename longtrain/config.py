@@ -30,6 +30,7 @@ SOURCES = ("stdlib_code", "local", "hf")
 TOKENIZERS = ("byte", "hf")
 AC_MODES = ("none", "full", "selective")  # model.activation_checkpointing
 DTYPES = ("auto", "float32", "bfloat16")
+CP_METHODS = ("ring", "ulysses", "hybrid")  # parallel.cp_method (docs/parallel.md)
 
 
 @dataclass
@@ -160,6 +161,14 @@ class ParallelConfig:
     cp: int = 1
     timeout_s: int = 600  # a collective that waits longer (a hung or dead rank) ends the job
     prepare_timeout_s: int = 7200  # how long the other ranks wait while rank 0 prepares data
+    cp_method: str = "ring"  # how attention spans the cp ranks: ring, ulysses or hybrid
+    ulysses: Optional[int] = None  # hybrid's Ulysses degree U (the ring gets cp / U ranks)
+
+    def ulysses_degree(self) -> int:
+        """Ranks that trade sequence for heads: 1 (ring), cp (ulysses), ``ulysses`` (hybrid)."""
+        if self.cp_method == "ring":
+            return 1
+        return self.cp if self.cp_method == "ulysses" else self.ulysses or 1  # hybrid without U: refused by check_parallel
 
 
 @dataclass
@@ -333,7 +342,7 @@ def validate(cfg: Config) -> None:
     check_data(cfg.data)
     check_stage(cfg.stage)
     check_optim(cfg.optim)
-    check_parallel(cfg.parallel)
+    check_parallel(cfg.parallel, cfg.model)
     check_gate(cfg.gate)
     check_retrieval(cfg.retrieval)
     require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
@@ -456,12 +465,36 @@ def check_optim(o: OptimConfig) -> None:
     _positive(o.max_nonfinite_steps, "optim.max_nonfinite_steps")
 
 
-def check_parallel(p: ParallelConfig) -> None:
-    """The sizes only; how they split a stage over the ranks is ParallelDims' check."""
+def check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    """The sizes and the attention method over them; how they split a stage over the ranks
+    is ParallelDims' check."""
     _positive(p.dp, "parallel.dp")
     _positive(p.cp, "parallel.cp")
     _positive(p.timeout_s, "parallel.timeout_s")
     _positive(p.prepare_timeout_s, "parallel.prepare_timeout_s")
+    _one_of(p.cp_method, "parallel.cp_method", CP_METHODS)
+    if p.cp_method != "hybrid":
+        require(
+            p.ulysses is None, "parallel.ulysses",
+            f"is only for parallel.cp_method=hybrid (ring uses 1, ulysses uses parallel.cp), got {p.ulysses}",
+        )
+        key = "parallel.cp"
+    else:
+        key = "parallel.ulysses"
+        require(
+            p.ulysses is not None and p.ulysses > 0 and p.cp % p.ulysses == 0, key,
+            f"parallel.cp_method=hybrid needs a Ulysses degree that divides parallel.cp={p.cp}, got {p.ulysses}",
+        )
+    degree = p.ulysses_degree()
+    # Each Ulysses rank attends with n_heads/U query heads and their K/V heads (replicated when U > n_kv_heads).
+    require(
+        m.n_heads % degree == 0, key,
+        f"Ulysses degree {degree} ({p.cp_method}) must divide model.n_heads={m.n_heads}",
+    )
+    require(
+        m.n_kv_heads % degree == 0 or degree % m.n_kv_heads == 0, key,
+        f"Ulysses degree {degree} ({p.cp_method}) must divide model.n_kv_heads={m.n_kv_heads} or be a multiple of it",
+    )
 
 
 def check_gate(g: GateConfig) -> None:

@@ -1,6 +1,6 @@
 """Activation checkpointing (model.activation_checkpointing): checkpointed blocks give the
 loss and gradients of plain ones, recompute what they should, and under context
-parallelism never run the ring's P2P exchanges again."""
+parallelism never run the ring's P2P exchanges or Ulysses' all-to-alls again."""
 
 import contextlib
 import functools
@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from longtrain.attention import ring
+from longtrain.attention import ring, ulysses
 from longtrain.config import AC_MODES, ConfigError, ModelConfig, RopeConfig
 from longtrain.model import transformer
 from longtrain.model.transformer import Transformer
@@ -29,7 +29,8 @@ SEQ, VOCAB = 48, 259
 
 @contextlib.contextmanager
 def counting(mlp: bool = True) -> Iterator[Counter]:
-    """Count attention forwards, P2P exchanges and (``mlp``) MLP forwards, the recomputed part.
+    """Count attention forwards (ring or Ulysses), P2P exchanges, all-to-all rounds and
+    (``mlp``) MLP forwards, the recomputed part.
 
     Compiled blocks need ``mlp=False``: dynamo replays a traced function's mutation of
     the counter after the graph ran, which would overwrite what the attention op (run
@@ -47,6 +48,8 @@ def counting(mlp: bool = True) -> Iterator[Counter]:
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(ring, "ring_forward", wrap("attention", ring.ring_forward)))
         patches.enter_context(mock.patch.object(ring._Ring, "exchange", wrap("p2p", ring._Ring.exchange)))
+        patches.enter_context(mock.patch.object(ulysses, "ulysses_forward", wrap("attention", ulysses.ulysses_forward)))
+        patches.enter_context(mock.patch.object(ulysses, "_all_to_all", wrap("all_to_all", ulysses._all_to_all)))
         if mlp:
             patches.enter_context(mock.patch.object(transformer.FeedForward, "forward", wrap("mlp", transformer.FeedForward.forward)))
         yield calls
@@ -137,12 +140,13 @@ def test_config_key_reaches_every_block(compose_config):
         load_config(compose_config("model=tiny", "model.mlp_tile_tokens=-1"))
 
 
-def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
+def _cp2_worker(rank: int, world_size: int, tmp: str, method: str) -> None:
     from tests.test_parallel_training import make_config
 
     results = {}
     for mode in AC_MODES:
-        cfg = make_config(Path(tmp) / mode, cp=2, extra=(f"model.activation_checkpointing={mode}",))
+        extra = (f"model.activation_checkpointing={mode}", f"parallel.cp_method={method}")
+        cfg = make_config(Path(tmp) / mode, cp=2, extra=extra)
         pd = init_parallel(cfg.parallel, torch.device("cpu"))
         torch.manual_seed(0)
         model = build_model(cfg, VOCAB, pd)  # ring attention + FSDP2 + checkpointing
@@ -157,12 +161,16 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
     for mode in ("full", "selective"):
         assert_same(results[mode], results["none"])
         calls, plain = results[mode + "_calls"], results["none_calls"]
-        # Per layer the ring forward posts cp−1 K/V hops, the backward cp−1 K/V and cp dK/dV.
-        assert plain["p2p"] == 2 * (1 + 1 + 2)
-        assert calls["p2p"] == plain["p2p"] and calls["attention"] == plain["attention"] == 2
+        if method == "ring":  # per layer the forward posts cp−1 K/V hops, the backward cp−1 K/V and cp dK/dV
+            assert plain["p2p"] == 2 * (1 + 1 + 2) and plain["all_to_all"] == 0
+        else:  # per layer: q/k/v in and out back, then dout in and dq/dk/dv back; no ring at U = cp
+            assert plain["all_to_all"] == 2 * (2 + 2) and plain["p2p"] == 0
+        assert calls["p2p"] == plain["p2p"] and calls["all_to_all"] == plain["all_to_all"]
+        assert calls["attention"] == plain["attention"] == 2
         assert calls["mlp"] == 2 * plain["mlp"]  # the rest of the block is recomputed
 
 
 @pytest.mark.e2e
-def test_checkpointed_matches_plain_at_cp2_without_rerunning_the_ring(tmp_path):
-    run_distributed(_cp2_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_checkpointed_matches_plain_at_cp2_without_rerunning_attention(tmp_path, method):
+    run_distributed(_cp2_worker, 2, str(tmp_path), method)

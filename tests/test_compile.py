@@ -1,5 +1,6 @@
 """model.compile: torch.compile'd blocks train like eager ones (loss, gradients), keep
-their parameter names, and keep activation checkpointing's promise not to rerun the ring."""
+their parameter names, and keep activation checkpointing's promise not to rerun the ring
+or Ulysses."""
 
 from pathlib import Path
 
@@ -45,14 +46,13 @@ def test_compiled_in_place_keeps_parameter_names():
     assert list(model.state_dict()) == list(Transformer(cfg, RopeConfig(), VOCAB).state_dict())
 
 
-def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
+def _cp2_worker(rank: int, world_size: int, tmp: str, method: str) -> None:
     from tests.test_parallel_training import make_config
 
     results = {}
     for compile in (False, True):
-        cfg = make_config(
-            Path(tmp) / str(compile), cp=2, extra=("model.activation_checkpointing=full", f"model.compile={compile}")
-        )
+        extra = ("model.activation_checkpointing=full", f"model.compile={compile}", f"parallel.cp_method={method}")
+        cfg = make_config(Path(tmp) / str(compile), cp=2, extra=extra)
         pd = init_parallel(cfg.parallel, torch.device("cpu"))
         torch.manual_seed(0)
         model = build_model(cfg, VOCAB, pd)  # ring attention + FSDP2 + checkpointing (+ compile)
@@ -65,13 +65,17 @@ def _cp2_worker(rank: int, world_size: int, tmp: str) -> None:
         results[f"{compile}_calls"] = calls
     assert_close(results[True], results[False])
     # Per layer: the ring forward posts cp−1 K/V hops, the backward cp−1 K/V and cp dK/dV;
-    # the compiled, checkpointed blocks post no more (the ring is never recomputed).
-    assert results["True_calls"]["p2p"] == results["False_calls"]["p2p"] == 2 * (1 + 1 + 2)
+    # Ulysses runs two all-to-all rounds forward and two backward. The compiled,
+    # checkpointed blocks post no more (attention is never recomputed).
+    want = {"p2p": 2 * (1 + 1 + 2), "all_to_all": 0} if method == "ring" else {"p2p": 0, "all_to_all": 2 * (2 + 2)}
+    for kind, n in want.items():
+        assert results["True_calls"][kind] == results["False_calls"][kind] == n, kind
 
 
 @pytest.mark.e2e
-def test_compiled_blocks_under_ring_attention_and_fsdp2(tmp_path):
-    run_distributed(_cp2_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_compiled_blocks_under_context_parallel_attention_and_fsdp2(tmp_path, method):
+    run_distributed(_cp2_worker, 2, str(tmp_path), method)
 
 
 def test_config_key_compiles_every_block(compose_config):

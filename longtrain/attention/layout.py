@@ -94,12 +94,18 @@ def use_layout(doc_ids: Tensor, layout: DocumentLayout) -> Iterator[None]:
         del _REGISTERED[key]
 
 
+def registered_layout(doc_ids: Tensor) -> Optional[DocumentLayout]:
+    """The plan registered for ``doc_ids`` by ``use_layout``, if any."""
+    registered = _REGISTERED.get(_key(doc_ids))
+    return None if registered is None else registered[1]
+
+
 def layout_for(doc_ids: Tensor, group: Optional[dist.ProcessGroup]) -> DocumentLayout:
     """The registered plan for ``doc_ids`` (this rank's [B, 2c]), or one planned now from
     them and, at cp > 1, every cp rank's doc ids gathered."""
-    registered = _REGISTERED.get(_key(doc_ids))
+    registered = registered_layout(doc_ids)
     if registered is not None:
-        return registered[1]
+        return registered
     if group is None or dist.get_world_size(group) == 1:
         return DocumentLayout.from_shards([doc_ids], 0)
     shards = [torch.empty_like(doc_ids) for _ in range(dist.get_world_size(group))]

@@ -45,7 +45,7 @@ from longtrain.attention.documents import (
     BlockPlan, check_doc_ids, document_backward, document_backward_into, document_forward,
 )
 from longtrain.attention.kernels import accum_dtype, check_inputs, dense_last_dim, kernel_backward, kernel_forward
-from longtrain.attention.layout import layout_for, ring_block
+from longtrain.attention.layout import DocumentLayout, layout_for, ring_block
 
 _KV_TAG, _DKV_TAG = 0, 1  # backward has both streams in flight between the same pair
 
@@ -129,9 +129,13 @@ def _block_backward(
         document_backward_into(dout, q, k, v, out, lse, plan, causal, scale, grads)
 
 
-def _plans(doc_ids: Optional[Tensor], group: Optional[dist.ProcessGroup], steps: int) -> list[Optional[BlockPlan]]:
-    """Each ring step's document plan (see ``layout.py``), or None per step without masking."""
-    return [None] * steps if doc_ids is None else layout_for(doc_ids, group).blocks
+def _plans(layout: Optional[DocumentLayout], steps: int) -> list[Optional[BlockPlan]]:
+    """Each ring step's document plan, or None per step without masking."""
+    return [None] * steps if layout is None else layout.blocks
+
+
+def _layout(doc_ids: Optional[Tensor], group: Optional[dist.ProcessGroup]) -> Optional[DocumentLayout]:
+    return None if doc_ids is None else layout_for(doc_ids, group)
 
 
 def ring_forward(
@@ -144,11 +148,19 @@ def ring_forward(
     documents (``documents.py``). ``group`` None: the whole sequence is local, one kernel
     call. No autograd; see ``ring_attention``.
     """
+    return ring_forward_planned(q, k, v, scale, group, _layout(doc_ids, group))
+
+
+def ring_forward_planned(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group: Optional[dist.ProcessGroup], layout: Optional[DocumentLayout]
+) -> tuple[Tensor, Tensor]:
+    """``ring_forward`` with the document plan already found (None: no masking): Ulysses
+    hands the ring tokens whose doc ids are not the model's (``ulysses.py``)."""
     if group is None or dist.get_world_size(group) == 1:  # the kernels check their own inputs
-        return _block_forward(q, k, v, True, scale, _plans(doc_ids, group, 1)[0])
+        return _block_forward(q, k, v, True, scale, _plans(layout, 1)[0])
     _check(q=q, k=k, v=v)
     ring = _Ring(group)
-    plans = _plans(doc_ids, group, ring.size)
+    plans = _plans(layout, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     kv = torch.stack((k, v))  # one message per hop
     for step in range(ring.size):
@@ -181,13 +193,21 @@ def ring_backward(
 
     k, v must be this rank's own (un-rotated) K/V: the ring replays from them.
     """
+    return ring_backward_planned(dout, q, k, v, out, lse, scale, group, _layout(doc_ids, group))
+
+
+def ring_backward_planned(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    group: Optional[dist.ProcessGroup], layout: Optional[DocumentLayout],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ring_backward`` with the document plan already found (None: no masking)."""
     if group is None or dist.get_world_size(group) == 1:
-        if doc_ids is not None:
-            return document_backward(dout, q, k, v, out, lse, _plans(doc_ids, group, 1)[0], scale)
+        if layout is not None:
+            return document_backward(dout, q, k, v, out, lse, layout.blocks[0], scale)
         return kernel_backward(dout, q, k, v, out, lse, True, scale)
     _check(q=q, k=k, v=v, dout=dout, out=out)
     ring = _Ring(group)
-    plans = _plans(doc_ids, group, ring.size)
+    plans = _plans(layout, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)  # laid out like q: the op returns it without a copy
     kv = torch.stack((k, v))
@@ -226,7 +246,7 @@ def ring_backward(
 def _ring_attention_op(
     q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    out, lse = ring_forward(q, k, v, scale, _group(group_name), doc_ids)
+    out, lse = ring_forward(q, k, v, scale, resolve_group(group_name), doc_ids)
     # out [B, H, T, D] laid out as [B, T, H, D] (flash kernels write it so; a merged ring
     # output is copied once), so the model's [B, T, H·D] view for wo is not another copy:
     # the one tensor is saved by this op and by wo. It is a fresh tensor, as op outputs must be.
@@ -239,11 +259,22 @@ def _ring_attention_op(
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float, group_name: Optional[str], doc_ids: Optional[Tensor]):
     """Shapes, dtypes and strides of the op's outputs, so ``torch.compile`` traces through it."""
     B, H, T, _ = q.shape
-    out = q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
-    return out, q.new_empty((B, H, T), dtype=accum_dtype(q.dtype))
+    return empty_seq_major(q, (B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=accum_dtype(q.dtype))
 
 
-def _group(name: Optional[str]) -> Optional[dist.ProcessGroup]:
+def empty_seq_major(like: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """An empty [B, H, T, D] tensor laid out as [B, T, H, D], the layout of the model's
+    q/k/v (views of a linear's output) and of the [B, T, H·D] input of wo."""
+    B, H, T, D = shape
+    return like.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+def group_arg(group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """A process group as a custom op takes it (a group is not an op argument type)."""
+    return None if group is None else group.group_name
+
+
+def resolve_group(name: Optional[str]) -> Optional[dist.ProcessGroup]:
     return None if name is None else _resolve_process_group(name)
 
 
@@ -264,7 +295,7 @@ def _ring_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     group_name: Optional[str], doc_ids: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, scale, _group(group_name), doc_ids)
+    grads = ring_backward(dense_last_dim(dout), q, k, v, out, lse, scale, resolve_group(group_name), doc_ids)
     # Fresh tensors laid out like the inputs, as the fake below states. The backward paths
     # allocate their gradients like their inputs; only the ring's dK and dV, views of the
     # one buffer it passes around (op outputs may not alias), are copied out.
@@ -302,4 +333,4 @@ def ring_attention(
     """
     if doc_ids is not None:
         check_doc_ids(q, doc_ids)
-    return _ring_attention_op(q, k, v, scale, None if group is None else group.group_name, doc_ids)[0]
+    return _ring_attention_op(q, k, v, scale, group_arg(group), doc_ids)[0]

@@ -8,7 +8,8 @@ as torchtitan's ``apply_ac``). Modes:
 - ``none``: every activation is kept.
 - ``full``: everything is recomputed except the attention op's outputs (out, lse). The
   attention kernel is the one op whose recomputation costs O(T²), and under context
-  parallelism it is the ring, whose recomputation would run every P2P exchange again.
+  parallelism it is the ring or Ulysses, whose recomputation would run every P2P exchange
+  or all-to-all again (Ulysses' outputs include its head-side tensors, which its backward uses).
 - ``selective``: also keeps every matmul's output and recomputes only the cheap ops in
   between (norms, RoPE, SiLU, products, casts): less memory saved, little compute added.
 
@@ -29,10 +30,12 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from longtrain.attention.ring import RING_ATTENTION_OP
+from longtrain.attention.ulysses import ULYSSES_ATTENTION_OP
 
+_ATTENTION_OPS = frozenset({RING_ATTENTION_OP, ULYSSES_ATTENTION_OP})  # every cp_method's
 _SAVED_OPS = {
-    "full": frozenset({RING_ATTENTION_OP}),
-    "selective": frozenset({RING_ATTENTION_OP, torch.ops.aten.mm.default}),
+    "full": _ATTENTION_OPS,
+    "selective": _ATTENTION_OPS | {torch.ops.aten.mm.default},
 }
 
 

@@ -37,6 +37,10 @@ class ParallelDims:
     dp_cp_mesh: Optional[DeviceMesh] = None  # both dims flattened: FSDP2 shards over it
     health_group: Optional[dist.ProcessGroup] = None  # gloo, only to find ranks that stopped answering
     timeout_s: int = 600
+    cp_method: str = "ring"  # parallel.cp_method
+    ulysses: int = 1  # the Ulysses degree U (ParallelConfig.ulysses_degree); the ring spans cp / U ranks
+    ulysses_group: Optional[dist.ProcessGroup] = None  # ulysses: the cp group; hybrid: cp ranks jU..jU+U−1
+    ring_group: Optional[dist.ProcessGroup] = None  # hybrid only: the cp ranks with the same cp_rank % U
 
     def __post_init__(self) -> None:
         require(
@@ -44,11 +48,19 @@ class ParallelDims:
             "parallel",
             f"parallel.dp*parallel.cp = {self.dp}*{self.cp} = {self.dp * self.cp} must equal the world size {self.world_size}",
         )
+        require(
+            self.cp % self.ulysses == 0,
+            "parallel.ulysses",
+            f"the Ulysses degree {self.ulysses} must divide parallel.cp={self.cp}",
+        )
 
     @classmethod
     def planned(cls, cfg: ParallelConfig, world_size: int, device: torch.device = torch.device("cpu")) -> ParallelDims:
         """The layout of ``world_size`` ranks before any process group exists (rank 0's view)."""
-        return cls(cfg.dp, cfg.cp, 0, world_size, device, timeout_s=cfg.timeout_s)
+        return cls(
+            cfg.dp, cfg.cp, 0, world_size, device, timeout_s=cfg.timeout_s, cp_method=cfg.cp_method,
+            ulysses=cfg.ulysses_degree(),
+        )
 
     def check_stage(self, stage: StageConfig) -> None:
         """A stage's sequence must cut into the ring's 2·cp chunks, and its global batch into
@@ -79,6 +91,17 @@ class ParallelDims:
     @property
     def cp_rank(self) -> int:
         return self.rank % self.cp
+
+    @property
+    def ring_rank(self) -> int:
+        """This rank's place in the zigzag ring (0 under plain Ulysses): what document
+        plans are made for (``DocumentLayout.zigzag(doc_ids, ring_rank, ring_size)``)."""
+        return self.cp_rank // self.ulysses
+
+    @property
+    def ring_size(self) -> int:
+        """Ranks in the zigzag ring: cp (ring), 1 (ulysses), cp / U (hybrid)."""
+        return self.cp // self.ulysses
 
     @property
     def is_rank0(self) -> bool:
@@ -124,7 +147,29 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.cp), mesh_dim_names=("dp", "cp"))
     dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
     health = dist.new_group(backend="gloo", timeout=timeout)
-    return replace(dims, rank=dist.get_rank(), mesh=mesh, dp_cp_mesh=dp_cp_mesh, health_group=health)
+    dims = replace(dims, rank=dist.get_rank(), mesh=mesh, dp_cp_mesh=dp_cp_mesh, health_group=health)
+    return _with_attention_groups(dims, timeout)
+
+
+def hybrid_group_ranks(dims: ParallelDims) -> tuple[list[list[int]], list[list[int]]]:
+    """(Ulysses groups, ring groups) as global ranks: each cp group splits into Ulysses
+    groups of U neighbours (cp ranks jU..jU+U−1) and ring groups (the cp ranks with one
+    u = cp_rank % U)."""
+    u_size, r_size, firsts = dims.ulysses, dims.ring_size, range(0, dims.world_size, dims.cp)
+    ulysses = [[first + j * u_size + u for u in range(u_size)] for first in firsts for j in range(r_size)]
+    ring = [[first + j * u_size + u for j in range(r_size)] for first in firsts for u in range(u_size)]
+    return ulysses, ring
+
+
+def _with_attention_groups(dims: ParallelDims, timeout: timedelta) -> ParallelDims:
+    """Ulysses takes the cp group; the hybrid builds its groups (``hybrid_group_ranks``) in one
+    order on every rank (creating a group is collective)."""
+    if dims.cp_method == "ulysses":
+        return replace(dims, ulysses_group=dims.cp_group)
+    if dims.cp_method != "hybrid":
+        return dims
+    ulysses, ring = (dist.new_subgroups_by_enumeration(ranks, timeout=timeout)[0] for ranks in hybrid_group_ranks(dims))
+    return replace(dims, ulysses_group=ulysses, ring_group=ring)
 
 
 def _destroy_process_group() -> None:

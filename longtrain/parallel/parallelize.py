@@ -15,23 +15,32 @@ import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from longtrain.attention.ring import ring_attention
+from longtrain.attention.ulysses import ulysses_attention
 from longtrain.config import Config
 from longtrain.hardware import autocast_dtype
-from longtrain.model.transformer import Transformer
+from longtrain.model.transformer import AttentionFn, Transformer
 from longtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from longtrain.parallel.mesh import ParallelDims
 
 
 def parallelize(model: Transformer, cfg: Config, dims: ParallelDims) -> Transformer:
-    """Ring attention over the cp group (cp > 1), checkpointing, compile, FSDP2 (world > 1)."""
+    """Context-parallel attention (cp > 1), checkpointing, compile, FSDP2 (world > 1)."""
     if dims.cp > 1:
-        model.attention_fn = functools.partial(ring_attention, group=dims.cp_group)
+        model.attention_fn = context_parallel_attention(dims)
     apply_activation_checkpointing(model.layers, cfg.model.activation_checkpointing)
     if cfg.model.compile:  # after the attention is chosen and the blocks checkpointed, before FSDP2 wraps them
         apply_compile(model)
     if dims.world_size > 1:
         apply_fsdp(model, dims, mixed_precision_policy(cfg.run.dtype, dims.device.type))
     return model
+
+
+def context_parallel_attention(dims: ParallelDims) -> AttentionFn:
+    """``parallel.cp_method``'s attention over the cp group: the zigzag ring, or Ulysses
+    (its ring group None) and the hybrid, Ulysses under the ring."""
+    if dims.cp_method == "ring":
+        return functools.partial(ring_attention, group=dims.cp_group)
+    return functools.partial(ulysses_attention, ulysses_group=dims.ulysses_group, ring_group=dims.ring_group)
 
 
 def mixed_precision_policy(run_dtype: str, device_type: str) -> Optional[MixedPrecisionPolicy]:

@@ -69,7 +69,7 @@ class Evaluator:
         if not self.cfg.data.document_masking:
             yield local
             return
-        layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.cp_rank, self.dims.cp)
+        layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.ring_rank, self.dims.ring_size)
         layout.prepare(self.dims.device, varlen=varlen_available(self.dims.device))
         with use_layout(local["doc_ids"], layout):
             yield local
