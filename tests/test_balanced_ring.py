@@ -2,6 +2,9 @@
 layout, its balance on the stdlib corpus, and forward/backward against a float64
 single-rank reference at cp = 2, 3, 4."""
 
+import sys
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +47,7 @@ def test_balance_on_stdlib_windows():
     windows of the stdlib corpus (bench/cp_balance.py prints the full table)."""
     lengths = stdlib_document_lengths()
     for seq_len in (32768, 131072):
-        windows = window_doc_ids(lengths, seq_len, 12, seed=1)
+        windows = window_doc_ids(lengths, seq_len, 40, seed=1)
         for cp in (2, 4, 8):
             ratios = np.array([busiest_over_mean(d, cp, "documents") for d in windows])
             assert np.median(ratios) <= 1.03 and np.percentile(ratios, 90) <= 1.08, (seq_len, cp, ratios)
@@ -92,3 +95,16 @@ def test_balanced_ring_matches_reference(varlen):
     """cp = 2, 3, 4 on 4 gloo ranks; layouts include one-token documents (first and last)
     and a document spanning every rank."""
     run_distributed(_balanced_vs_reference, 4, varlen, timeout=200)
+
+
+@pytest.mark.timeout(120)
+def test_bench_command_runs(capsys):
+    """``python -m bench.cp_balance`` at a small size: the balance table and the timed step."""
+    from bench import cp_balance
+
+    with mock.patch.object(sys, "argv", ["cp_balance", "--windows", "3", "--lengths", "4096", "--step", "--step-windows", "1"]):
+        cp_balance.main()
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 4K")]
+    assert len(rows) == 4  # cp = 2, 4, 8 and the step
+    assert all(float(x) > 0 for x in rows[-1][2:5])

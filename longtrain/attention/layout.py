@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longtrain.attention.documents import BlockPlan, Rectangle, block_plan
-from longtrain.parallel.sharding import zigzag_shard
+from longtrain.parallel.sharding import document_zigzag_index, zigzag_shard
 
 _ALL = slice(None)
 
@@ -107,6 +107,18 @@ class DocumentLayout:
     def work(self) -> int:
         """Causal attention work of this rank: (query, key) pairs computed over all steps."""
         return sum(step.plan.work(step.causal) for step in self.steps)
+
+
+def shard_with_layout(batch: dict[str, Tensor], rank: int, cp: int, load_balancer: str) -> tuple[dict[str, Tensor], DocumentLayout]:
+    """This rank's shard of every [B, T] tensor of a whole-sequence, document-masked batch
+    (host tensors, ``doc_ids`` among them) and attention's plan for it: sharded per
+    document (``load_balancer`` "documents", cp > 1) or zigzag by position."""
+    if cp > 1 and load_balancer == "documents":
+        index = document_zigzag_index(batch["doc_ids"], cp)
+        local = {k: v.gather(1, index[rank]) for k, v in batch.items()}
+        return local, DocumentLayout.by_documents(batch["doc_ids"], index, rank)
+    local = batch if cp == 1 else {k: zigzag_shard(v, rank, cp, dim=1) for k, v in batch.items()}
+    return local, DocumentLayout.zigzag(batch["doc_ids"], rank, cp)
 
 
 Piece = tuple[int, int, int, int, int]  # (doc, first position, end position, local start, local end)

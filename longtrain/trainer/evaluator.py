@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.attention.documents import varlen_available
-from longtrain.attention.layout import DocumentLayout, use_layout
+from longtrain.attention.layout import shard_with_layout, use_layout
 from longtrain.config import Config
 from longtrain.data.packing import PackedDataset
 from longtrain.data.shards import PreparedData
@@ -28,7 +28,7 @@ from longtrain.model.load import ScoreFn
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import LossSums, TokenScores
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
-from longtrain.parallel.sharding import document_zigzag_index, zigzag_shard, zigzag_unshard
+from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
 
 Batch = dict[str, torch.Tensor]
 
@@ -68,13 +68,8 @@ class Evaluator:
         if not self.cfg.data.document_masking:
             yield {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
             return
-        if self.dims.cp > 1 and self.cfg.parallel.cp_load_balancer == "documents":
-            index = document_zigzag_index(batch["doc_ids"], self.dims.cp)
-            local = {k: v.gather(1, index[self.dims.cp_rank]).to(self.dims.device) for k, v in batch.items()}
-            layout = DocumentLayout.by_documents(batch["doc_ids"], index, self.dims.cp_rank)
-        else:
-            local = {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
-            layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.cp_rank, self.dims.cp)
+        local, layout = shard_with_layout(batch, self.dims.cp_rank, self.dims.cp, self.cfg.parallel.cp_load_balancer)
+        local = {k: v.to(self.dims.device) for k, v in local.items()}
         layout.prepare(self.dims.device, varlen=varlen_available(self.dims.device))
         with use_layout(local["doc_ids"], layout):
             yield local
