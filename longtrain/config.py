@@ -155,10 +155,14 @@ class OptimConfig:
     max_nonfinite_steps: int = 5
 
 
+CP_LOAD_BALANCERS = ("documents", "zigzag")
+
+
 @dataclass
 class ParallelConfig:
     dp: int = 1
     cp: int = 1
+    cp_load_balancer: str = "documents"  # how the ring shards a document-masked sequence: per document, or zigzag by position
     timeout_s: int = 600  # a collective that waits longer (a hung or dead rank) ends the job
     prepare_timeout_s: int = 7200  # how long the other ranks wait while rank 0 prepares data
     cp_method: str = "ring"  # how attention spans the cp ranks: ring, ulysses or hybrid
@@ -470,6 +474,7 @@ def check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     is ParallelDims' check."""
     _positive(p.dp, "parallel.dp")
     _positive(p.cp, "parallel.cp")
+    _one_of(p.cp_load_balancer, "parallel.cp_load_balancer", CP_LOAD_BALANCERS)
     _positive(p.timeout_s, "parallel.timeout_s")
     _positive(p.prepare_timeout_s, "parallel.prepare_timeout_s")
     _one_of(p.cp_method, "parallel.cp_method", CP_METHODS)

@@ -49,6 +49,7 @@ CASES = [
     ("seq-len-not-divisible-by-2cp", ["parallel.cp=3"], "stage.seq_len"),
     ("world-size-mismatch", ["parallel.dp=2"], "parallel"),
     ("zero-timeout", ["parallel.timeout_s=0"], "parallel.timeout_s"),
+    ("cp-load-balancer", ["parallel.cp_load_balancer=heads"], "parallel.cp_load_balancer"),
     ("nonfinite-patience", ["optim.max_nonfinite_steps=0"], "optim.max_nonfinite_steps"),
     ("resume-missing-folder", ["run.resume=/no/such/checkpoint"], "run.resume"),
     ("resume-not-a-checkpoint", [*DEMO, "run.resume={fx}/not_a_checkpoint"], "run.resume"),

@@ -66,7 +66,10 @@ def document_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[Rectangle]:
 def _batch_rectangles(q_docs: Tensor, k_docs: Tensor) -> list[tuple[slice, list[Rectangle]]]:
     """(batch rows, their rectangles): one batched group when every row has the same
     rectangles (a batch of single documents, e.g. retrieval samples), else row by row."""
-    per_row = [document_rectangles(q_docs[b], k_docs[b]) for b in range(q_docs.shape[0])]
+    return _grouped([document_rectangles(q_docs[b], k_docs[b]) for b in range(q_docs.shape[0])])
+
+
+def _grouped(per_row: list[list[Rectangle]]) -> list[tuple[slice, list[Rectangle]]]:
     if all(r == per_row[0] for r in per_row):
         return [(slice(None), per_row[0])]
     return [(slice(b, b + 1), r) for b, r in enumerate(per_row)]
@@ -95,6 +98,19 @@ class BlockPlan:
     rows: int
     keys: int
     _packed: dict[torch.device, Optional[_Packed]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of_rows(cls, per_row: list[list[Rectangle]], rows: int, keys: int) -> BlockPlan:
+        """The plan of a block whose batch row b has rectangles ``per_row[b]``."""
+        return cls(_grouped(per_row), len(per_row), rows, keys)
+
+    def work(self, causal: bool) -> int:
+        """(query, key) pairs the block computes: its rectangles' areas, triangles when causal."""
+        per_row = {b: rects for rows, rects in self.groups for b in range(self.batch)[rows]}
+        return sum(
+            (q1 - q0) * (q1 - q0 + 1) // 2 if causal else (q1 - q0) * (k1 - k0)
+            for rects in per_row.values() for q0, q1, k0, k1 in rects
+        )
 
     def rectangles(self) -> list[tuple[int, Rectangle]]:
         """(batch row, rectangle) of every rectangle, batch row by batch row."""

@@ -23,12 +23,13 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtrain.attention.documents import BlockPlan, block_plan
-from longtrain.parallel.sharding import zigzag_shard
+from longtrain.attention.documents import BlockPlan, Rectangle, block_plan
+from longtrain.parallel.sharding import document_zigzag_index, zigzag_shard
 
 _ALL = slice(None)
 
@@ -45,32 +46,108 @@ def ring_block(step: int, rank: int, size: int, c: int) -> tuple[slice, slice, b
 
 
 @dataclass
-class DocumentLayout:
-    """One rank's document-masking plan for one micro-batch: the block plan of every ring
-    step (one step at cp = 1)."""
+class RingStep:
+    """What a rank computes at one ring step: local rows × held keys (slices), whether the
+    block is the diagonal one, and the block's document rectangles."""
 
-    blocks: list[BlockPlan]
+    rows: slice
+    keys: slice
+    causal: bool
+    plan: BlockPlan
+
+
+@dataclass
+class DocumentLayout:
+    """One rank's document-masking plan for one micro-batch: every ring step's block (one
+    step at cp = 1)."""
+
+    steps: list[RingStep]
 
     @classmethod
     def from_shards(cls, shards: Sequence[Tensor], rank: int) -> DocumentLayout:
-        """The plan of ``rank`` from every cp rank's local doc ids ``shards`` [B, 2c]."""
+        """The plan of ``rank`` from every cp rank's zigzag-local doc ids ``shards`` [B, 2c]."""
         size, c = len(shards), shards[rank].shape[1] // 2
-        blocks = []
+        steps = []
         for step in range(size):
-            rows, keys, _ = ring_block(step, rank, size, c)
-            blocks.append(block_plan(shards[rank][:, rows], shards[(rank - step) % size][:, keys]))
-        return cls(blocks)
+            rows, keys, causal = ring_block(step, rank, size, c)
+            steps.append(RingStep(rows, keys, causal, block_plan(shards[rank][:, rows], shards[(rank - step) % size][:, keys])))
+        return cls(steps)
 
     @classmethod
     def zigzag(cls, doc_ids: Tensor, rank: int, cp: int) -> DocumentLayout:
         """The plan of ``rank`` for whole-sequence doc ids [B, T] (host) sharded zigzag over cp."""
         return cls.from_shards([zigzag_shard(doc_ids, r, cp, dim=1) for r in range(cp)], rank)
 
+    @classmethod
+    def by_documents(cls, doc_ids: Tensor, index: Tensor, rank: int) -> DocumentLayout:
+        """The plan of ``rank`` for whole-sequence doc ids [B, T] (host) sharded by
+        ``index`` [cp, B, T/cp] (``sharding.document_zigzag_index``).
+
+        Every step is whole local rows × the whole held block: the rectangles say what is
+        live. The diagonal block is each document's local run, causal (local order is
+        sequence order); an off-diagonal block pairs each local piece of a document with
+        the held pieces of it that come earlier in the sequence.
+        """
+        cp, B = index.shape[0], index.shape[1]
+        local_docs = [doc_ids.gather(1, index[r]) for r in range(cp)]
+        pieces = [[_pieces(index[r, b].numpy(), local_docs[r][b].numpy()) for b in range(B)] for r in range(cp)]
+        steps = [RingStep(_ALL, _ALL, True, block_plan(local_docs[rank], local_docs[rank]))]
+        for step in range(1, cp):
+            src = (rank - step) % cp
+            rects = [_earlier_rectangles(pieces[rank][b], pieces[src][b]) for b in range(B)]
+            steps.append(RingStep(_ALL, _ALL, False, BlockPlan.of_rows(rects, index.shape[2], index.shape[2])))
+        return cls(steps)
+
     def prepare(self, device: torch.device, varlen: bool) -> None:
         """Build the varlen indices on ``device`` now, before the forward, if ``varlen``."""
         if varlen:
-            for block in self.blocks:
-                block.packed(device)
+            for step in self.steps:
+                step.plan.packed(device)
+
+    def work(self) -> int:
+        """Causal attention work of this rank: (query, key) pairs computed over all steps."""
+        return sum(step.plan.work(step.causal) for step in self.steps)
+
+
+def shard_with_layout(batch: dict[str, Tensor], rank: int, cp: int, load_balancer: str) -> tuple[dict[str, Tensor], DocumentLayout]:
+    """This rank's shard of every [B, T] tensor of a whole-sequence, document-masked batch
+    (host tensors, ``doc_ids`` among them) and attention's plan for it: sharded per
+    document (``load_balancer`` "documents", cp > 1) or zigzag by position."""
+    if cp > 1 and load_balancer == "documents":
+        index = document_zigzag_index(batch["doc_ids"], cp)
+        local = {k: v.gather(1, index[rank]) for k, v in batch.items()}
+        return local, DocumentLayout.by_documents(batch["doc_ids"], index, rank)
+    local = batch if cp == 1 else {k: zigzag_shard(v, rank, cp, dim=1) for k, v in batch.items()}
+    return local, DocumentLayout.zigzag(batch["doc_ids"], rank, cp)
+
+
+Piece = tuple[int, int, int, int, int]  # (doc, first position, end position, local start, local end)
+
+
+def _pieces(positions: np.ndarray, docs: np.ndarray) -> list[Piece]:
+    """Maximal runs of consecutive sequence positions within one document."""
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(docs) != 0)) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(positions)]])
+    return [(int(docs[a]), int(positions[a]), int(positions[e - 1]) + 1, int(a), int(e)) for a, e in zip(starts, ends)]
+
+
+def _earlier_rectangles(rows: list[Piece], keys: list[Piece]) -> list[Rectangle]:
+    """Rectangles of row pieces × key pieces of the same document that end before the row
+    piece starts, merged where adjacent, so that a row or key is in at most one."""
+    rects = sorted((r[3], r[4], k[3], k[4]) for r in rows for k in keys if k[0] == r[0] and k[2] <= r[1])
+    by_keys: list[Rectangle] = []
+    for q0, q1, k0, k1 in rects:  # a row piece's earlier keys: a run of local keys
+        if by_keys and by_keys[-1][:2] == (q0, q1) and by_keys[-1][3] == k0:
+            by_keys[-1] = (q0, q1, by_keys[-1][2], k1)
+        else:
+            by_keys.append((q0, q1, k0, k1))
+    merged: list[Rectangle] = []
+    for q0, q1, k0, k1 in sorted(by_keys, key=lambda r: (r[2], r[3], r[0])):  # pieces sharing those keys
+        if merged and merged[-1][2:] == (k0, k1) and merged[-1][1] == q0:
+            merged[-1] = (merged[-1][0], q1, k0, k1)
+        else:
+            merged.append((q0, q1, k0, k1))
+    return sorted(merged)
 
 
 _REGISTERED: dict[tuple, tuple[Tensor, DocumentLayout]] = {}

@@ -129,9 +129,12 @@ def _block_backward(
         document_backward_into(dout, q, k, v, out, lse, plan, causal, scale, grads)
 
 
-def _plans(layout: Optional[DocumentLayout], steps: int) -> list[Optional[BlockPlan]]:
-    """Each ring step's document plan, or None per step without masking."""
-    return [None] * steps if layout is None else layout.blocks
+def _steps(layout: Optional[DocumentLayout], ring: _Ring, c: int) -> list[tuple[slice, slice, bool, Optional[BlockPlan]]]:
+    """Each ring step's (rows, keys, causal, document plan): the zigzag schedule without
+    masking, else the micro-batch's layout (``layout.py``), which may shard by documents."""
+    if layout is None:
+        return [(*ring_block(step, ring.rank, ring.size, c), None) for step in range(ring.size)]
+    return [(s.rows, s.keys, s.causal, s.plan) for s in layout.steps]
 
 
 def _layout(doc_ids: Optional[Tensor], group: Optional[dist.ProcessGroup]) -> Optional[DocumentLayout]:
@@ -157,17 +160,15 @@ def ring_forward_planned(
     """``ring_forward`` with the document plan already found (None: no masking): Ulysses
     hands the ring tokens whose doc ids are not the model's (``ulysses.py``)."""
     if group is None or dist.get_world_size(group) == 1:  # the kernels check their own inputs
-        return _block_forward(q, k, v, True, scale, _plans(layout, 1)[0])
+        return _block_forward(q, k, v, True, scale, None if layout is None else layout.steps[0].plan)
     _check(q=q, k=k, v=v)
     ring = _Ring(group)
-    plans = _plans(layout, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     kv = torch.stack((k, v))  # one message per hop
-    for step in range(ring.size):
+    for step, (rows, keys, causal, plan) in enumerate(_steps(layout, ring, c)):
         transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
-        rows, keys, causal = ring_block(step, ring.rank, ring.size, c)
         block = kv[:, :, :, keys]  # [2, B, Hkv, keys, D]
-        block_out, block_lse = _block_forward(q[:, :, rows], block[0], block[1], causal, scale, plans[step])
+        block_out, block_lse = _block_forward(q[:, :, rows], block[0], block[1], causal, scale, plan)
         if step == 0:
             out, lse = block_out.to(acc), block_lse.to(acc)
         else:
@@ -203,25 +204,23 @@ def ring_backward_planned(
     """``ring_backward`` with the document plan already found (None: no masking)."""
     if group is None or dist.get_world_size(group) == 1:
         if layout is not None:
-            return document_backward(dout, q, k, v, out, lse, layout.blocks[0], scale)
+            return document_backward(dout, q, k, v, out, lse, layout.steps[0].plan, scale)
         return kernel_backward(dout, q, k, v, out, lse, True, scale)
     _check(q=q, k=k, v=v, dout=dout, out=out)
     ring = _Ring(group)
-    plans = _plans(layout, ring.size)
     c, acc = q.shape[2] // 2, accum_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)  # laid out like q: the op returns it without a copy
     kv = torch.stack((k, v))
     dkv_transfer: _Transfer | None = None
-    for step in range(ring.size):
+    for step, (rows, keys, causal, plan) in enumerate(_steps(layout, ring, c)):
         kv_transfer = ring.exchange(kv, _KV_TAG) if step + 1 < ring.size else None
-        rows, keys, causal = ring_block(step, ring.rank, ring.size, c)
         block = kv[:, :, :, keys]
         # dQ sums in place; this block's dK/dV go to a buffer of their own while the
         # accumulator that travels with the block is still arriving from r−1.
         dkv_block = torch.zeros(block.shape, dtype=acc, device=block.device)
         _block_backward(
             dout[:, :, rows], q[:, :, rows], block[0], block[1], out[:, :, rows], lse[:, :, rows],
-            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), plans[step],
+            causal, scale, (dq[:, :, rows], dkv_block[0], dkv_block[1]), plan,
         )
         if dkv_transfer is None:  # step 0 covers our whole block: the accumulator starts here
             dkv = dkv_block

@@ -116,9 +116,9 @@ def _layout(
     ring_size = 1 if ring is None else dist.get_world_size(ring)
     layout = registered_layout(doc_ids)
     if layout is not None:
-        if len(layout.blocks) != ring_size:  # a plan for another method's tokens would mask the wrong pairs
+        if len(layout.steps) != ring_size:  # a plan for another method's tokens would mask the wrong pairs
             raise ValueError(
-                f"the registered document layout plans {len(layout.blocks)} ring steps, the ring has {ring_size}: "
+                f"the registered document layout plans {len(layout.steps)} ring steps, the ring has {ring_size}: "
                 "register DocumentLayout.zigzag(doc_ids, dims.ring_rank, dims.ring_size)"
             )
         return layout

@@ -41,7 +41,7 @@ def in_val_split(key: str, val_percent: float) -> bool:
     return h % 1_000_000 < val_percent * 10_000
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
+def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subfolders, names in os.walk(root):
@@ -80,7 +80,7 @@ def input_files(data: DataConfig) -> tuple[Path, list[Path]]:
     """(root, files) of a file-based source, in a seeded order (documents of one folder
     would otherwise sit next to each other in every window)."""
     if data.source == "stdlib_code":
-        root, files = _stdlib_files()
+        root, files = stdlib_files()
     else:
         root = _glob_root(str(data.path))
         files = sorted(Path(p) for p in glob.glob(str(data.path), recursive=True) if Path(p).is_file())

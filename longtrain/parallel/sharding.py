@@ -9,6 +9,7 @@ through the same permutation, so RoPE sees the *global* positions.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,3 +47,37 @@ def zigzag_unshard(shards: list[Tensor] | Tensor, cp_size: int, dim: int = 1) ->
 def zigzag_positions(seq_len: int, cp_rank: int, cp_size: int) -> Tensor:
     """Global position ids (int64, length seq_len/cp) of this rank's local tokens."""
     return zigzag_shard(torch.arange(seq_len), cp_rank, cp_size, dim=0)
+
+
+def document_zigzag_index(doc_ids: Tensor, cp_size: int) -> Tensor:
+    """Per-document zigzag: [cp, B, T/cp] sorted sequence positions each rank keeps.
+
+    ``doc_ids`` [B, T] (nondecreasing per row). Every document is cut into 2·cp pieces and
+    rank r keeps pieces r and 2·cp−1−r, so every rank gets the same share of every
+    document's causal attention work, whatever the document lengths: what zigzag by
+    position does for one document, done per document. Pieces differ by at most one
+    token; the odd tokens go to the ranks holding the fewest so far, which keeps every
+    rank at T/cp tokens (no padding, no divisibility rule on documents).
+    """
+    _check(doc_ids.shape[1], cp_size)
+    rows = [_document_zigzag_row(row.numpy(), cp_size) for row in doc_ids.cpu()]
+    return torch.from_numpy(np.stack(rows, axis=1))
+
+
+def _document_zigzag_row(docs: np.ndarray, cp: int) -> np.ndarray:
+    """[cp, T/cp] positions of one row (see ``document_zigzag_index``)."""
+    held = np.zeros(cp, dtype=np.int64)
+    kept: list[list[np.ndarray]] = [[] for _ in range(cp)]
+    edges = np.flatnonzero(np.diff(docs)) + 1
+    for start, end in zip(np.concatenate([[0], edges]), np.concatenate([edges, [len(docs)]])):
+        base, odd = divmod(int(end - start), 2 * cp)
+        extra = np.zeros(cp, dtype=np.int64)
+        np.add.at(extra, np.argsort(held, kind="stable")[np.arange(odd) % cp], 1)
+        sizes = np.full(2 * cp, base)
+        sizes[:cp] += extra >= 1  # a rank's first odd token lengthens its early piece
+        sizes[::-1][:cp] += extra >= 2  # a second one its late piece
+        cuts = start + np.concatenate([[0], np.cumsum(sizes)])
+        for r in range(cp):
+            kept[r] += [np.arange(cuts[r], cuts[r + 1]), np.arange(cuts[2 * cp - 1 - r], cuts[2 * cp - r])]
+        held += sizes[:cp] + sizes[::-1][:cp]
+    return np.stack([np.concatenate(k) for k in kept])

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.attention.documents import varlen_available
-from longtrain.attention.layout import DocumentLayout, use_layout
+from longtrain.attention.layout import DocumentLayout, shard_with_layout, use_layout
 from longtrain.config import Config
 from longtrain.data.packing import PackedDataset
 from longtrain.data.shards import PreparedData
@@ -65,11 +65,15 @@ class Evaluator:
         """This rank's shard of ``batch`` on the device. Under document masking, attention's
         plan for it (``attention/layout.py``) holds inside the block: run the micro-batch's
         forward and backward there."""
-        local = {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
         if not self.cfg.data.document_masking:
-            yield local
+            yield {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
             return
-        layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.ring_rank, self.dims.ring_size)
+        if self.cfg.parallel.cp_method == "ring":
+            local, layout = shard_with_layout(batch, self.dims.cp_rank, self.dims.cp, self.cfg.parallel.cp_load_balancer)
+        else:  # Ulysses attends over whole sequences (balanced as it is); the hybrid's ring runs zigzag over R groups
+            local = shard_batch(batch, self.dims)
+            layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.ring_rank, self.dims.ring_size)
+        local = {k: v.to(self.dims.device) for k, v in local.items()}
         layout.prepare(self.dims.device, varlen=varlen_available(self.dims.device))
         with use_layout(local["doc_ids"], layout):
             yield local
