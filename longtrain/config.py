@@ -30,6 +30,7 @@ SOURCES = ("stdlib_code", "local", "hf")
 TOKENIZERS = ("byte", "hf")
 AC_MODES = ("none", "full", "selective")  # model.activation_checkpointing
 DTYPES = ("auto", "float32", "bfloat16")
+CP_METHODS = ("ring", "ulysses", "hybrid")  # parallel.cp_method
 
 
 @dataclass
@@ -158,6 +159,14 @@ class OptimConfig:
 class ParallelConfig:
     dp: int = 1
     cp: int = 1
+    # How attention crosses the cp ranks: the zigzag ring, Ulysses all-to-all over the
+    # heads, or both (cp = ulysses × ring degree: Ulysses inside a node, the ring across).
+    cp_method: str = "ring"
+    ulysses: int = 1  # the Ulysses degree for hybrid; ulysses uses all of cp
+
+    def ulysses_degree(self) -> int:
+        """Ranks one Ulysses all-to-all spans (1: none)."""
+        return {"ring": 1, "ulysses": self.cp, "hybrid": self.ulysses}.get(self.cp_method, 1)
     timeout_s: int = 600  # a collective that waits longer (a hung or dead rank) ends the job
     prepare_timeout_s: int = 7200  # how long the other ranks wait while rank 0 prepares data
 
@@ -334,6 +343,7 @@ def validate(cfg: Config) -> None:
     check_stage(cfg.stage)
     check_optim(cfg.optim)
     check_parallel(cfg.parallel)
+    check_cp_method(cfg.parallel, cfg.model)
     check_gate(cfg.gate)
     check_retrieval(cfg.retrieval)
     require(bool(cfg.curriculum.stages), "curriculum.stages", "needs at least one stage")
@@ -462,6 +472,24 @@ def check_parallel(p: ParallelConfig) -> None:
     _positive(p.cp, "parallel.cp")
     _positive(p.timeout_s, "parallel.timeout_s")
     _positive(p.prepare_timeout_s, "parallel.prepare_timeout_s")
+
+
+def check_cp_method(p: ParallelConfig, m: ModelConfig) -> None:
+    """Ulysses splits the heads over its ranks: each needs whole query heads and whole
+    (possibly repeated) K/V heads."""
+    _one_of(p.cp_method, "parallel.cp_method", CP_METHODS)
+    _positive(p.ulysses, "parallel.ulysses")
+    if p.cp_method == "ulysses":
+        require(p.ulysses in (1, p.cp), "parallel.ulysses", f"ulysses uses all of parallel.cp={p.cp}; got {p.ulysses} (use cp_method=hybrid)")
+    if p.cp_method == "hybrid":
+        require(p.ulysses >= 2, "parallel.ulysses", f"hybrid needs a Ulysses degree >= 2, got {p.ulysses}")
+        require(p.cp % p.ulysses == 0, "parallel.ulysses", f"{p.ulysses} does not divide parallel.cp={p.cp} (cp = ulysses × ring)")
+    u = p.ulysses_degree()
+    if u > 1:
+        require(m.n_heads % u == 0, "parallel.ulysses", f"{u} Ulysses ranks do not divide model.n_heads={m.n_heads}")
+        # U ≤ n_kv_heads: each rank takes whole K/V groups; beyond, each K/V head is repeated.
+        require(m.n_kv_heads % u == 0 if u <= m.n_kv_heads else u % m.n_kv_heads == 0, "parallel.ulysses",
+                f"{u} Ulysses ranks cannot share model.n_kv_heads={m.n_kv_heads} K/V heads evenly (use a multiple or a divisor)")
 
 
 def check_gate(g: GateConfig) -> None:
