@@ -455,7 +455,7 @@ def cp_choices(cfg: Config, world: int) -> list[int]:
     for cp in (2**i for i in range(world.bit_length())):
         if world % cp == 0:
             try:
-                check_config(layout(cfg, world, cp))
+                check_config(layout(cfg, world, cp), world)
             except ConfigError:
                 continue
             found.append(cp)
@@ -491,7 +491,7 @@ def method_candidates(cfg: Config, vocab_size: int, device: str, device_memory: 
         for method, u in splits(cp, cfg.model.n_heads):
             trial = layout(cfg, world, cp, method, u if method == "hybrid" else 1)
             try:
-                check_config(trial)
+                check_config(trial, world)
             except ConfigError as e:
                 refused.setdefault(str(e), []).append(f"{method} {u}×{cp // u}")
                 continue
@@ -516,10 +516,12 @@ def format_suggestion(cfg: Config, vocab_size: int, device: str, device_memory: 
     lines = [f"  context parallelism on {world} devices ({cluster.describe()}), per rank and optimizer step:"]
     lines += [f"    {line}" for line in format_table(rows)] if rows else []
     lines += [f"    not valid: {r}" for r in refused]
-    if not rows or not any(c.fits for c in rows):
-        return [*lines, f"  suggest: nothing fits {_device(device_memory)} on {world} devices "
-                        f"(cp in {cps}, modes {', '.join(MODES)})"]
+    if not rows:
+        return [*lines, f"  suggest: no valid layout on {world} devices (cp in {cps})"]
     best = pick(rows)
+    if not best.fits:
+        return [*lines, f"  suggest: nothing fits {_device(device_memory)} on {world} devices (cp in {cps}, modes "
+                        f"{', '.join(MODES)}); the smallest peak is {_size(best.peak).strip()}: {best.overrides()}"]
     lines.append(f"  suggest: {best.overrides()} (peak {_size(best.peak).strip()} of {_device(device_memory)} on {world} devices)")
     return lines + [f"    {line}" for line in reasons(best, rows)]
 

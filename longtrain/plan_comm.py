@@ -288,8 +288,6 @@ def reasons(best: Candidate, candidates: list[Candidate]) -> list[str]:
     """Two lines: why ``best``, and why not the runner-up."""
     lines = [f"why: {_name(best)}: " + "; ".join(costs_text(best.cost))
              + f"; peak {gib(best.peak)} with " + ("no" if best.checkpointing == "none" else best.checkpointing) + " checkpointing"]
-    if not best.fits:
-        return [lines[0] + " (the smallest; nothing fits)"]
     rest = [c for c in candidates if c is not best and c.fits]
     if rest:
         nxt = min(rest, key=lambda c: (c.cost.attention_s, _tie_key(c)))
@@ -297,9 +295,10 @@ def reasons(best: Candidate, candidates: list[Candidate]) -> list[str]:
         if slower:
             gap = f"{nxt.cost.attention_s / best.cost.attention_s - 1:+.0%} attention time: " + "; ".join(costs_text(nxt.cost))
         else:
-            gap = "as fast, but " + next(why for a, b, why in zip(_tie_key(nxt), _tie_key(best), (
+            worse = [why for a, b, why in zip(_tie_key(nxt), _tie_key(best), (
                 f"a larger cp ({nxt.cost.cp})", f"{nxt.checkpointing} checkpointing",
-                f"more exposed communication ({seconds(nxt.cost.exposed_s)})", f"more memory ({gib(nxt.peak)})")) if a != b)
+                f"more exposed communication ({seconds(nxt.cost.exposed_s)})", f"more memory ({gib(nxt.peak)})")) if a != b]
+            gap = f"within {TIE:.0%} of its time, but {worse[0]}" if worse else "a tie"
         lines.append(f"next: {_name(nxt)} at cp={nxt.cost.cp}: {gap}")
     return lines
 

@@ -214,3 +214,12 @@ def test_bad_flag_is_one_config_error_line(args, line):
 def test_rates_in_bytes_or_bits():
     assert parse_rate("450", "--intra-gbps") == 450e9
     assert parse_rate("400Gb/s", "--inter-gbps") == parse_rate("50GB/s", "--inter-gbps") == 50e9
+
+
+def test_suggest_says_when_nothing_fits_and_names_the_smallest():
+    proc = plan_cli("stage=extend_128k", "--suggest", "--nodes", "1", "--device-memory", "1GB")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "suggest:" in x)
+    assert re.fullmatch(r"  suggest: nothing fits 1 GB .* on 8 devices \(cp in \[2, 4, 8\], modes none, selective, full\); "
+                        r"the smallest peak is [\d.]+ GiB: parallel.cp=8 parallel.dp=1 parallel.cp_method=ring "
+                        r"model.activation_checkpointing=full", line), line
