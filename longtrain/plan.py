@@ -346,8 +346,29 @@ def evaluation(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> li
     # whole sequence: cp shards gathered and their un-sharded copy.
     results = 2 * plan.micro_batch * plan.seq_len * (4 + 8)
     scoring = t * d * (4 + act) + chunk * vocab_size * (4 + (2 if act == 2 else 0)) + results
-    return [block, Row("evaluation: scoring", scoring,
+    rows = [block, Row("evaluation: scoring", scoring,
                        f"hidden states + [{chunk}, {vocab_size}] logits fp32 + [B, T] loss and argmax, gathered")]
+    if plan.cp > 1:
+        rows.insert(1, attention_forward(cfg, plan, act, residual))
+    return rows
+
+
+def attention_forward(cfg: Config, plan: "MemoryPlan", act: int, before: int) -> Row:
+    """A block's context-parallel attention in a forward that saves nothing (evaluation):
+    q, k, v and out, with the ring's two K/V blocks in flight and its fp32 out and lse
+    accumulators, and Ulysses' copies in the head layout (both layouts counted as live)."""
+    m = cfg.model
+    hd, u = m.resolved_head_dim(), cfg.parallel.ulysses_degree()
+    hq, hkv, hkv_u = m.n_heads * hd, m.n_kv_heads * hd, kv_heads(m.n_kv_heads, u) * hd
+    t = plan.tokens
+    live, notes = t * (2 * hq + 2 * hkv) * act, ["q, k, v, out"]
+    if u > 1:
+        live += t * (2 * hq + 2 * hkv_u) * act
+        notes.append("the same in the head layout")
+    if plan.cp > u:
+        live += 2 * 2 * hkv_u * t * act + t * (hq + m.n_heads) * 4
+        notes.append("K/V send + receive, out + lse fp32")
+    return Row("evaluation: a block's attention", before + live, "residual in/out + " + ", ".join(notes))
 
 
 def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:

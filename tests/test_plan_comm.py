@@ -223,3 +223,16 @@ def test_suggest_says_when_nothing_fits_and_names_the_smallest():
     assert re.fullmatch(r"  suggest: nothing fits 1 GB .* on 8 devices \(cp in \[2, 4, 8\], modes none, selective, full\); "
                         r"the smallest peak is [\d.]+ GiB: parallel.cp=8 parallel.dp=1 parallel.cp_method=ring "
                         r"model.activation_checkpointing=full", line), line
+
+
+@pytest.mark.parametrize("method,cp,u", [("ring", 4, 1), ("ulysses", 4, 1), ("hybrid", 8, 4)])
+def test_evaluation_counts_the_attention_buffers_of_each_method(method, cp, u):
+    cfg = _cfg(method, cp, u)
+    p = plan.plan_stage(cfg, 300, "cpu")  # fp32: 4 bytes
+    t, hq, hkv, d = p.tokens, 8 * 8, 2 * 8, 64
+    hkv_u = max(2, cfg.parallel.ulysses_degree()) * 8
+    qkvo = t * (2 * hq + 2 * hkv) * 4
+    head_layout = t * (2 * hq + 2 * hkv_u) * 4 if method != "ring" else 0
+    in_flight = 2 * 2 * hkv_u * t * 4 + t * (hq + 8) * 4 if method != "ulysses" else 0
+    row = next(r for r in p.evaluation if r.name == "evaluation: a block's attention")
+    assert row.bytes == 2 * t * d * 4 + qkvo + head_layout + in_flight
