@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from longtrain import checkpoint as ckpt
-from longtrain.config import Config, ConfigError, TokenizerConfig, gate_tasks
+from longtrain.config import Config, ConfigError, TokenizerConfig, gate_tasks, require
 from longtrain.data.tokenizer import Tokenizer, build_tokenizer
 from longtrain.eval.needle import fit_error
 from longtrain.hardware import check_device
@@ -27,6 +27,7 @@ def preflight(stages: list[Config], world_size: int) -> torch.device:
     """train.py's checks of the stages it runs, on ``world_size`` ranks; the device they run on."""
     for cfg in stages:
         ParallelDims.planned(cfg.parallel, world_size)
+        check_attention_method(cfg)
     check_stage_folders(stages)
     check_resume(stages[0].run.resume)
     tokenizer = checked_tokenizer(stages[0].tokenizer)
@@ -37,6 +38,14 @@ def preflight(stages: list[Config], world_size: int) -> torch.device:
     for cfg in stages:  # the attention kernel this device runs, and what it needs
         check_device(cfg, device)
     return device
+
+
+def check_attention_method(cfg: Config) -> None:
+    """The planner knows Ulysses and hybrid (longtrain/plan_comm.py); until parallelize
+    runs them, refuse them rather than train with the ring under another name."""
+    p = cfg.parallel
+    require(p.cp == 1 or p.cp_method == "ring", "parallel.cp_method",
+            f"{p.cp_method} is not available for training yet (python -m longtrain.plan models it); use ring")
 
 
 def check_resume(resume: str) -> None:
