@@ -588,16 +588,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="the device to plan for (default: run.device, and cuda for auto)")
     parser.add_argument("--world-size", type=int, default=None, help="--suggest: devices to lay out (default dp×cp)")
     parser.add_argument("--suggest", action="store_true",
-                        help="compare ring, Ulysses and hybrid at each cp that fits, and pick one")
+                        help="compare ring, Ulysses and hybrid at each valid cp (or the config's) and pick one")
     cluster = parser.add_argument_group("the cluster (communication model, longtrain/plan_comm.py)")
     cluster.add_argument("--nodes", type=int, default=None, help="nodes; the world size is nodes × --gpus-per-node")
-    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
     cluster.add_argument("--intra-gbps", default=f"{INTRA_GBPS:g}", help="in-node bandwidth per GPU and direction, GB/s "
                          "(or 400Gb/s in bits); default NVLink 450")
     cluster.add_argument("--inter-gbps", default=f"{INTER_GBPS:g}", help="between nodes, per GPU; default 50 GB/s (IB 400Gb/s)")
-    cluster.add_argument("--intra-latency-us", type=float, default=INTRA_LATENCY_US)
-    cluster.add_argument("--inter-latency-us", type=float, default=INTER_LATENCY_US)
-    cluster.add_argument("--attention-tflops", type=float, default=ATTENTION_TFLOPS, help="achieved by the attention kernel")
+    cluster.add_argument("--intra-latency-us", type=float, default=INTRA_LATENCY_US,
+                         help=f"per hop or all-to-all in a node; default {INTRA_LATENCY_US:g}")
+    cluster.add_argument("--inter-latency-us", type=float, default=INTER_LATENCY_US,
+                         help=f"across nodes; default {INTER_LATENCY_US:g}")
+    cluster.add_argument("--attention-tflops", type=float, default=ATTENTION_TFLOPS,
+                         help=f"achieved by the attention kernel; default {ATTENTION_TFLOPS:g}")
     args = parser.parse_intermixed_args(argv)  # flags and overrides in any order
     try:
         device_memory = parse_size(args.device_memory)

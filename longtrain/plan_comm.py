@@ -199,7 +199,9 @@ def method_cost(s: AttentionShape, method: str, ulysses: int, ring: int, micro_b
     ring_fwd = t.ring_forward / ring_bw + t.ring_forward_hops * ring_latency
     ring_bwd = t.ring_backward / ring_bw + t.ring_backward_hops * ring_latency
     a2a_latency = c.link(ulysses)[1]
-    a2a = sum(a2a_seconds(n, ulysses, c) + t.a2a_calls * a2a_latency for n in (t.a2a_forward, t.a2a_backward)) if ulysses > 1 else 0.0
+    a2a = 0.0
+    if ulysses > 1:
+        a2a = sum(a2a_seconds(n, ulysses, c) + t.a2a_calls * a2a_latency for n in (t.a2a_forward, t.a2a_backward))
     # The ring hides behind the blocks it computes; the all-to-alls sit between ops.
     ring_exposed = max(0.0, ring_fwd - forward) + max(0.0, ring_bwd - backward)
     return MethodCost(
@@ -286,8 +288,8 @@ def costs_text(k: MethodCost) -> list[str]:
 
 def reasons(best: Candidate, candidates: list[Candidate]) -> list[str]:
     """Two lines: why ``best``, and why not the runner-up."""
-    lines = [f"why: {_name(best)}: " + "; ".join(costs_text(best.cost))
-             + f"; peak {gib(best.peak)} with " + ("no" if best.checkpointing == "none" else best.checkpointing) + " checkpointing"]
+    checkpointing = "no" if best.checkpointing == "none" else best.checkpointing
+    lines = [f"why: {_name(best)}: " + "; ".join(costs_text(best.cost)) + f"; peak {gib(best.peak)} with {checkpointing} checkpointing"]
     rest = [c for c in candidates if c is not best and c.fits]
     if rest:
         nxt = min(rest, key=lambda c: (c.cost.attention_s, _tie_key(c)))
