@@ -1,6 +1,8 @@
-"""Memory planner: the per-rank memory of a training step, before launching it.
+"""Memory planner: the per-rank memory of a training step, before launching it, and the
+communication of its context-parallel method.
 
     python -m longtrain.plan stage=extend_128k model=1b parallel.cp=8 [--device-memory 80GB] [--suggest] [--device cpu]
+    python -m longtrain.plan stage=extend_128k --suggest --nodes 4 [--gpus-per-node 8] [--inter-gbps 400Gb/s]
 
 Takes the same Hydra overrides as train.py, composes and validates the config the same
 way (a bad override is the same one-line ``config error``, exit 2), and prints for every
@@ -17,7 +19,14 @@ stage the command would run, per rank:
   d/d hidden states and d/d output weight for the backward), a checkpointed block rebuilt
   with its gradients, the attention kernel's or the ring's buffers (the K/V blocks in
   flight);
-- the predicted peak, and whether it fits ``--device-memory``.
+- the predicted peak, and whether it fits ``--device-memory``;
+- under cp > 1, what ``parallel.cp_method`` sends per step (longtrain/plan_comm.py's model).
+
+``--suggest`` lays the stage out over ``--world-size`` devices (or ``--nodes`` ×
+``--gpus-per-node``): for each cp that fits (the config's when it sets one), the ring,
+Ulysses and every hybrid split the model's heads allow, each with its cheapest
+checkpointing that fits, its traffic and its predicted communication against the attention
+compute; it picks the fastest that fits, and among equals the smallest cp.
 
 The activation accounting is what the code saves, not a textbook estimate: each entry
 below names the op that saves it, and tests/test_plan.py checks the sum against every
@@ -39,7 +48,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import NoReturn, Optional
 
 from hydra import initialize_config_dir
 
@@ -49,10 +58,13 @@ from longtrain.curriculum import compose_stage_configs, stages_to_run
 from longtrain.data.tokenizer import build_tokenizer
 from longtrain.hardware import autocast_dtype
 from longtrain.parallel.parallelize import mixed_precision_policy
+from longtrain.plan_comm import (
+    ATTENTION_TFLOPS, GB, INTER_GBPS, INTER_LATENCY_US, INTRA_GBPS, INTRA_LATENCY_US, MODES, Candidate, Cluster,
+    MethodCost, attention_shape, costs_text, format_table, kv_heads, method_cost, parse_rate, pick, positive, reasons,
+    splits,
+)
 from longtrain.run_config import check_config
 
-# model.activation_checkpointing, cheapest in compute first (the order --suggest tries).
-MODES = ("none", "selective", "full")
 GiB = 1024**3
 MiB = 1024**2
 # CUDA: the context (kernels, cuBLAS workspaces, NCCL buffers) and the caching allocator's
@@ -91,6 +103,8 @@ class MemoryPlan:
     phases: list[Row] = field(default_factory=list)  # activation memory live at the loss and at each backward phase's peak
     overhead: list[Row] = field(default_factory=list)  # CUDA context + allocator reserve
     optimizer_step_extra: int = 0  # temporaries of the optimizer step (activations freed by then)
+    cp_method: str = "ring"  # parallel.cp_method
+    ulysses: int = 1  # its Ulysses degree (ParallelConfig.ulysses_degree)
     evaluation: list[Row] = field(default_factory=list)  # the gate's evaluation forward, live at its peaks
 
     @property
@@ -165,11 +179,7 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False, fsdp_bf
         rows.append(Row("q/k norm", t * (2 * (hq + hkv) + m.n_heads + m.n_kv_heads) * 4, "fp32 input, x/rms, 1/rms per head"))
     # RoPE multiplies by cos/sin tables (saved once per model, outside the blocks); the
     # rotated q and k are new tensors the kernel saves, cast to the compute dtype.
-    rows += [
-        Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs, after QK-norm and RoPE"),
-        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype (also wo's input), lse fp32"),
-        Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms"),
-    ]
+    rows += attention_saved(cfg, t, act) + [Row("residual + MLP norm", t * norm, "RMSNorm: fp32 input, x/rms, 1/rms")]
     if tiled:
         rows.append(Row("MLP tiles' input", t * d * 4, "the MLP norm's fp32 output, held by the tiles' checkpoints"))
     else:
@@ -183,6 +193,28 @@ def block_saved(cfg: Config, tokens: int, act: int, tiled: bool = False, fsdp_bf
     return rows
 
 
+def attention_saved(cfg: Config, tokens: int, act: int) -> list[Row]:
+    """What the attention op saves for backward. Ulysses (and hybrid) run the kernel on the
+    all-to-all's outputs, the whole sequence (of the ring group) for 1/U of the heads: as
+    many q and out elements as the rank's own tokens hold, K/V repeated to max(Hkv, U)
+    heads; out comes back to the sequence layout as a new tensor, wo's input. Assumed of
+    the Ulysses implementation (not measured here): it keeps those all-to-all outputs for
+    its backward rather than moving q, k, v and out again."""
+    m = cfg.model
+    hd, u = m.resolved_head_dim(), cfg.parallel.ulysses_degree()
+    hq, hkv = m.n_heads * hd, kv_heads(m.n_kv_heads, u) * hd
+    t = tokens
+    if u == 1:
+        return [Row("attention q, k, v", t * (hq + 2 * hkv) * act, "kernel inputs, after QK-norm and RoPE"),
+                Row("attention out + lse", t * (hq * act + m.n_heads * 4), "out in compute dtype (also wo's input), lse fp32")]
+    return [
+        Row("attention q, k, v (head layout)", t * (hq + 2 * hkv) * act,
+            f"kernel inputs after the all-to-all: {m.n_heads}/{u} heads, K/V as {kv_heads(m.n_kv_heads, u)}/{u}"),
+        Row("attention out + lse (head layout)", t * (hq * act + m.n_heads * 4), "kernel output, lse fp32"),
+        Row("attention out (sequence layout)", t * hq * act, "the all-to-all back: wo's input"),
+    ]
+
+
 def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Row]:
     """Bytes one checkpointed block keeps through the forward (parallel/activation_checkpointing.py):
     the block's input, held by the checkpoint, and the outputs its op-level policy saves:
@@ -191,10 +223,11 @@ def checkpointed_saved(cfg: Config, tokens: int, act: int, mode: str) -> list[Ro
     d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
     hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
     t = tokens
-    rows = [
-        Row("block input", t * d * 4, "fp32 residual stream, held by the checkpoint"),
-        Row("attention out + lse", t * (hq * act + m.n_heads * 4), "saved by the policy: the ring is never rerun"),
-    ]
+    if cfg.parallel.ulysses_degree() == 1:
+        attention = [Row("attention out + lse", t * (hq * act + m.n_heads * 4), "saved by the policy: the ring is never rerun")]
+    else:  # the all-to-alls are not rerun either: their outputs are kept (attention_saved)
+        attention = attention_saved(cfg, t, act)
+    rows = [Row("block input", t * d * 4, "fp32 residual stream, held by the checkpoint"), *attention]
     if mode == "selective":
         rows.append(Row("matmul outputs", t * (hq + 2 * hkv + d + 2 * f + d) * act, "wq, wk, wv, wo, w1, w3, w2 outputs"))
     return rows
@@ -209,12 +242,14 @@ def recompute_extra(cfg: Config, tokens: int, act: int, mode: str, tiled: bool =
     hq, hkv = m.n_heads * m.resolved_head_dim(), m.n_kv_heads * m.resolved_head_dim()
     full = sum(r.bytes for r in block_saved(cfg, tokens, act, tiled, fsdp_bf16))
     kept = sum(r.bytes for r in checkpointed_saved(cfg, tokens, act, mode))
-    if mode == "full":  # input, out and lse are tensors of the plain saved set too
+    if mode == "full":  # input and the attention's tensors are in the plain saved set too
         return full - kept
     # Of the matmul outputs the plain set holds w1's and w3's, v, and (fp32 with QK-norm)
     # q and k, which the norms save; never wo's and w2's (they only enter a residual sum).
     # Tiled, the plain set holds no w1/w3 output either (the tiles recompute them).
     not_in_plain = 2 * m.dim + (0 if (m.qk_norm and act == 4) else hq + hkv) + (2 * m.resolved_ffn_dim() if tiled else 0)
+    if cfg.parallel.ulysses_degree() > 1:  # the kernel saves the all-to-all's v, not wv's output
+        not_in_plain += hkv
     return full - kept + tokens * not_in_plain * act
 
 
@@ -241,8 +276,7 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
     """Activation memory live at the peak of the loss and of each phase of the backward:
     the saved set, less what earlier backward nodes released, plus that phase's temporaries."""
     m = cfg.model
-    d, f, hd = m.dim, m.resolved_ffn_dim(), m.resolved_head_dim()
-    hq, hkv = m.n_heads * hd, m.n_kv_heads * hd
+    d, f = m.dim, m.resolved_ffn_dim()
     t, saved = plan.tokens, plan.activations
     chunk = min(cfg.optim.loss_chunk_size, t)
     residual_grads = 2 * t * d * 4  # the gradient flowing down the residual stream, and its sum
@@ -273,18 +307,31 @@ def phases(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[R
         rows.append(Row("last block, MLP backward", block + t * 2 * f * act + residual_grads,
                         "+ 2 [T, ffn] gradients + residual gradients"))
     mlp = sum(r.bytes for r in block_saved(cfg, t, act, bool(plan.mlp_tile), plan.fsdp_bf16) if r.name.startswith(("residual + MLP", "MLP")))
-    after_mlp = block - mlp
-    if plan.cp == 1:
-        rows.append(Row("last block, attention backward", after_mlp + t * (2 * hq + 2 * hkv) * act + residual_grads,
-                        "+ dout, dq, dk, dv + residual gradients"))
+    rows.append(attention_backward(cfg, plan, act, block - mlp + residual_grads))
+    return rows
+
+
+def attention_backward(cfg: Config, plan: "MemoryPlan", act: int, before: int) -> Row:
+    """The last block's attention backward on top of ``before`` (what is live after its MLP's
+    backward). Ulysses adds dout in the head layout and dq, dk, dv back in the sequence
+    layout, counted as if live together with the kernel's or the ring's buffers (an upper
+    bound: the all-to-all back runs after the ring's fp32 buffers are freed)."""
+    m = cfg.model
+    hd, u = m.resolved_head_dim(), cfg.parallel.ulysses_degree()
+    ring = plan.cp // u
+    hq, hkv, hkv_u = m.n_heads * hd, m.n_kv_heads * hd, kv_heads(m.n_kv_heads, u) * hd
+    t = plan.tokens
+    a2a = t * (2 * hq + 2 * hkv) * act if u > 1 else 0  # dout in, dq, dk, dv back
+    if ring == 1:
+        extra, note = t * (2 * hq + 2 * hkv_u) * act, "dout, dq, dk, dv"
     else:
         # Ring backward: own K/V stacked and the block arriving (compute dtype), dq fp32, this
         # block's dK/dV and the accumulator travelling with its block (fp32, send + receive).
-        kv = 2 * hkv * t
-        rows.append(Row("last block, ring attention backward",
-                        after_mlp + t * hq * act + 2 * kv * act + t * hq * 4 + 3 * kv * 4 + residual_grads,
-                        "+ dout, K/V send + receive, dq fp32, dK/dV fp32 ×3 + residual gradients"))
-    return rows
+        kv = 2 * hkv_u * t
+        extra, note = t * hq * act + 2 * kv * act + t * hq * 4 + 3 * kv * 4, "dout, K/V send + receive, dq fp32, dK/dV fp32 ×3"
+    name = "attention" if plan.cp == 1 else ("ring" if u == 1 else "Ulysses" if ring == 1 else "hybrid") + " attention"
+    return Row(f"last block, {name} backward", before + extra + a2a,
+               f"+ {note}" + (" + all-to-all dout, dq, dk, dv" if u > 1 else "") + " + residual gradients")
 
 
 def evaluation(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> list[Row]:
@@ -302,8 +349,29 @@ def evaluation(cfg: Config, plan: "MemoryPlan", act: int, vocab_size: int) -> li
     # whole sequence: cp shards gathered and their un-sharded copy.
     results = 2 * plan.micro_batch * plan.seq_len * (4 + 8)
     scoring = t * d * (4 + act) + chunk * vocab_size * (4 + (2 if act == 2 else 0)) + results
-    return [block, Row("evaluation: scoring", scoring,
+    rows = [block, Row("evaluation: scoring", scoring,
                        f"hidden states + [{chunk}, {vocab_size}] logits fp32 + [B, T] loss and argmax, gathered")]
+    if plan.cp > 1:
+        rows.insert(1, attention_forward(cfg, plan, act, residual))
+    return rows
+
+
+def attention_forward(cfg: Config, plan: "MemoryPlan", act: int, before: int) -> Row:
+    """A block's context-parallel attention in a forward that saves nothing (evaluation):
+    q, k, v and out, with the ring's two K/V blocks in flight and its fp32 out and lse
+    accumulators, and Ulysses' copies in the head layout (both layouts counted as live)."""
+    m = cfg.model
+    hd, u = m.resolved_head_dim(), cfg.parallel.ulysses_degree()
+    hq, hkv, hkv_u = m.n_heads * hd, m.n_kv_heads * hd, kv_heads(m.n_kv_heads, u) * hd
+    t = plan.tokens
+    live, notes = t * (2 * hq + 2 * hkv) * act, ["q, k, v, out"]
+    if u > 1:
+        live += t * (2 * hq + 2 * hkv_u) * act
+        notes.append("the same in the head layout")
+    if plan.cp > u:
+        live += 2 * 2 * hkv_u * t * act + t * (hq + m.n_heads) * 4
+        notes.append("K/V send + receive, out + lse fp32")
+    return Row("evaluation: a block's attention", before + live, "residual in/out + " + ", ".join(notes))
 
 
 def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optional[str] = None) -> MemoryPlan:
@@ -322,6 +390,7 @@ def plan_stage(cfg: Config, vocab_size: int, device: str, checkpointing: Optiona
     tiled = mlp_tiled(cfg, cfg.stage.seq_len // p.cp)
     plan = MemoryPlan(cfg.stage.name, cfg.stage.seq_len, micro, p.dp, p.cp, mode, device, dtype, tokens,
                       cfg.model.n_layers, cfg.model.mlp_tile_tokens if tiled else 0,
+                      cp_method=p.cp_method, ulysses=p.ulysses_degree(),
                       fsdp_bf16=mixed_precision_policy(cfg.run.dtype, device) is not None and world > 1)
     plan.state = [
         Row("parameters", shard * 4, f"fp32, {n / 1e6:.1f}M" + (f" sharded over {world}" if world > 1 else "")),
@@ -357,7 +426,8 @@ def _size(n: int) -> str:
 
 def format_plan(plan: MemoryPlan, device_memory: Optional[int] = None) -> str:
     lines = [
-        f"stage {plan.stage}: {plan.seq_len} tokens × micro-batch {plan.micro_batch}, dp={plan.dp} × cp={plan.cp}, "
+        f"stage {plan.stage}: {plan.seq_len} tokens × micro-batch {plan.micro_batch}, dp={plan.dp} × cp={plan.cp}"
+        + (f" ({plan.cp_method} {plan.ulysses}×{plan.cp // plan.ulysses})" if plan.cp > 1 else "") + ", "
         f"{plan.tokens} tokens per rank, checkpointing {plan.checkpointing}"
         + (f", MLP in {plan.mlp_tile}-token tiles" if plan.mlp_tile else "") + f", {plan.dtype} on {plan.device}",
     ]
@@ -400,29 +470,123 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
-def suggest(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int) -> Optional[tuple[int, str, MemoryPlan]]:
-    """The smallest cp (a power of 2 dividing ``world``), then the cheapest checkpointing
-    mode (in MODES order), whose plan fits ``device_memory``; None if nothing does."""
-    cp = 1
-    while cp <= world:
-        if world % cp == 0 and cfg.stage.seq_len % (2 * cp if cp > 1 else 1) == 0:
-            trial = replace(cfg, parallel=replace(cfg.parallel, dp=world // cp, cp=cp))
-            trial = replace(trial, stage=stage_micro_batch(trial))
+def layout(cfg: Config, world: int, cp: int, method: str = "ring", ulysses: int = 1) -> Config:
+    """``cfg`` over ``world`` ranks with this cp and method (dp the rest), its micro-batch
+    derived again (it depends on dp)."""
+    degree = ulysses if method == "hybrid" else None  # the config names a degree for hybrid only
+    trial = replace(cfg, parallel=replace(cfg.parallel, dp=world // cp, cp=cp, cp_method=method, ulysses=degree))
+    return replace(trial, stage=stage_micro_batch(trial))
+
+
+def cp_choices(cfg: Config, world: int) -> list[int]:
+    """The cps (powers of 2 dividing ``world``) at which the stage's layout is valid."""
+    found = []
+    for cp in (2**i for i in range(world.bit_length())):
+        if world % cp == 0:
             try:
-                check_config(trial)
+                check_config(layout(cfg, world, cp), world)
             except ConfigError:
-                cp *= 2
                 continue
-            for mode in MODES:
-                plan = plan_stage(trial, vocab_size, device, mode)
-                if plan.peak <= device_memory:
-                    return cp, mode, plan
-        cp *= 2
+            found.append(cp)
+    return found
+
+
+def cheapest_fit(cfg: Config, vocab_size: int, device: str, device_memory: int) -> tuple[MemoryPlan, bool]:
+    """The plan of the first checkpointing mode (in MODES order) that fits, else of the last."""
+    for mode in MODES:
+        plan = plan_stage(cfg, vocab_size, device, mode)
+        if plan.peak <= device_memory:
+            return plan, True
+    return plan, False
+
+
+def suggest(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int) -> Optional[tuple[int, str, MemoryPlan]]:
+    """The smallest cp, then the cheapest checkpointing mode, whose ring plan fits
+    ``device_memory``; None if nothing does."""
+    for cp in cp_choices(cfg, world):
+        plan, fits = cheapest_fit(layout(cfg, world, cp), vocab_size, device, device_memory)
+        if fits:
+            return cp, plan.checkpointing, plan
     return None
 
 
+def method_candidates(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int,
+                      cluster: Cluster, cps: list[int]) -> tuple[list[Candidate], list[str]]:
+    """Every method at each cp in ``cps`` (plan_comm.splits) with its cheapest fitting
+    checkpointing and its cost per step; and, one line each, those the config refuses."""
+    rows: list[Candidate] = []
+    refused: dict[str, list[str]] = {}  # the config's reason → the layouts it refuses
+    for cp in cps:
+        for method, u in splits(cp, cfg.model.n_heads):
+            trial = layout(cfg, world, cp, method, u if method == "hybrid" else 1)
+            try:
+                check_config(trial, world)
+            except ConfigError as e:
+                refused.setdefault(str(e), []).append(f"{method} {u}×{cp // u}")
+                continue
+            plan, fits = cheapest_fit(trial, vocab_size, device, device_memory)
+            rows.append(Candidate(trial.parallel.dp, layout_cost(trial, plan, cluster), plan.checkpointing, plan.peak, fits))
+    return rows, [f"{', '.join(layouts)}: {reason}" for reason, layouts in refused.items()]
+
+
+def layout_cost(cfg: Config, plan: MemoryPlan, cluster: Cluster) -> MethodCost:
+    """The communication and attention time of a validated config's cp method, per step."""
+    p = cfg.parallel
+    micro_batches = cfg.stage.global_batch_size // (p.dp * cfg.stage.micro_batch_size)
+    u = p.ulysses_degree()
+    shape = attention_shape(cfg, 2 if plan.dtype == "bfloat16" else 4)
+    return method_cost(shape, p.cp_method, u, p.cp // u, micro_batches, cluster)
+
+
+def format_suggestion(cfg: Config, vocab_size: int, device: str, device_memory: int, world: int, cluster: Cluster) -> list[str]:
+    """--suggest: the methods table at the config's cp (every valid cp when it is 1) and the pick."""
+    cps = [cfg.parallel.cp] if cfg.parallel.cp > 1 else cp_choices(cfg, world)
+    rows, refused = method_candidates(cfg, vocab_size, device, device_memory, world, cluster, cps)
+    lines = [f"  context parallelism on {world} devices ({cluster.describe()}), per rank and optimizer step:"]
+    lines += [f"    {line}" for line in format_table(rows)] if rows else []
+    lines += [f"    not valid: {r}" for r in refused]
+    if not rows:
+        return [*lines, f"  suggest: no valid layout on {world} devices (cp in {cps})"]
+    best = pick(rows)
+    if not best.fits:
+        return [*lines, f"  suggest: nothing fits {_device(device_memory)} on {world} devices (cp in {cps}, modes "
+                        f"{', '.join(MODES)}); the smallest peak is {_size(best.peak).strip()}: {best.overrides()}"]
+    lines.append(f"  suggest: {best.overrides()} (peak {_size(best.peak).strip()} of {_device(device_memory)} on {world} devices)")
+    return lines + [f"    {line}" for line in reasons(best, rows)]
+
+
+def cluster_args(args: argparse.Namespace) -> Cluster:
+    """The interconnect the flags describe (ConfigError on a bad one)."""
+    positive(args.gpus_per_node, "--gpus-per-node")
+    positive(args.intra_latency_us, "--intra-latency-us")
+    positive(args.inter_latency_us, "--inter-latency-us")
+    positive(args.attention_tflops, "--attention-tflops")
+    return Cluster(args.gpus_per_node, parse_rate(args.intra_gbps, "--intra-gbps"), parse_rate(args.inter_gbps, "--inter-gbps"),
+                   args.intra_latency_us * 1e-6, args.inter_latency_us * 1e-6, args.attention_tflops * 1e12)
+
+
+def world_size(args: argparse.Namespace, cfg: Config) -> int:
+    """--nodes × --gpus-per-node, else --world-size, else the config's dp × cp."""
+    if args.world_size is not None:
+        positive(args.world_size, "--world-size")
+    if args.nodes is None:
+        return args.world_size or cfg.parallel.dp * cfg.parallel.cp
+    positive(args.nodes, "--nodes")
+    world = args.nodes * args.gpus_per_node
+    if args.world_size is not None and args.world_size != world:
+        raise ConfigError(f"--world-size: {args.world_size} is not --nodes × --gpus-per-node = {world}")
+    return world
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad flag is one line, like a bad override (argparse would print its usage too)."""
+        print(f"config error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m longtrain.plan",
         description="Per-rank memory of a training step for train.py's overrides (see longtrain/plan.py).",
     )
@@ -431,28 +595,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="the device to plan for (default: run.device, and cuda for auto)")
     parser.add_argument("--world-size", type=int, default=None, help="--suggest: devices to lay out (default dp×cp)")
-    parser.add_argument("--suggest", action="store_true", help="name the smallest cp and the checkpointing that fit")
-    args = parser.parse_args(argv)
+    parser.add_argument("--suggest", action="store_true",
+                        help="compare ring, Ulysses and hybrid at each valid cp (or the config's) and pick one")
+    cluster = parser.add_argument_group("the cluster (communication model, longtrain/plan_comm.py)")
+    cluster.add_argument("--nodes", type=int, default=None, help="nodes; the world size is nodes × --gpus-per-node")
+    cluster.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    cluster.add_argument("--intra-gbps", default=f"{INTRA_GBPS:g}", help="in-node bandwidth per GPU and direction, GB/s "
+                         "(or 400Gb/s in bits); default NVLink 450")
+    cluster.add_argument("--inter-gbps", default=f"{INTER_GBPS:g}", help="between nodes, per GPU; default 50 GB/s (IB 400Gb/s)")
+    cluster.add_argument("--intra-latency-us", type=float, default=INTRA_LATENCY_US,
+                         help=f"per hop or all-to-all in a node; default {INTRA_LATENCY_US:g}")
+    cluster.add_argument("--inter-latency-us", type=float, default=INTER_LATENCY_US,
+                         help=f"across nodes; default {INTER_LATENCY_US:g}")
+    cluster.add_argument("--attention-tflops", type=float, default=ATTENTION_TFLOPS,
+                         help=f"achieved by the attention kernel; default {ATTENTION_TFLOPS:g}")
+    args = parser.parse_intermixed_args(argv)  # flags and overrides in any order
     try:
         device_memory = parse_size(args.device_memory)
+        network = cluster_args(args)
         stages = compose(args.overrides)
+        worlds = [world_size(args, cfg) for cfg in stages]
         vocab = vocab_size(stages[0])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    for cfg in stages:
+    for cfg, world in zip(stages, worlds):
         device = args.device or ("cpu" if cfg.run.device == "cpu" else "cuda")
         plan = plan_stage(cfg, cfg.model.vocab_size or vocab, device)
         print(format_plan(plan, device_memory))
+        if cfg.parallel.cp > 1:
+            cost = layout_cost(cfg, plan, network)
+            print(f"  communication per rank and step ({cost.label} {cost.ulysses}×{cost.ring}, {network.gpus_per_node} "
+                  f"GPUs per node): {cost.bytes / GB:.2f} GB sent, {cost.hops:,} hops; " + "; ".join(costs_text(cost)))
         if args.suggest:
-            world = args.world_size or cfg.parallel.dp * cfg.parallel.cp
-            found = suggest(cfg, cfg.model.vocab_size or vocab, device, device_memory, world)
-            if found is None:
-                print(f"  suggest: nothing fits {_device(device_memory)} on {world} devices (cp ≤ {world}, modes {', '.join(MODES)})")
-            else:
-                cp, mode, best = found
-                print(f"  suggest: parallel.cp={cp} parallel.dp={world // cp} model.activation_checkpointing={mode} "
-                      f"(peak {_size(best.peak).strip()} of {_device(device_memory)} on {world} devices)")
+            print("\n".join(format_suggestion(cfg, cfg.model.vocab_size or vocab, device, device_memory, world, network)))
         print()
     return 0
 

@@ -93,10 +93,17 @@ COVERED = {
         "tests/test_bench_memory.py::test_bench_commands_run",
 }
 
-# `$ command` examples whose output needs hardware the tests do not have.
+# `$ command` examples whose output needs hardware the tests do not have, or that another test
+# compares with what the command prints.
 COVERED_EXAMPLES = {
     "python train.py model.head_dim=100":
         "tests/test_hardware.py::test_cli_precondition_failure_exits_2_before_any_compute",
+    "python -m longtrain.plan stage=extend_128k --suggest --nodes 1":
+        "tests/test_plan_comm.py::test_suggest_on_three_cluster_shapes_picks_a_valid_method_and_is_what_the_docs_show",
+    "python -m longtrain.plan stage=extend_128k --suggest --nodes 4":
+        "tests/test_plan_comm.py::test_suggest_on_three_cluster_shapes_picks_a_valid_method_and_is_what_the_docs_show",
+    "python -m longtrain.plan stage=extend_128k --suggest --nodes 32":
+        "tests/test_plan_comm.py::test_suggest_on_three_cluster_shapes_picks_a_valid_method_and_is_what_the_docs_show",
 }
 
 
