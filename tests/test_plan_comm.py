@@ -223,15 +223,3 @@ def test_evaluation_counts_the_attention_buffers_of_each_method(method, cp, u):
     in_flight = 2 * 2 * hkv_u * t * 4 + t * (hq + 8) * 4 if method != "ulysses" else 0
     row = next(r for r in p.evaluation if r.name == "evaluation: a block's attention")
     assert row.bytes == 2 * t * d * 4 + qkvo + head_layout + in_flight
-
-
-def test_training_refuses_a_method_only_the_planner_knows(tmp_path, monkeypatch):
-    from tests.cli_utils import train_in_process
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    proc = train_in_process("preset=cpu_demo", "stage=cpu/extend_2k", "parallel.cp=2", "parallel.cp_method=hybrid",
-                            "parallel.ulysses=2", "run.dry_run=true", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.strip() == ("config error: parallel.cp_method: hybrid is not available for training yet "
-                                   "(python -m longtrain.plan models it); use ring")
-    assert list(tmp_path.iterdir()) == []
