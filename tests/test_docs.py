@@ -37,6 +37,7 @@ COVERED = {
     "python -m pytest -q": ".ci/run",
     'python -m pytest -m "not e2e"': ".ci/run",
     "python train.py --cfg job": "tests/test_config.py::test_cli_prints_resolved_config",
+    "python -m bench.cp_comm": "tests/test_cp_comm.py::test_counted_bytes_equal_the_planner",
     "python -m bench.cp_balance": "tests/test_balanced_ring.py::test_bench_command_runs",
     "python -m bench.cp_balance --step": "tests/test_balanced_ring.py::test_bench_command_runs",
     "python -m bench.gpu --out OUT --results bench/RESULTS.md": "tests/test_bench_gpu.py::test_without_cuda_it_stops_in_one_line",
