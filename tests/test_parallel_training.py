@@ -146,13 +146,19 @@ def _masking(tmp: Path) -> tuple[str, ...]:
             "data.val_percent=20", f"data.prepared={tmp}/short_prepared")
 
 
-def _masked_step_worker(rank: int, world_size: int, tmp: str) -> None:
-    cfg = make_config(Path(tmp) / "masked_cp2", cp=2, extra=_masking(Path(tmp)))
-    trainer = build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu")))
+def first_step_without_gathers(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """``first_step_grads``, checking that attention gathered no doc ids: it used the
+    micro-batch's layout, planned on the host."""
     gathers = []
     with mock.patch.object(dist, "all_gather", side_effect=lambda *a, **k: gathers.append(a)):
-        loss, grads = first_step_grads(trainer)
-    assert gathers == []  # attention used the micro-batch's layout, planned on the host
+        result = first_step_grads(trainer)
+    assert gathers == []
+    return result
+
+
+def _masked_step_worker(rank: int, world_size: int, tmp: str) -> None:
+    cfg = make_config(Path(tmp) / "masked_cp2", cp=2, extra=_masking(Path(tmp)))
+    loss, grads = first_step_without_gathers(build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu"))))
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, Path(tmp) / "masked_cp2.pt")
 

@@ -4,7 +4,6 @@ with the 2×2 hybrid (document masking on, planned on the host) equal to the rin
 checkpoint of one method resuming under the other."""
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from longtrain.run_config import load_config
 from longtrain.trainer.builder import build_trainer, run_stage
 from tests.cli_utils import train_in_process
 from tests.dist_utils import run_distributed
-from tests.test_parallel_training import _masking, first_step_grads, make_config
+from tests.test_parallel_training import _masking, first_step_without_gathers, make_config
 from tests.test_trainer import losses
 
 
@@ -91,11 +90,7 @@ def _step_worker(rank: int, world_size: int, tmp: str) -> None:
     results = {}
     for method in ("ring", "ulysses"):
         cfg = make_config(tmp / method, cp=2, extra=(*_masking(tmp), *SHORT, f"parallel.cp_method={method}"))
-        trainer = build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu")))
-        gathers = []
-        with mock.patch.object(dist, "all_gather", side_effect=lambda *a, **k: gathers.append(a)):
-            results[method] = first_step_grads(trainer)
-        assert gathers == []  # attention used the micro-batch's layout, planned on the host
+        results[method] = first_step_without_gathers(build_trainer(cfg, init_parallel(cfg.parallel, torch.device("cpu"))))
     # Two steps under the ring, then the ring's step-1 checkpoint resumed under Ulysses.
     cfg = make_config(tmp / "ring_run", cp=2, extra=(*_masking(tmp), *SHORT))
     pd = init_parallel(cfg.parallel, torch.device("cpu"))
@@ -107,12 +102,17 @@ def _step_worker(rank: int, world_size: int, tmp: str) -> None:
         torch.save(results, tmp / "steps.pt")
 
 
+def _step_matches_ring(tmp_path: Path, worker, world_size: int, method: str) -> None:
+    """``worker``'s first step under ``method`` equals the ring's (loss and gradients)."""
+    _write_short_documents(tmp_path)
+    run_distributed(worker, world_size, str(tmp_path), timeout=280)
+    results = torch.load(tmp_path / "steps.pt")
+    _assert_same_step(results[method], results["ring"])
+
+
 @pytest.mark.timeout(300)
 def test_ulysses_step_matches_ring_and_resumes_its_checkpoint(tmp_path):
-    _write_short_documents(tmp_path)
-    run_distributed(_step_worker, 2, str(tmp_path), timeout=280)
-    results = torch.load(tmp_path / "steps.pt")
-    _assert_same_step(results["ulysses"], results["ring"])
+    _step_matches_ring(tmp_path, _step_worker, 2, "ulysses")
     ring, resumed = losses(tmp_path / "ring_run" / "pretrain"), losses(tmp_path / "ulysses_resumed" / "pretrain")
     assert sorted(resumed) == [2] and resumed[2] == pytest.approx(ring[2], rel=1e-5)
 
@@ -128,18 +128,11 @@ def _hybrid_step_worker(rank: int, world_size: int, tmp: str) -> None:
             assert dist.get_process_group_ranks(pd.ulysses_group) == hybrid_group_ranks(pd)[0][rank // 2]
             assert dist.get_process_group_ranks(pd.ring_group) == hybrid_group_ranks(pd)[1][rank % 2]
             assert (pd.ring_rank, pd.ring_size) == (dist.get_rank(pd.ring_group), 2)
-        trainer = build_trainer(cfg, pd)
-        gathers = []
-        with mock.patch.object(dist, "all_gather", side_effect=lambda *a, **k: gathers.append(a)):
-            results[method] = first_step_grads(trainer)
-        assert gathers == []
+        results[method] = first_step_without_gathers(build_trainer(cfg, pd))
     if rank == 0:
         torch.save(results, tmp / "steps.pt")
 
 
 @pytest.mark.timeout(300)
 def test_hybrid_step_matches_ring(tmp_path):
-    _write_short_documents(tmp_path)
-    run_distributed(_hybrid_step_worker, 4, str(tmp_path), timeout=280)
-    results = torch.load(tmp_path / "steps.pt")
-    _assert_same_step(results["hybrid"], results["ring"])
+    _step_matches_ring(tmp_path, _hybrid_step_worker, 4, "hybrid")
