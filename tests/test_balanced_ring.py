@@ -71,8 +71,8 @@ def _balanced_vs_reference(rank, world_size, varlen):
         _emulate_varlen(pytest.MonkeyPatch())
     for cp, group in cp_groups(rank, world_size, CP_GROUPS).items():
         r = dist.get_rank(group)
-        for layout in [*LAYOUTS.values(), _random_layout(0), _random_layout(1)]:
-            for heads in HEADS[1:]:
+        for layout in [*LAYOUTS.values(), _random_layout(0)]:
+            for heads in HEADS[2:] if varlen else HEADS[1:]:  # the gather/scatter needs one head layout
                 q, k, v, dout = _inputs(*heads, seed=len(layout[0]))
                 doc_ids = doc_ids_of(layout)
                 want = _reference_grads(q, k, v, dout, doc_ids)
@@ -97,6 +97,7 @@ def test_balanced_ring_matches_reference(varlen):
     run_distributed(_balanced_vs_reference, 4, varlen, timeout=200)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_bench_command_runs(capsys):
     """``python -m bench.cp_balance`` at a small size: the balance table and the timed step."""
