@@ -134,7 +134,10 @@ def _pieces(positions: np.ndarray, docs: np.ndarray) -> list[Piece]:
 def _earlier_rectangles(rows: list[Piece], keys: list[Piece]) -> list[Rectangle]:
     """Rectangles of row pieces × key pieces of the same document that end before the row
     piece starts, merged where adjacent, so that a row or key is in at most one."""
-    rects = sorted((r[3], r[4], k[3], k[4]) for r in rows for k in keys if k[0] == r[0] and k[2] <= r[1])
+    held: dict[int, list[Piece]] = {}
+    for k in keys:  # by document: pairing every row piece with every key piece is quadratic in documents
+        held.setdefault(k[0], []).append(k)
+    rects = sorted((r[3], r[4], k[3], k[4]) for r in rows for k in held.get(r[0], ()) if k[2] <= r[1])
     by_keys: list[Rectangle] = []
     for q0, q1, k0, k1 in rects:  # a row piece's earlier keys: a run of local keys
         if by_keys and by_keys[-1][:2] == (q0, q1) and by_keys[-1][3] == k0:
