@@ -38,6 +38,7 @@ def test_without_cuda_it_stops_in_one_line(capsys, monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists() and results.read_text() == "# Benchmark results\n"  # nothing written
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU autocast's bf16 rms_norm
 def test_sections_on_the_cpu(tmp_path):
     """Kernel parity, bf16 vs fp32 training, throughput and the planner's prediction, in
@@ -56,6 +57,7 @@ def test_sections_on_the_cpu(tmp_path):
     assert md.startswith("## GPU node check: CPU") and "| kernels | pass |" in md
 
 
+@pytest.mark.e2e
 def test_ring_section_over_gloo(tmp_path):
     """The ring section's ranks, exchange and comparison, at cp=2 over gloo on the CPU."""
     assert gpu.main([*TINY_RUN, "--no-isolate", "--sections", "ring", "--out", str(tmp_path)]) == 0
@@ -64,7 +66,7 @@ def test_ring_section_over_gloo(tmp_path):
         (2, "float32", "no"), (2, "float32", "yes"), (2, "bfloat16", "no"), (2, "bfloat16", "yes")]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_extend_32k_through_train_py_in_its_own_process(tmp_path):
     """The real entry point (train.py, Hydra, the data pipeline, the gate), run by a section
     in a process of its own, as every section runs by default."""

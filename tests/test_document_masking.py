@@ -163,7 +163,7 @@ def _ring_vs_reference(rank, world_size, varlen):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("varlen", [False, True], ids=["cpu", "varlen"])
+@pytest.mark.parametrize("varlen", [False, pytest.param(True, marks=pytest.mark.e2e)], ids=["cpu", "varlen"])
 def test_ring_document_attention_matches_reference(varlen):
     run_distributed(_ring_vs_reference, 3, varlen, timeout=200)
 
@@ -244,7 +244,7 @@ def _planned_worker(rank, world_size, varlen):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("varlen", [False, True], ids=["cpu", "varlen"])
+@pytest.mark.parametrize("varlen", [False, pytest.param(True, marks=pytest.mark.e2e)], ids=["cpu", "varlen"])
 def test_planned_layout_has_no_host_sync_or_gather_inside_attention(varlen):
     """Document masking at cp=2 with the micro-batch's layout planned on the host: the
     forward and backward read no doc id from the device and gather none, and give the

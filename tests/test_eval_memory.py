@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -89,6 +90,7 @@ def test_token_scores_equal_full_logits_without_forming_them():
     assert torch.equal(scores.argmax, torch.where(labelled, logits.argmax(-1), IGNORE_INDEX))
 
 
+@pytest.mark.e2e
 def test_evaluation_at_cp2_equals_one_rank_and_never_holds_t_by_vocab(tmp_path):
     from longtrain.trainer.builder import build_trainer
     from tests.test_trainer import single_process

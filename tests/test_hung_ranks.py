@@ -85,6 +85,7 @@ def _preparation_worker(rank: int, world_size: int, tmp: str, rank1_silent: bool
     Path(tmp, f"rank{rank}.txt").write_text(outcome(open_data))
 
 
+@pytest.mark.e2e
 def test_a_silent_rank_is_named_during_training_on_gloo_and_on_nccl_errors(tmp_path):
     out = tmp_path / "rank0.txt"
     run_distributed(_training_worker, 2, str(out), timeout=60)
@@ -94,11 +95,13 @@ def test_a_silent_rank_is_named_during_training_on_gloo_and_on_nccl_errors(tmp_p
     assert nccl == expected
 
 
+@pytest.mark.e2e
 def test_rank0_may_prepare_data_longer_than_the_collective_timeout(tmp_path):
     run_distributed(_preparation_worker, 2, str(tmp_path), False, timeout=60)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
 
 
+@pytest.mark.e2e
 def test_a_rank_silent_while_rank0_prepares_data_is_named(tmp_path):
     run_distributed(_preparation_worker, 2, str(tmp_path), True, timeout=60)
     line = (tmp_path / "rank0.txt").read_text()

@@ -164,6 +164,7 @@ def _masked_step_worker(rank: int, world_size: int, tmp: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_document_masking_step_at_cp2_matches_single_rank(tmp_path):
     rng = torch.Generator().manual_seed(0)
     (tmp_path / "short").mkdir()

@@ -244,6 +244,7 @@ def _cp_worker(rank: int, world_size: int, tmp: str) -> None:
         Path(tmp, "cp2.json").write_text(json.dumps(recall))
 
 
+@pytest.mark.e2e
 def test_suite_sharded_over_cp_equals_one_rank(tmp_path):
     from longtrain.trainer.builder import build_trainer
     from tests.test_trainer import single_process

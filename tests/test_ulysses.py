@@ -149,6 +149,7 @@ def _bf16_error(rank, world_size, out_file):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.e2e
 def test_bf16_error_does_not_grow_with_degree(tmp_path):
     run_distributed(_bf16_error, 8, str(tmp_path / "errors.pt"), timeout=110)
     errors = torch.load(tmp_path / "errors.pt")

@@ -111,6 +111,7 @@ def _step_matches_ring(tmp_path: Path, worker, world_size: int, method: str) -> 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_ulysses_step_matches_ring_and_resumes_its_checkpoint(tmp_path):
     _step_matches_ring(tmp_path, _step_worker, 2, "ulysses")
     ring, resumed = losses(tmp_path / "ring_run" / "pretrain"), losses(tmp_path / "ulysses_resumed" / "pretrain")
@@ -134,5 +135,6 @@ def _hybrid_step_worker(rank: int, world_size: int, tmp: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_hybrid_step_matches_ring(tmp_path):
     _step_matches_ring(tmp_path, _hybrid_step_worker, 4, "hybrid")
