@@ -42,25 +42,26 @@ def predicted_bytes(model: ModelConfig, seq_len: int, ulysses: int, ring: int, e
 
 
 def _attention(method: str, ulysses: int, ring: int, rank: int) -> Callable:
-    """The attention function of ``method`` with its groups (every rank builds every group)."""
-    if method == "ring":
-        return functools.partial(ring_attention, group=dist.group.WORLD)
-    if method == "ulysses":
-        return functools.partial(ulysses_attention, ulysses_group=dist.group.WORLD, ring_group=None)
+    """The attention function of ``method`` on ranks 0..U·R−1. Every rank calls it, in the
+    same order: it builds the groups (``new_group`` is collective)."""
+    if method != "hybrid":
+        ranks = list(range(ulysses * ring))
+        group = dist.group.WORLD if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+        if method == "ring":
+            return functools.partial(ring_attention, group=group)
+        return functools.partial(ulysses_attention, ulysses_group=group, ring_group=None)
     # Ulysses over neighbouring ranks jU..jU+U−1, the ring over ranks with the same rank % U.
     by_ulysses = [dist.new_group(list(range(j * ulysses, (j + 1) * ulysses))) for j in range(ring)]
     by_ring = [dist.new_group(list(range(u, ulysses * ring, ulysses))) for u in range(ulysses)]
     return functools.partial(ulysses_attention, ulysses_group=by_ulysses[rank // ulysses], ring_group=by_ring[rank % ulysses])
 
 
-def _counted(rank: int, world: int, method: str, ulysses: int, ring: int, model_name: str, seq_len: int,
-             init_file: str, results: mp.SimpleQueue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    attention = _attention(method, ulysses, ring, rank)
+def _count_one(rank: int, method: str, ulysses: int, ring: int, model_name: str, seq_len: int) -> int:
+    """Bytes this rank sends for attention in one forward+backward of ``method``."""
+    world = ulysses * ring
     torch.manual_seed(0)
     model = Transformer(MODELS[model_name], RopeConfig(), VOCAB)
-    model.attention_fn = attention
+    model.attention_fn = _attention(method, ulysses, ring, rank)
     tokens = torch.randint(0, VOCAB, (1, seq_len + 1), generator=torch.Generator().manual_seed(1))
     ids, labels = (zigzag_shard(x, rank, world) for x in (tokens[:, :-1], tokens[:, 1:]))
     sent = []
@@ -77,18 +78,37 @@ def _counted(rank: int, world: int, method: str, ulysses: int, ring: int, model_
 
     with mock.patch.object(dist, "isend", isend), mock.patch.object(dist, "all_to_all", all_to_all):
         model(ids, zigzag_positions(seq_len, rank, world)[None], labels).objective.backward()
-    results.put((rank, sum(sent)))
+    return sum(sent)
+
+
+def _counted(rank: int, world: int, seq_len: int, init_file: str, results: mp.SimpleQueue) -> None:
+    """Every (model, method) in turn on the first U·R of ``world`` ranks (the others only
+    join the group creation): one spawn for the whole table."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for model_name in MODELS:
+        for method, ulysses, ring in METHODS:
+            if rank < ulysses * ring:
+                results.put((model_name, method, ulysses, ring, rank,
+                             _count_one(rank, method, ulysses, ring, model_name, seq_len)))
+            else:
+                _attention(method, ulysses, ring, rank)  # the collective group creation only
     dist.destroy_process_group()
 
 
-def counted_bytes(method: str, ulysses: int, ring: int, model_name: str, seq_len: int) -> list[int]:
-    """Bytes each rank sent for attention in one forward+backward (rank order)."""
-    world = ulysses * ring
+def counted_bytes(seq_len: int) -> dict[tuple[str, str, int, int], list[int]]:
+    """{(model, method, U, R): bytes each rank sent for attention in one forward+backward,
+    rank order}."""
+    world = max(u * r for _, u, r in METHODS)
     results: mp.SimpleQueue = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_counted, args=(world, method, ulysses, ring, model_name, seq_len, f"{tmp}/rendezvous", results),
-                           nprocs=world, start_method="spawn")
-    return [n for _, n in sorted(results.get() for _ in range(world))]
+        mp.start_processes(_counted, args=(world, seq_len, f"{tmp}/rendezvous", results), nprocs=world,
+                           start_method="spawn")
+    counted: dict[tuple[str, str, int, int], list[tuple[int, int]]] = {}
+    while not results.empty():
+        model_name, method, u, r, rank, n = results.get()
+        counted.setdefault((model_name, method, u, r), []).append((rank, n))
+    return {key: [n for _, n in sorted(per_rank)] for key, per_rank in counted.items()}
 
 
 def main() -> None:
@@ -98,9 +118,10 @@ def main() -> None:
     print(f"attention bytes sent per rank, one forward+backward, {args.seq} tokens, fp32, 2 layers")
     print("| model | method | U×R | counted per rank | planner | equal |")
     print("|---|---|---|---|---|---|")
+    table = counted_bytes(args.seq)
     for model_name, model in MODELS.items():
         for method, u, r in METHODS:
-            counted = counted_bytes(method, u, r, model_name, args.seq)
+            counted = table[model_name, method, u, r]
             predicted = predicted_bytes(model, args.seq, u, r)
             equal = all(n == predicted for n in counted)
             print(f"| {model_name} | {method} | {u}×{r} | {', '.join(f'{n:,}' for n in sorted(set(counted)))} "
