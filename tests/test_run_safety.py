@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -81,12 +82,28 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise TimeoutError(f"no step {step} in {metrics}")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Callable[[list[str], list[str]], dict]:
+    """The losses of an uninterrupted run of a command, run once per module and worker: the
+    reference of both the SIGTERM and the Ctrl-C test of that launcher."""
+    losses: dict[tuple[str, ...], dict] = {}
+
+    def run(command: list[str], run_args: list[str]) -> dict:
+        key = (*command, *run_args)
+        if key not in losses:
+            folder = tmp_path_factory.mktemp("straight")
+            straight = subprocess.run([*command, *run_args, f"run.dir={folder}"], cwd=folder, env=env(),
+                                      capture_output=True, text=True, timeout=600)
+            assert straight.returncode == 0, straight.stderr
+            losses[key] = train_losses(folder / "induction")
+        return losses[key]
+
+    return run
+
+
 def stop_then_resume(tmp_path: Path, command: list[str], run_args: list[str],
-                     sig: signal.Signals = signal.SIGTERM) -> tuple[dict, dict, subprocess.CompletedProcess]:
-    """Losses of an uninterrupted run, and of one stopped by ``sig`` then resumed; the stopped process."""
-    straight = subprocess.run([*command, *run_args, f"run.dir={tmp_path / 'straight'}"], cwd=tmp_path, env=env(),
-                              capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr
+                     sig: signal.Signals = signal.SIGTERM) -> tuple[dict, subprocess.CompletedProcess]:
+    """The losses of a run stopped by ``sig`` then resumed; the stopped process."""
     run_dir = tmp_path / "stopped"
     proc = subprocess.Popen([*command, *run_args, f"run.dir={run_dir}"], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -97,25 +114,29 @@ def stop_then_resume(tmp_path: Path, command: list[str], run_args: list[str],
     resumed = subprocess.run([*command, *run_args, f"run.dir={run_dir}", "run.resume=auto"], cwd=tmp_path,
                              env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    return train_losses(tmp_path / "straight" / "induction"), train_losses(run_dir / "induction"), stopped
+    return train_losses(run_dir / "induction"), stopped
 
 
 STOPPABLE = [*QUICK, "stage.steps=12", "run.checkpoint_every=100", "gate.min_recall=0", "logging.log_every=1"]
 TORCHRUN_CP2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
 
 
+# The four stop-and-resume tests share their uninterrupted references (``uninterrupted``):
+# one worker runs them.
 @pytest.mark.e2e
-def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path):
-    expected, got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
+@pytest.mark.xdist_group("stop_and_resume")
+def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path, uninterrupted):
+    got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE)
     assert "preempted: SIGTERM at step" in stopped.stderr and "run.resume=auto" in stopped.stderr
-    assert got == expected  # bitwise: the same losses at every step
+    assert got == uninterrupted([sys.executable, TRAIN], STOPPABLE)  # bitwise: the same losses at every step
 
 
 @pytest.mark.e2e
-def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path):
-    expected, got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"])
+@pytest.mark.xdist_group("stop_and_resume")
+def test_sigterm_under_torchrun_cp2_resumes_bitwise(tmp_path, uninterrupted):
+    got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"])
     assert "preempted: SIGTERM at step" in stopped.stderr
-    assert got == expected
+    assert got == uninterrupted(TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"])
 
 
 def assert_interrupted_at_a_saved_step(stopped: subprocess.CompletedProcess, checkpoints: Path) -> None:
@@ -129,20 +150,22 @@ def assert_interrupted_at_a_saved_step(stopped: subprocess.CompletedProcess, che
 
 
 @pytest.mark.e2e
-def test_ctrl_c_finishes_the_step_saves_and_the_resumed_run_matches(tmp_path):
-    expected, got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE, signal.SIGINT)
+@pytest.mark.xdist_group("stop_and_resume")
+def test_ctrl_c_finishes_the_step_saves_and_the_resumed_run_matches(tmp_path, uninterrupted):
+    got, stopped = stop_then_resume(tmp_path, [sys.executable, TRAIN], STOPPABLE, signal.SIGINT)
     assert stopped.returncode == INTERRUPTED_EXIT_CODE and "Traceback" not in stopped.stderr, stopped.stderr
     assert_interrupted_at_a_saved_step(stopped, tmp_path / "stopped" / "induction" / "checkpoints")
-    assert got == expected  # bitwise
+    assert got == uninterrupted([sys.executable, TRAIN], STOPPABLE)  # bitwise
 
 
 @pytest.mark.e2e
-def test_ctrl_c_under_torchrun_cp2_resumes_bitwise(tmp_path):
+@pytest.mark.xdist_group("stop_and_resume")
+def test_ctrl_c_under_torchrun_cp2_resumes_bitwise(tmp_path, uninterrupted):
     # torchrun forwards SIGINT to its ranks; each finishes the step, and they save together.
-    expected, got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"], signal.SIGINT)
+    got, stopped = stop_then_resume(tmp_path, TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"], signal.SIGINT)
     assert stopped.returncode != 0, stopped.stderr  # torchrun reports the SIGINT it forwarded in its own way
     assert_interrupted_at_a_saved_step(stopped, tmp_path / "stopped" / "induction" / "checkpoints")
-    assert got == expected
+    assert got == uninterrupted(TORCHRUN_CP2, [*STOPPABLE, "parallel.cp=2"])
 
 
 @pytest.mark.e2e
@@ -252,29 +275,13 @@ def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     assert {p.name.split("-", 3)[3] for p in wandb_dir.glob("offline-run-*")} == {f"{run_id}-induction", f"{run_id}-report"}
 
 
-DEMO_8K_CHECKPOINT = "runs/cpu_demo/extend_8k/checkpoints/step_00000150"
-README_COMMANDS = [
-    (1, ["preset=cpu_demo"]),
-    (1, ["preset=cpu_demo", "run.overwrite=true"]),
-    (1, ["preset=cpu_demo", "rope=abf"]),
-    (1, ["preset=cpu_demo", "stage=cpu/extend_2k", "+gate.tasks.vartrack=0.5"]),
-    (1, ["model=350m", "stage.seq_len=4096", "optim.lr=1e-3"]),
-    (2, ["preset=cpu_demo", "parallel.cp=2"]),
-    (2, ["preset=cpu_demo", "parallel.dp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
-    (4, ["preset=cpu_demo", "parallel.dp=2", "parallel.cp=2", "curriculum.stages=[cpu/induction,cpu/pretrain,cpu/extend_2k]"]),
-    (8, ["stage=extend_128k", "parallel.cp=8"]),
-    (8, ["stage=extend_128k", "parallel.dp=4", "parallel.cp=2"]),
-    (2, ["preset=cpu_long", "stage=extend_32k", "parallel.cp=2", f"stage.init_from={DEMO_8K_CHECKPOINT}"]),
-    (4, ["preset=cpu_long", "stage=extend_128k", "parallel.cp=4", f"stage.init_from={DEMO_8K_CHECKPOINT}"]),
-    (16, ["parallel.dp=2", "parallel.cp=8"]),
-]
-
-
-@pytest.mark.parametrize("world,args", README_COMMANDS, ids=[" ".join(a) for _, a in README_COMMANDS])
-def test_readme_commands_validate(tmp_path, monkeypatch, world, args):
-    """The README's launch commands, checked as their world size would see them (dry run)."""
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    proc = train_in_process(*args, "run.dry_run=true", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_sbatch_command_validates_at_two_nodes_of_eight(tmp_path, monkeypatch):
+    """The README's `sbatch --nodes=2 launch/slurm.sbatch parallel.dp=2 parallel.cp=8`, as its
+    16 ranks would see it (dry run); tests/test_docs.py dry-runs every train.py and torchrun
+    command of the docs, and runs the script itself under stand-ins for srun."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    proc = train_in_process("parallel.dp=2", "parallel.cp=8", "run.dry_run=true", f"run.dir={tmp_path / 'run'}",
+                            cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing written" in proc.stdout and list(tmp_path.iterdir()) == []
 
@@ -307,11 +314,17 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path):
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
     rank1 = next(p for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
     os.kill(rank1, signal.SIGSTOP)
+    seen = []
     try:
-        _, err = proc.communicate(timeout=120)
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("parallel error:"):
+                break  # rank 0 named it; torchrun would now wait out its grace period on a stopped process
     finally:
         with contextlib.suppress(ProcessLookupError):  # torchrun may have killed it already
             os.kill(rank1, signal.SIGKILL)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     assert proc.returncode != 0
     assert "parallel error: a collective waited more than parallel.timeout_s=5 s: rank(s) 1 did not answer" in err
 
