@@ -59,9 +59,9 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
     from longtrain.optim.loss import total_loss
     from longtrain.optim.optimizer import build_optimizer
     from longtrain.parallel.mesh import init_parallel
+    from longtrain.parallel.sharding import zigzag_shard_batch
     from longtrain.plan import compose
     from longtrain.trainer.builder import build_model
-    from longtrain.trainer.evaluator import shard_batch
 
     torch.set_num_threads(1)
     if world > 1:
@@ -75,7 +75,8 @@ def _rank(rank: int, world: int, args: list[str], init_file: str, results: mp.Si
     def step(seq: int) -> None:
         gen = torch.Generator().manual_seed(seq)
         ids = torch.randint(0, 256, (1, seq + 1), generator=gen)
-        batch = shard_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(seq)[None]}, pd)
+        whole = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(seq)[None]}
+        batch = zigzag_shard_batch(whole, pd.cp_rank, pd.cp)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype(cfg.run.dtype, "cpu") is not None):
             sums = model(batch["input_ids"], batch["position_ids"], batch["labels"], cfg.optim.loss_chunk_size,
                          z_loss=cfg.optim.z_loss)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longtrain.attention.documents import BlockPlan, Rectangle, block_plan
-from longtrain.parallel.sharding import document_zigzag_index, zigzag_shard
+from longtrain.parallel.sharding import document_zigzag_index, zigzag_shard, zigzag_shard_batch
 
 _ALL = slice(None)
 
@@ -117,8 +117,7 @@ def shard_with_layout(batch: dict[str, Tensor], rank: int, cp: int, load_balance
         index = document_zigzag_index(batch["doc_ids"], cp)
         local = {k: v.gather(1, index[rank]) for k, v in batch.items()}
         return local, DocumentLayout.by_documents(batch["doc_ids"], index, rank)
-    local = batch if cp == 1 else {k: zigzag_shard(v, rank, cp, dim=1) for k, v in batch.items()}
-    return local, DocumentLayout.zigzag(batch["doc_ids"], rank, cp)
+    return zigzag_shard_batch(batch, rank, cp), DocumentLayout.zigzag(batch["doc_ids"], rank, cp)
 
 
 Piece = tuple[int, int, int, int, int]  # (doc, first position, end position, local start, local end)

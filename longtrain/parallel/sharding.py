@@ -29,6 +29,13 @@ def zigzag_shard(x: Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> Tensor:
     return torch.cat((chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]), dim)
 
 
+def zigzag_shard_batch(batch: dict[str, Tensor], cp_rank: int, cp_size: int) -> dict[str, Tensor]:
+    """This rank's zigzag shard of every [B, T] tensor of a batch (the batch itself at cp = 1)."""
+    if cp_size == 1:
+        return batch
+    return {k: zigzag_shard(v, cp_rank, cp_size, dim=1) for k, v in batch.items()}
+
+
 def zigzag_unshard(shards: list[Tensor] | Tensor, cp_size: int, dim: int = 1) -> Tensor:
     """Inverse of ``zigzag_shard``: the full sequence from every rank's shard.
 

@@ -28,16 +28,9 @@ from longtrain.model.load import ScoreFn
 from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import LossSums, TokenScores
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
-from longtrain.parallel.sharding import zigzag_shard, zigzag_unshard
+from longtrain.parallel.sharding import zigzag_shard_batch, zigzag_unshard
 
 Batch = dict[str, torch.Tensor]
-
-
-def shard_batch(batch: Batch, dims: ParallelDims) -> Batch:
-    """This rank's zigzag chunks of every per-token tensor (labels were shifted before)."""
-    if dims.cp == 1:
-        return batch
-    return {k: zigzag_shard(v, dims.cp_rank, dims.cp, dim=1) for k, v in batch.items()}
 
 
 def autocast_context(dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
@@ -66,12 +59,12 @@ class Evaluator:
         plan for it (``attention/layout.py``) holds inside the block: run the micro-batch's
         forward and backward there."""
         if not self.cfg.data.document_masking:
-            yield {k: v.to(self.dims.device) for k, v in shard_batch(batch, self.dims).items()}
+            yield {k: v.to(self.dims.device) for k, v in zigzag_shard_batch(batch, self.dims.cp_rank, self.dims.cp).items()}
             return
         if self.cfg.parallel.cp_method == "ring":
             local, layout = shard_with_layout(batch, self.dims.cp_rank, self.dims.cp, self.cfg.parallel.cp_load_balancer)
         else:  # Ulysses attends over whole sequences (balanced as it is); the hybrid's ring runs zigzag over R groups
-            local = shard_batch(batch, self.dims)
+            local = zigzag_shard_batch(batch, self.dims.cp_rank, self.dims.cp)
             layout = DocumentLayout.zigzag(batch["doc_ids"], self.dims.ring_rank, self.dims.ring_size)
         local = {k: v.to(self.dims.device) for k, v in local.items()}
         layout.prepare(self.dims.device, varlen=varlen_available(self.dims.device))
@@ -91,7 +84,8 @@ class Evaluator:
         and argmax over the whole sequence, computed on this rank's cp shard and gathered."""
 
         def score(input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
-            batch = shard_batch({"input_ids": input_ids, "position_ids": position_ids, "labels": labels}, self.dims)
+            whole = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+            batch = zigzag_shard_batch(whole, self.dims.cp_rank, self.dims.cp)
             with torch.no_grad(), self.autocast():
                 local = self.model(batch["input_ids"], batch["position_ids"], batch["labels"],
                                    self.cfg.optim.loss_chunk_size, scores=True)

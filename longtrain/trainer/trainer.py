@@ -24,9 +24,10 @@ from longtrain.model.transformer import Transformer
 from longtrain.optim.loss import total_loss
 from longtrain.optim.schedule import build_wsd_scheduler
 from longtrain.parallel.mesh import ParallelDims, all_reduce_sum
+from longtrain.parallel.sharding import zigzag_shard_batch
 from longtrain.run_dir import truncate_metrics
 from longtrain.trainer.checkpointer import Checkpointer, Diverged
-from longtrain.trainer.evaluator import Batch, Evaluator, shard_batch
+from longtrain.trainer.evaluator import Batch, Evaluator
 from longtrain.trainer.meter import Meter, estimate_line
 
 
@@ -87,7 +88,9 @@ class Trainer:
         over all ranks, so gradients sum to the gradient of the global mean (not a mean of
         means, which is wrong when ranks hold different numbers of tokens).
         """
-        local_tokens = sum(int((shard_batch(b, self.dims)["labels"] != -100).sum()) for b in micro_batches)
+        # Any partition of the tokens over the cp ranks sums to the same count: zigzag is the cheapest.
+        local_tokens = sum(int((zigzag_shard_batch(b, self.dims.cp_rank, self.dims.cp)["labels"] != -100).sum())
+                           for b in micro_batches)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=self.dims.device), self.dims)
         ce = torch.zeros((), device=self.dims.device)
         z = torch.zeros((), device=self.dims.device)
