@@ -187,6 +187,11 @@ def layout_for(doc_ids: Tensor, group: Optional[dist.ProcessGroup]) -> DocumentL
         return registered
     if group is None or dist.get_world_size(group) == 1:
         return DocumentLayout.from_shards([doc_ids], 0)
-    shards = [torch.empty_like(doc_ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, doc_ids.contiguous(), group=group)
-    return DocumentLayout.from_shards(shards, dist.get_rank(group))
+    return DocumentLayout.from_shards(gather_shards(doc_ids, group), dist.get_rank(group))
+
+
+def gather_shards(x: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
+    """Every rank's ``x`` in ``group``, in the group's rank order."""
+    shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    return shards

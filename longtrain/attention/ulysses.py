@@ -43,7 +43,7 @@ from torch import Tensor
 
 from longtrain.attention.documents import check_doc_ids
 from longtrain.attention.kernels import accum_dtype, check_inputs
-from longtrain.attention.layout import DocumentLayout, layout_for, registered_layout
+from longtrain.attention.layout import DocumentLayout, gather_shards, layout_for, registered_layout
 from longtrain.attention.ring import (
     empty_seq_major, group_arg, resolve_group, ring_backward_planned, ring_forward_planned,
 )
@@ -122,10 +122,7 @@ def _layout(
                 "register DocumentLayout.zigzag(doc_ids, dims.ring_rank, dims.ring_size)"
             )
         return layout
-    size = dist.get_world_size(ulysses)
-    shards = [torch.empty_like(doc_ids) for _ in range(size)]
-    dist.all_gather(shards, doc_ids.contiguous(), group=ulysses)
-    return layout_for(zigzag_unshard(shards, size, dim=1), ring)
+    return layout_for(zigzag_unshard(gather_shards(doc_ids, ulysses), dist.get_world_size(ulysses), dim=1), ring)
 
 
 def ulysses_forward(
