@@ -64,12 +64,16 @@ def test_loglog_slope():
 
 
 @pytest.mark.e2e
-def test_bench_commands_run(capsys):
+def test_memory_scaling_command_runs(capsys):
     with mock.patch.object(sys, "argv", ["memory", "scaling", "--impls", "full_tiled", "--mlp-tile", "128",
                                          "--seq-lens", "256", "512", "--doc-len", "128"]):
         memory.main()
     out = capsys.readouterr().out
     assert "full_tiled     512" in out and "fitted exponent" in out
+
+
+@pytest.mark.e2e
+def test_throughput_command_runs_per_vocabulary(capsys):
     # Fresh processes measure each implementation's peak: one per implementation and vocabulary.
     with mock.patch.object(sys, "argv", ["throughput", "--seq-lens", "256", "--impls", "hf", "none",
                                          "--steps", "1", "--vocabs", "259", "1000"]):
@@ -77,6 +81,10 @@ def test_bench_commands_run(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [(r[0], r[2]) for r in rows] == [(v, i) for v in ("259", "1000") for i in ("hf", "none")]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # CPU s, tok/cpu-s, peak GB
+
+
+@pytest.mark.e2e
+def test_throughput_command_runs_compiled_with_stub_attention(capsys):
     with mock.patch.object(sys, "argv", ["throughput", "--seq-lens", "256", "--impls", "hf_compiled", "compiled",
                                          "--steps", "1", "--attention", "stub"]):
         throughput.main()

@@ -83,15 +83,16 @@ COVERED = {
     "sbatch --nodes=2 launch/slurm.sbatch parallel.dp=2 parallel.cp=8":
         "tests/test_run_safety.py::test_slurm_script_forwards_the_stop_signal_and_requeues",
     "python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --impls hf none selective full_tiled "
-    "--steps 2 --threads 1": "tests/test_bench_memory.py::test_bench_commands_run",
+    "--steps 2 --threads 1": "tests/test_bench_memory.py::test_throughput_command_runs_per_vocabulary",
     "python -m bench.throughput --seq-lens 2048 8192 --vocabs 259 32000 --impls hf hf_compiled none compiled "
-    "--steps 7 --threads 1": "tests/test_bench_memory.py::test_bench_commands_run",
+    "--steps 7 --threads 1": "tests/test_bench_memory.py::test_throughput_command_runs_compiled_with_stub_attention",
     "python -m bench.throughput --seq-lens 2048 8192 32768 --vocabs 259 --impls hf hf_compiled none compiled "
-    "--steps 7 --threads 1 --attention stub": "tests/test_bench_memory.py::test_bench_commands_run",
+    "--steps 7 --threads 1 --attention stub":
+        "tests/test_bench_memory.py::test_throughput_command_runs_compiled_with_stub_attention",
     "python -m bench.memory longest --cap-gb 0.5 --granule 2048 --impls hf none selective full_tiled --doc-len 2048":
         "tests/test_bench_memory.py::test_longest_bisects_to_the_last_length_that_fits",
     "python -m bench.memory scaling --impls full_tiled --seq-lens 8192 16384 32768 65536 131072 --doc-len 2048":
-        "tests/test_bench_memory.py::test_bench_commands_run",
+        "tests/test_bench_memory.py::test_memory_scaling_command_runs",
 }
 
 # `$ command` examples whose output needs hardware the tests do not have, or that another test
