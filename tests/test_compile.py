@@ -27,6 +27,7 @@ def assert_close(got, want) -> None:
         torch.testing.assert_close(got[1][name], want[1][name], **TOL, msg=name)
 
 
+@pytest.mark.e2e  # Inductor compiles C++ on the CPU: 5-20 s a case
 @pytest.mark.parametrize("mode,documents", [("none", False), ("full", False), ("none", True)])
 def test_compiled_blocks_match_eager(mode, documents):
     torch._dynamo.reset()
