@@ -59,7 +59,8 @@ class Evaluator:
         plan for it (``attention/layout.py``) holds inside the block: run the micro-batch's
         forward and backward there."""
         if not self.cfg.data.document_masking:
-            yield {k: v.to(self.dims.device) for k, v in zigzag_shard_batch(batch, self.dims.cp_rank, self.dims.cp).items()}
+            local = zigzag_shard_batch(batch, self.dims.cp_rank, self.dims.cp)
+            yield {k: v.to(self.dims.device) for k, v in local.items()}
             return
         if self.cfg.parallel.cp_method == "ring":
             local, layout = shard_with_layout(batch, self.dims.cp_rank, self.dims.cp, self.cfg.parallel.cp_load_balancer)

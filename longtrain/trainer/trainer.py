@@ -88,9 +88,11 @@ class Trainer:
         over all ranks, so gradients sum to the gradient of the global mean (not a mean of
         means, which is wrong when ranks hold different numbers of tokens).
         """
-        # Any partition of the tokens over the cp ranks sums to the same count: zigzag is the cheapest.
-        local_tokens = sum(int((zigzag_shard_batch(b, self.dims.cp_rank, self.dims.cp)["labels"] != -100).sum())
-                           for b in micro_batches)
+        # Any partition of the tokens over the cp ranks sums to the same count: zigzag's, of
+        # the labels alone (local_batch shards the whole micro-batch, by its own balancer).
+        local_labels = [zigzag_shard_batch({"labels": b["labels"]}, self.dims.cp_rank, self.dims.cp)["labels"]
+                        for b in micro_batches]
+        local_tokens = sum(int((labels != -100).sum()) for labels in local_labels)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=self.dims.device), self.dims)
         ce = torch.zeros((), device=self.dims.device)
         z = torch.zeros((), device=self.dims.device)
