@@ -190,7 +190,7 @@ def run_job(raw: DictConfig) -> float | None:
     job_number = int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
     job = Job(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
     try:
-        run_command(hydra_cfg, job)
+        run_command(raw, hydra_cfg, job)
         status, code = "passed", 0
     except Stop as stop:
         if is_rank0():  # every rank fails the same way; one line is enough
@@ -205,8 +205,9 @@ def run_job(raw: DictConfig) -> float | None:
     return objective
 
 
-def run_command(hydra_cfg: DictConfig, job: Job) -> None:
-    """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop."""
+def run_command(raw: DictConfig, hydra_cfg: DictConfig, job: Job) -> None:
+    """Validate, then run the curriculum or the one stage named by ``stage=...``; raise Stop.
+    ``raw`` is the command's config as Hydra composed it: its stage list is the curriculum's."""
     chosen = hydra_cfg.runtime.choices.get("stage")
     try:
         job.overrides, job_number, run_dir = job_overrides(hydra_cfg)
@@ -214,9 +215,8 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
             job.run_dir = run_dir
         if job_number is not None and is_rank0():
             print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
-        stages = compose_stage_configs(job.overrides, only=chosen)
+        stages = compose_stage_configs(job.overrides, only=chosen, names=raw.curriculum.stages)
         job.run_dir = stages[0].run.dir
-        names = stages[0].curriculum.stages
         to_run = stages_to_run(stages, chosen)
         job.stages = [cfg.stage.name for cfg in to_run]
         device = preflight(to_run, world_size_from_env())
@@ -241,7 +241,7 @@ def run_command(hydra_cfg: DictConfig, job: Job) -> None:
     stopped = None  # how the run ended, if not passed; a run that trained gets its report first
     try:
         with collective_timeouts(pd):
-            records = run_curriculum(stages, pd, only=names.index(chosen) if chosen is not None else None)
+            records = run_curriculum(stages, pd, chosen)
     except ConfigError as e:  # found only once a stage reads its data (a file it cannot use)
         raise Stop("config error", str(e), 2) from None
     except GateFailed as e:

@@ -330,44 +330,49 @@ def _before_after(result: Optional[dict]) -> str:
     return f"{before} → {result['recall']:.2f}"
 
 
-def compose_stage_configs(overrides: list[str], only: Optional[str] = None) -> list[Config]:
-    """One config per curriculum stage, each with the user's overrides; validated are the
-    stages that will run (all, or ``only``), the others are only read from (folders).
+def compose_stage_configs(overrides: list[str], only: Optional[str] = None, names: Optional[list[str]] = None) -> list[Config]:
+    """One config per stage a command reads, each with the user's overrides: every stage
+    of the curriculum, or stage ``only`` after the stage before it (whose folder it starts
+    from). Validated are the stages that will run; the one before is only read from.
 
-    Called inside Hydra's app (or an ``initialize_config_dir`` block), so every stage's
-    config errors surface before any stage computes anything.
+    ``names`` is the curriculum's stage list when the caller has composed the command's
+    config already (train.py); otherwise it is composed here. Called inside Hydra's app (or
+    an ``initialize_config_dir`` block), so every error surfaces before any compute.
     """
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("stage=")]
-    # The stage list only: the stage-less config is not a runnable one (its stage block holds
-    # defaults that a stage file replaces), so it is not validated.
-    stages = compose(config_name="config", overrides=overrides).curriculum.stages
-    if not stages:
+    if names is None:
+        # The stage list only: the stage-less config is not a runnable one (its stage block
+        # holds defaults that a stage file replaces), so it is not validated.
+        names = compose(config_name="config", overrides=overrides).curriculum.stages
+    if not names:
         raise ConfigError("curriculum.stages: needs at least one stage")
+    if only is not None:
+        if only not in names:
+            raise ConfigError(f"stage: {only!r} is not in curriculum.stages; valid: {', '.join(names)}")
+        at = list(names).index(only)
+        names = names[max(at - 1, 0) : at + 1]
     return [
         load_config(compose(config_name="config", overrides=[f"stage={s}", *overrides]), check=only in (None, s))
-        for s in stages
+        for s in names
     ]
 
 
 def stages_to_run(stages: list[Config], chosen: Optional[str]) -> list[Config]:
-    """The stages a command runs: all, or the one ``stage=`` chose (which must be one of
-    curriculum.stages)."""
-    names = stages[0].curriculum.stages
-    if chosen is None:
-        return stages
-    if chosen not in names:
-        raise ConfigError(f"stage: {chosen!r} is not in curriculum.stages; valid: {', '.join(names)}")
-    return [stages[names.index(chosen)]]
+    """The stages a command runs, of those :func:`compose_stage_configs` gave: all, or the
+    one ``stage=`` chose (the last)."""
+    return stages if chosen is None else stages[-1:]
 
 
-def run_curriculum(stage_configs: list[Config], pd: ParallelDims, only: Optional[int] = None) -> list[GateRecord]:
-    """Run the stages in order, skipping those whose gate already passed; or just stage ``only``."""
+def run_curriculum(stage_configs: list[Config], pd: ParallelDims, chosen: Optional[str] = None) -> list[GateRecord]:
+    """Run the stages in order, skipping those whose gate already passed; or, when a command
+    chose one stage, that stage (the last config, started from the one before it), passed or not."""
+    if chosen is not None:
+        *before, cfg = stage_configs
+        return [run_gated_stage(cfg, pd, before[-1] if before else None)]
     records = []
     for i, cfg in enumerate(stage_configs):
-        if only is not None and i != only:
-            continue
         done = read_gate(stage_dir(cfg))
-        if only is None and done is not None and done.passed:
+        if done is not None and done.passed:
             records.append(done)
             continue
         records.append(run_gated_stage(cfg, pd, stage_configs[i - 1] if i else None))

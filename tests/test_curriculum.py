@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from longtrain.config import gate_tasks
+from longtrain.config import ConfigError, gate_tasks
 from longtrain.curriculum import (
     Gate, StageError, compose_stage_configs, gate_failures, run_curriculum, starting_point, summary_table,
 )
@@ -86,6 +86,24 @@ def test_command_line_stage_values_reach_every_stage():
     assert [c.stage.name for c in configs] == ["induction", "pretrain", "extend_2k", "extend_8k"]
     assert [c.stage.seq_len for c in configs] == [64, 512, 2048, 8192]
     assert all(c.stage.steps == 3 and c.optim.lr == 0.001 for c in configs)
+
+
+@pytest.mark.parametrize("chosen, read", [
+    ("cpu/extend_8k", ["extend_2k", "extend_8k"]), ("cpu/induction", ["induction"]),
+])
+def test_a_command_that_chooses_a_stage_composes_it_and_the_stage_it_starts_from(chosen, read):
+    """`train.py stage=...` runs that stage from the one before it; the stages it does not
+    read are not composed; a stage outside the curriculum is one line before any is."""
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR
+
+    overrides = ["preset=cpu_demo", f"stage={chosen}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        configs = compose_stage_configs(overrides, only=chosen)
+        with pytest.raises(ConfigError, match="^stage: 'cpu/extend_32k' is not in curriculum.stages; valid: cpu/induction, "):
+            compose_stage_configs(overrides, only="cpu/extend_32k")
+    assert [c.stage.name for c in configs] == read
 
 
 def test_short_loss_uses_the_same_samples_in_every_stage(compose_config, tmp_path):
