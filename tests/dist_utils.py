@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -11,8 +12,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Ranks are forked from a server process that has imported torch and the trainer once per
+# test process; a spawned rank imports them afresh, ~2-3 s of CPU each, which on 2 cores is
+# most of a small distributed check. The server has run nothing (no thread pool, no process
+# group), so forking it is safe; each rank then takes the caller's environment, as a
+# spawned one would.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "longtrain.trainer.builder"])
 
-def _worker(rank: int, fn: Callable[..., None], world_size: int, init_file: str, args: tuple[Any, ...]) -> None:
+
+def _worker(rank: int, fn: Callable[..., None], world_size: int, init_file: str, environ: dict[str, str],
+            args: tuple[Any, ...]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(1)  # N ranks share a few cores; oversubscription makes them crawl
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -32,7 +43,8 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args: Any, timeou
         # A FileStore rendezvous: no port to pick, so no race with other test processes.
         init_file = os.path.join(tmp, "rendezvous")
         ctx = mp.start_processes(
-            _worker, args=(fn, world_size, init_file, args), nprocs=world_size, join=False, start_method="spawn"
+            _worker, args=(fn, world_size, init_file, dict(os.environ), args), nprocs=world_size, join=False,
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):

@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from longtrain.cli import main as train_main
+from longtrain.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -182,38 +182,16 @@ def covering_test_exists(target: str) -> bool:
     return file.is_file() and re.search(rf"^(async )?def {re.escape(name)}\(", file.read_text(), re.MULTILINE) is not None
 
 
-def _e2e_mark():
-    """Subprocess fallbacks are slow: mark them as the end-to-end tier."""
-    markers = (ROOT / "pyproject.toml").read_text()
-    return pytest.mark.e2e if re.search(r"[\"']e2e\b", markers) else pytest.mark.slow
-
-
-def _cli_main():
-    """longtrain.cli.main(argv) -> exit code, where the code has it; else None (use train.py)."""
-    try:
-        from longtrain import cli
-    except ImportError:
-        return None
-    main = getattr(cli, "main", None)
-    if main is None or not inspect.signature(main).parameters:
-        return None
-    return main
+def _params(commands, e2e=False):
+    mark = [pytest.mark.e2e] if e2e else []
+    return [pytest.param(c, id=c, marks=mark) for c in commands]
 
 
 def run_train(args: list[str], world: int, cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run train.py's logic on args: in-process through longtrain.cli.main, or a subprocess."""
-    main = _cli_main()
-    if main is None:
-        env = {**os.environ, "WORLD_SIZE": str(world), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=300)
-        return proc.returncode, proc.stdout, proc.stderr
+    """train.py's ``main(argv)`` on ``args`` in this process, at world size ``world``."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.chdir(cwd)
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    code = train_main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -222,11 +200,6 @@ COMMANDS = all_commands()
 DRY = {c: dry_runnable(c) for c in COMMANDS if dry_runnable(c) is not None}
 PLANS = {c: plan_args(c) for c in COMMANDS if plan_args(c) is not None}
 EXAMPLES = all_examples()
-
-
-def _params(commands, slow=False):
-    mark = [_e2e_mark()] if slow and _cli_main() is None else []
-    return [pytest.param(c, id=c, marks=mark) for c in commands]
 
 
 def test_every_command_in_the_docs_is_covered():
@@ -246,7 +219,8 @@ def test_the_readme_keeps_the_ci_test_command():
     assert "pip install -q torch==2.13.0" in ci and '-e ".[dev,sweep]"' in ci and "python3 -m pytest -q" in ci
 
 
-@pytest.mark.parametrize("command", _params(DRY, slow=True))
+# The README's and docs' commands, each a whole command-line composition: the e2e tier.
+@pytest.mark.parametrize("command", _params(DRY, e2e=True))
 def test_train_command_validates(command, tmp_path, monkeypatch, capsys):
     """A dry run at the command's world size: every stage validated, the plan printed, nothing written."""
     world, args = DRY[command]
@@ -258,16 +232,14 @@ def test_train_command_validates(command, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", _params(PLANS))
 def test_plan_command_runs(command, capsys):
-    from longtrain.plan import main
-
-    assert main(PLANS[command]) == 0
+    assert plan_main(PLANS[command]) == 0
     out = capsys.readouterr().out
     assert "predicted peak per rank" in out
     if "--suggest" in PLANS[command]:
         assert "suggest: parallel.cp=" in out
 
 
-@pytest.mark.parametrize("command", _params([c for c in EXAMPLES if c not in COVERED_EXAMPLES], slow=True))
+@pytest.mark.parametrize("command", _params([c for c in EXAMPLES if c not in COVERED_EXAMPLES]))
 def test_shown_output_is_what_the_command_prints(command, tmp_path, monkeypatch, capsys):
     """`$ python train.py ...` with the error line the docs show: that line, exit code 2, nothing written."""
     words = shlex.split(command)

@@ -9,7 +9,6 @@ import json
 import re
 from unittest import mock
 
-import pytest
 import torch
 
 from longtrain import curriculum
@@ -17,7 +16,7 @@ from longtrain.config import LoggingConfig
 from longtrain.logging import MetricsLogger
 from longtrain.trainer import meter
 from longtrain.trainer.meter import Meter, duration
-from tests.cli_utils import QUICK, train, train_in_process
+from tests.cli_utils import QUICK, train_in_process
 
 
 def logger(tmp_path, progress: bool = True) -> MetricsLogger:
@@ -95,13 +94,20 @@ def test_dry_run_on_a_cpu_estimates_every_gpu_stage_and_names_the_cpu_demo(tmp_p
 
 
 def test_a_run_prints_its_estimate_before_its_first_step(tmp_path):
-    proc = train_in_process(*QUICK, "stage.steps=2", "gate.min_recall=0", "logging.progress=true", "logging.log_every=1",
+    """The estimate line comes before the first step and states its FLOPs and the rate it
+    measured; its time is their ratio. How close it comes to the real time depends on what
+    else shares the CPU, so that is not asserted (a timed assertion fails on a loaded machine)."""
+    proc = train_in_process(*QUICK, "gate.min_recall=0", "logging.progress=true", "logging.log_every=1",
                             f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     estimate = next(i for i, x in enumerate(lines) if x.startswith("stage induction: estimated "))
-    first_step = next(i for i, x in enumerate(lines) if x.startswith("[train] step 1/2"))
+    first_step = next(i for i, x in enumerate(lines) if x.startswith("[train] step 1/6"))
     assert estimate < first_step and "cpu_demo" not in lines[estimate]
+    line = re.match(r"stage induction: estimated (\S+) for 6 steps \(an estimate: (\S+) FLOPs at (\S+) GFLOP/s", lines[estimate])
+    assert line and re.search(r"^\[train\] step 6/6  (\S+) elapsed", proc.stdout, re.M), proc.stdout
+    flops, rate = float(line[2]), float(line[3]) * 1e9
+    assert abs(seconds(line[1]) - flops / rate) <= 1 + 0.05 * flops / rate, proc.stdout  # rounding of the printed values
 
 
 def seconds(text: str) -> int:
@@ -112,15 +118,3 @@ def seconds(text: str) -> int:
     return total
 
 
-@pytest.mark.e2e
-def test_the_cpu_estimate_is_the_stage_flops_at_the_measured_rate(tmp_path):
-    """The estimate line states its FLOPs and the rate it measured, and its time is their
-    ratio. How close it comes to the real time depends on what else shares the CPU, so that
-    is not asserted here (a timed assertion would fail under a loaded CI machine)."""
-    proc = train(*QUICK, "stage.steps=20", "gate.min_recall=0", "logging.progress=true", "logging.log_every=20",
-                 f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    line = re.search(r"^stage induction: estimated (\S+) for 20 steps \(an estimate: (\S+) FLOPs at (\S+) GFLOP/s", proc.stdout, re.M)
-    assert line and re.search(r"^\[train\] step 20/20  (\S+) elapsed", proc.stdout, re.M), proc.stdout
-    flops, rate = float(line[2]), float(line[3]) * 1e9
-    assert abs(seconds(line[1]) - flops / rate) <= 1 + 0.05 * flops / rate, proc.stdout  # rounding of the printed values

@@ -275,6 +275,7 @@ def test_wandb_offline_through_a_curriculum_with_extra_gate_steps(tmp_path):
     assert {p.name.split("-", 3)[3] for p in wandb_dir.glob("offline-run-*")} == {f"{run_id}-induction", f"{run_id}-report"}
 
 
+@pytest.mark.e2e  # the README's sbatch command, composed as a whole
 def test_sbatch_command_validates_at_two_nodes_of_eight(tmp_path, monkeypatch):
     """The README's `sbatch --nodes=2 launch/slurm.sbatch parallel.dp=2 parallel.cp=8`, as its
     16 ranks would see it (dry run); tests/test_docs.py dry-runs every train.py and torchrun
@@ -357,6 +358,7 @@ def test_slurm_script_forwards_the_stop_signal_and_requeues(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "run" / "induction" / "checkpoints") is not None
 
 
+@pytest.mark.e2e  # the README's sweep command, composed as a whole
 def test_readme_sweep_command_validates(tmp_path):
     """`python train.py -m optim.lr=1e-3,3e-3`: one plan per job, each in its own folder."""
     proc = train_in_process("-m", "optim.lr=1e-3,3e-3", "run.dry_run=true", cwd=tmp_path)
