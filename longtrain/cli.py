@@ -216,15 +216,15 @@ def run_command(raw: DictConfig, hydra_cfg: DictConfig, job: Job) -> None:
         if job_number is not None and is_rank0():
             print(f"=== job {job_number}: {' '.join(job.overrides)}", flush=True)
         stages = compose_stage_configs(job.overrides, only=chosen, names=raw.curriculum.stages)
-        job.run_dir = stages[0].run.dir
-        to_run = stages_to_run(stages, chosen)
+        to_run = stages_to_run(stages, chosen)  # its first: the command's run, parallel, logging
+        job.run_dir = to_run[0].run.dir
         job.stages = [cfg.stage.name for cfg in to_run]
         device = preflight(to_run, world_size_from_env())
     except ConfigError as e:
         raise Stop("config error", str(e), 2) from None
-    if stages[0].run.threads:  # before the dry run too: its CPU estimate measures these threads
-        torch.set_num_threads(stages[0].run.threads)
-    if stages[0].run.dry_run:
+    if to_run[0].run.threads:  # before the dry run too: its CPU estimate measures these threads
+        torch.set_num_threads(to_run[0].run.threads)
+    if to_run[0].run.dry_run:
         job.dry_run = True
         if is_rank0():
             print(plan_table(to_run, world_size_from_env()))
@@ -234,7 +234,7 @@ def run_command(raw: DictConfig, hydra_cfg: DictConfig, job: Job) -> None:
     preemption.install_handlers()
     if device.type == "cuda":
         set_nccl_environment()
-    pd = init_parallel(stages[0].parallel, device)
+    pd = init_parallel(to_run[0].parallel, device)
     if pd.is_rank0:
         clear_stage_folders(to_run)
     barrier()
@@ -257,7 +257,7 @@ def run_command(raw: DictConfig, hydra_cfg: DictConfig, job: Job) -> None:
     # The report is most useful after a failed gate. Other ranks may exit first; torchrun then
     # sends rank 0 SIGTERM, which preemption records, and kills it only 30 s later.
     if pd.is_rank0:
-        report_at_end(stages[0])
+        report_at_end(to_run[0])
     if stopped is not None:
         raise stopped
     if pd.is_rank0:
