@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from hydra import initialize_config_dir
 
 from longtrain.config import ConfigError, gate_tasks
 from longtrain.curriculum import (
@@ -13,6 +14,7 @@ from longtrain.eval.grid import NeedleGrid
 from longtrain.run_config import load_config
 from longtrain.run_files import read_gate
 from longtrain.trainer.builder import build_trainer
+from tests.conftest import CONFIG_DIR
 from tests.test_trainer import single_process
 
 SMALL = [
@@ -77,10 +79,6 @@ def test_gate_tasks_thresholds_and_reported_tasks(compose_config):
 
 def test_command_line_stage_values_reach_every_stage():
     """`train.py stage=cpu/extend_2k stage.steps=3`: the stage list is read without them."""
-    from hydra import initialize_config_dir
-
-    from tests.conftest import CONFIG_DIR
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         configs = compose_stage_configs(["preset=cpu_demo", "stage=cpu/extend_2k", "stage.steps=3", "optim.lr=0.001"])
     assert [c.stage.name for c in configs] == ["induction", "pretrain", "extend_2k", "extend_8k"]
@@ -94,10 +92,6 @@ def test_command_line_stage_values_reach_every_stage():
 def test_a_command_that_chooses_a_stage_composes_it_and_the_stage_it_starts_from(chosen, read):
     """`train.py stage=...` runs that stage from the one before it; the stages it does not
     read are not composed; a stage outside the curriculum is one line before any is."""
-    from hydra import initialize_config_dir
-
-    from tests.conftest import CONFIG_DIR
-
     overrides = ["preset=cpu_demo", f"stage={chosen}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         configs = compose_stage_configs(overrides, only=chosen)

@@ -116,5 +116,3 @@ def seconds(text: str) -> int:
     for part in text.split(":"):
         total = total * 60 + int(part)
     return total
-
-
