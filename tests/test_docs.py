@@ -182,9 +182,8 @@ def covering_test_exists(target: str) -> bool:
     return file.is_file() and re.search(rf"^(async )?def {re.escape(name)}\(", file.read_text(), re.MULTILINE) is not None
 
 
-def _params(commands, e2e=False):
-    mark = [pytest.mark.e2e] if e2e else []
-    return [pytest.param(c, id=c, marks=mark) for c in commands]
+def _params(commands):
+    return [pytest.param(c, id=c) for c in commands]
 
 
 def run_train(args: list[str], world: int, cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -219,8 +218,8 @@ def test_the_readme_keeps_the_ci_test_command():
     assert "pip install -q torch==2.13.0" in ci and '-e ".[dev,sweep]"' in ci and "python3 -m pytest -q" in ci
 
 
-# The README's and docs' commands, each a whole command-line composition: the e2e tier.
-@pytest.mark.parametrize("command", _params(DRY, e2e=True))
+@pytest.mark.e2e  # the README's and docs' commands, each a whole command-line composition
+@pytest.mark.parametrize("command", _params(DRY))
 def test_train_command_validates(command, tmp_path, monkeypatch, capsys):
     """A dry run at the command's world size: every stage validated, the plan printed, nothing written."""
     world, args = DRY[command]
